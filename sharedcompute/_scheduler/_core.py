@@ -1,0 +1,443 @@
+"""The scheduler core: a state machine over tasks, workers and resources, with no I/O.
+
+Everything the runtime learns becomes an event passed to
+:meth:`SchedulerCore.handle`, which updates the state and returns the
+instructions the runtime must carry out (send a task, resolve or reject a
+future, free an object, start a worker). Nothing here blocks, sleeps, touches
+a socket or a process, so the whole policy is tested with plain objects.
+
+Task life cycle::
+
+    WAITING --deps done--> READY --worker free--> RUNNING --> FINISHED
+       |                     |                      |  \\
+       +--dep failed---------+--cancel--> CANCELLED |   +--> ERRED
+                                                    +--worker died, retries left--> READY
+
+State:
+- ``_tasks``: every key still of interest (a holder or an unfinished dependent
+  needs it). ``holders`` counts Futures and other outside references;
+  ``pending_dependents`` counts dependents that have not finished yet.
+- ``_ready``: READY keys in submission order (FIFO: fair, and what users of
+  ``concurrent.futures`` expect).
+- ``_workers``: each worker's ``assigned`` keys in the order they were sent; a
+  worker runs them in that order, so the started ones are always a prefix.
+- ``_available``: resources free on this node (CPU and custom).
+
+Placement policy: an idle worker first (if the node has the task's resources);
+otherwise, a task needing exactly one CPU may be queued behind unit tasks on a
+busy worker, at most ``prefetch`` deep, so workers never wait for a round trip
+between two short tasks. Each worker holds the reservation of exactly one task,
+its first assigned task that is not blocked; when a task blocks on a future,
+that reservation passes on (or back to the node), which is how a task waiting
+on nested tasks gives its CPU back.
+
+Invariants:
+- a key is in ``_ready`` iff its state is READY;
+- a RUNNING key is in exactly one worker's ``assigned`` list;
+- a record is dropped once it is terminal, has no holders and no pending
+  dependents; its object is freed then (``FreeObject``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+from typing import Any
+
+from sharedcompute._scheduler._events import (
+    TERMINAL,
+    CancelRequested,
+    Dispatch,
+    Event,
+    ExternalTask,
+    FreeObject,
+    Instruction,
+    KeyReleased,
+    KeyRetained,
+    ObjectPut,
+    Reject,
+    Resolve,
+    Resources,
+    StartWorker,
+    TaskFailed,
+    TaskFinished,
+    TaskKey,
+    TaskState,
+    TaskSubmitted,
+    WorkerBlocked,
+    WorkerDied,
+    WorkerId,
+    WorkerJoined,
+    WorkerUnblocked,
+)
+from sharedcompute.errors import DependencyFailedError, WorkerCrashedError
+
+
+@dataclass(slots=True)
+class _Task:
+    key: TaskKey
+    state: TaskState
+    resources: Resources = field(default_factory=Resources)
+    dependencies: tuple[TaskKey, ...] = ()
+    waiting_on: set[TaskKey] = field(default_factory=set)
+    dependents: set[TaskKey] = field(default_factory=set)
+    pending_dependents: int = 0
+    holders: int = 1
+    retries_left: int = 0
+    retry_exceptions: bool = False
+    payload: Any = None
+    worker: WorkerId | None = None
+    reserved: bool = False
+    blocked: bool = False
+    ref: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _Worker:
+    id: WorkerId
+    assigned: list[TaskKey] = field(default_factory=list)
+
+    def active(self, tasks: dict[TaskKey, _Task]) -> list[_Task]:
+        return [tasks[k] for k in self.assigned if not tasks[k].blocked]
+
+
+class SchedulerCore:
+    def __init__(self, resources: dict[str, float], *, prefetch: int = 1) -> None:
+        self.total = dict(resources)
+        self._available = dict(resources)
+        self.prefetch = prefetch
+        self._tasks: dict[TaskKey, _Task] = {}
+        self._ready: deque[TaskKey] = deque()
+        self._workers: dict[WorkerId, _Worker] = {}
+        self._out: list[Instruction] = []
+
+    # -- queries (for tests, the dashboard and error messages) -------------
+
+    def state_of(self, key: TaskKey) -> TaskState | None:
+        task = self._tasks.get(key)
+        return task.state if task else None
+
+    def __contains__(self, key: TaskKey) -> bool:
+        return key in self._tasks
+
+    @property
+    def available(self) -> dict[str, float]:
+        return dict(self._available)
+
+    def workers(self) -> dict[WorkerId, list[TaskKey]]:
+        return {w.id: list(w.assigned) for w in self._workers.values()}
+
+    def counts(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in TaskState}
+        for task in self._tasks.values():
+            counts[task.state.value] += 1
+        return counts
+
+    # -- the one entry point -------------------------------------------------
+
+    def handle(self, events: Event | Iterable[Event]) -> list[Instruction]:
+        if isinstance(events, Iterable):
+            for event in events:
+                self._handle_one(event)
+        else:
+            self._handle_one(events)
+        self._schedule()
+        out, self._out = self._out, []
+        return out
+
+    def _handle_one(self, event: Event) -> None:
+        handler = getattr(self, "_on_" + type(event).__name__)
+        handler(event)
+
+    # -- event handlers -------------------------------------------------------
+
+    def _on_TaskSubmitted(self, event: TaskSubmitted) -> None:
+        if event.key in self._tasks:
+            raise ValueError(f"task key {event.key} is already in use")
+        task = _Task(
+            key=event.key,
+            state=TaskState.WAITING,
+            resources=event.resources,
+            dependencies=event.dependencies,
+            retries_left=event.max_retries,
+            retry_exceptions=event.retry_exceptions,
+            payload=event.payload,
+        )
+        self._tasks[event.key] = task
+        infeasible = self._infeasible(event.resources)
+        if infeasible:
+            self._fail(task, ValueError(infeasible))
+            return
+        for dep_key in dict.fromkeys(event.dependencies):
+            dep = self._tasks.get(dep_key)
+            if dep is None:
+                self._fail(task, KeyError(f"dependency {dep_key} is unknown or already freed"))
+                return
+            if dep.state is TaskState.FINISHED:
+                dep.pending_dependents += 1
+                dep.dependents.add(task.key)
+            elif dep.state in (TaskState.ERRED, TaskState.CANCELLED):
+                self._fail_dependent(task, dep)
+                return
+            else:
+                dep.pending_dependents += 1
+                dep.dependents.add(task.key)
+                task.waiting_on.add(dep_key)
+        if not task.waiting_on:
+            self._make_ready(task)
+
+    def _on_ExternalTask(self, event: ExternalTask) -> None:
+        self._tasks[event.key] = _Task(key=event.key, state=TaskState.RUNNING)
+
+    def _on_ObjectPut(self, event: ObjectPut) -> None:
+        task = self._tasks.get(event.key)
+        if task is None:
+            self._tasks[event.key] = _Task(key=event.key, state=TaskState.FINISHED, ref=event.ref)
+        else:  # an external task completed
+            self._finish(task, event.ref)
+
+    def _on_TaskFinished(self, event: TaskFinished) -> None:
+        task = self._tasks.get(event.key)
+        if task is None or task.state is not TaskState.RUNNING or task.worker != event.worker:
+            # A late answer from a worker we gave up on; its result is not ours.
+            self._out.append(FreeObject(event.key, event.ref))
+            return
+        self._unassign(task)
+        self._finish(task, event.ref)
+
+    def _on_TaskFailed(self, event: TaskFailed) -> None:
+        task = self._tasks.get(event.key)
+        if task is None or task.state in TERMINAL:
+            return
+        if event.worker is not None:
+            if task.worker != event.worker:
+                return
+            self._unassign(task)
+            if task.retry_exceptions and task.retries_left > 0:
+                task.retries_left -= 1
+                self._make_ready(task, front=True)
+                return
+        self._fail(task, event.error)
+
+    def _on_WorkerJoined(self, event: WorkerJoined) -> None:
+        self._workers[event.worker] = _Worker(event.worker)
+
+    def _on_WorkerDied(self, event: WorkerDied) -> None:
+        worker = self._workers.pop(event.worker, None)
+        if worker is None:
+            return
+        started = True
+        for key in worker.assigned:
+            task = self._tasks[key]
+            if task.reserved:
+                self._release(task.resources)
+                task.reserved = False
+            task.worker = None
+            # Tasks run in the order sent: the blocked ones and the first
+            # active one had started; the ones behind it never did.
+            was_running = task.blocked or started
+            if not task.blocked:
+                started = False
+            task.blocked = False
+            if not was_running:
+                self._make_ready(task, front=True)
+            elif task.retries_left > 0:
+                task.retries_left -= 1
+                self._make_ready(task, front=True)
+            else:
+                self._fail(
+                    task,
+                    WorkerCrashedError(
+                        f"the worker running task {key} died: {event.reason}; "
+                        "no retries left (raise max_retries to retry more)"
+                    ),
+                )
+        worker.assigned.clear()
+        self._out.append(StartWorker(replaces=event.worker))
+
+    def _on_WorkerBlocked(self, event: WorkerBlocked) -> None:
+        task = self._tasks.get(event.key)
+        if task is None or task.worker != event.worker or task.blocked:
+            return
+        task.blocked = True
+        self._rebalance(self._workers[event.worker])
+
+    def _on_WorkerUnblocked(self, event: WorkerUnblocked) -> None:
+        task = self._tasks.get(event.key)
+        if task is None or task.worker != event.worker or not task.blocked:
+            return
+        task.blocked = False
+        self._rebalance(self._workers[event.worker])
+
+    def _on_CancelRequested(self, event: CancelRequested) -> None:
+        task = self._tasks.get(event.key)
+        if task is None or task.state not in (TaskState.WAITING, TaskState.READY):
+            return
+        if task.state is TaskState.READY:
+            self._ready.remove(task.key)
+        self._terminate(task, TaskState.CANCELLED, CancelledError(f"task {task.key} was cancelled"))
+
+    def _on_KeyRetained(self, event: KeyRetained) -> None:
+        task = self._tasks.get(event.key)
+        if task is not None:
+            task.holders += 1
+
+    def _on_KeyReleased(self, event: KeyReleased) -> None:
+        task = self._tasks.get(event.key)
+        if task is None:
+            return
+        task.holders -= 1
+        self._maybe_forget(task)
+
+    # -- transitions -------------------------------------------------------------
+
+    def _make_ready(self, task: _Task, *, front: bool = False) -> None:
+        task.state = TaskState.READY
+        if front:
+            self._ready.appendleft(task.key)
+        else:
+            self._ready.append(task.key)
+
+    def _finish(self, task: _Task, ref: Any) -> None:
+        task.state = TaskState.FINISHED
+        task.ref = ref
+        task.payload = None
+        self._out.append(Resolve(task.key, ref))
+        for dep_key in task.dependents:
+            dependent = self._tasks.get(dep_key)
+            if dependent is None or dependent.state is not TaskState.WAITING:
+                continue
+            dependent.waiting_on.discard(task.key)
+            if not dependent.waiting_on:
+                self._make_ready(dependent)
+        self._done_with_dependencies(task)
+        self._maybe_forget(task)
+
+    def _fail(self, task: _Task, error: BaseException) -> None:
+        self._terminate(task, TaskState.ERRED, error)
+
+    def _terminate(self, task: _Task, state: TaskState, error: BaseException) -> None:
+        task.state = state
+        task.error = error
+        task.payload = None
+        self._out.append(Reject(task.key, error, cancelled=state is TaskState.CANCELLED))
+        for dep_key in list(task.dependents):
+            dependent = self._tasks.get(dep_key)
+            if dependent is not None and dependent.state in (TaskState.WAITING, TaskState.READY):
+                if dependent.state is TaskState.READY:
+                    self._ready.remove(dependent.key)
+                self._fail_dependent(dependent, task)
+        self._done_with_dependencies(task)
+        self._maybe_forget(task)
+
+    def _fail_dependent(self, task: _Task, failed: _Task) -> None:
+        error = DependencyFailedError(
+            f"task {task.key} did not run: its dependency {failed.key} "
+            f"{'was cancelled' if failed.state is TaskState.CANCELLED else 'failed'} "
+            f"({type(failed.error).__name__}: {failed.error})"
+        )
+        error.__cause__ = failed.error
+        self._fail(task, error)
+
+    def _done_with_dependencies(self, task: _Task) -> None:
+        """``task`` no longer needs its dependencies' values."""
+        for dep_key in dict.fromkeys(task.dependencies):
+            dep = self._tasks.get(dep_key)
+            if dep is not None and task.key in dep.dependents:
+                dep.dependents.discard(task.key)
+                dep.pending_dependents -= 1
+                self._maybe_forget(dep)
+        task.waiting_on.clear()
+
+    def _maybe_forget(self, task: _Task) -> None:
+        if task.state in TERMINAL and task.holders <= 0 and task.pending_dependents <= 0:
+            del self._tasks[task.key]
+            if task.state is TaskState.FINISHED:
+                self._out.append(FreeObject(task.key, task.ref))
+
+    # -- resources and placement ---------------------------------------------------
+
+    def _infeasible(self, resources: Resources) -> str | None:
+        for name, amount in resources.as_dict().items():
+            if amount > self.total.get(name, 0.0):
+                return (
+                    f"the task needs {amount:g} {name} but the runtime has "
+                    f"{self.total.get(name, 0.0):g} in all (resources: {self.total})"
+                )
+        return None
+
+    def _fits(self, resources: Resources) -> bool:
+        return all(
+            self._available.get(name, 0.0) >= amount for name, amount in resources.as_dict().items()
+        )
+
+    def _reserve(self, resources: Resources) -> None:
+        for name, amount in resources.as_dict().items():
+            self._available[name] = self._available.get(name, 0.0) - amount
+
+    def _release(self, resources: Resources) -> None:
+        for name, amount in resources.as_dict().items():
+            self._available[name] = self._available.get(name, 0.0) + amount
+
+    def _rebalance(self, worker: _Worker) -> None:
+        """Give the worker's one reservation to its first active task."""
+        active = worker.active(self._tasks)
+        holder = active[0] if active else None
+        for key in worker.assigned:
+            task = self._tasks[key]
+            if task is not holder and task.reserved:
+                self._release(task.resources)
+                task.reserved = False
+        if holder is not None and not holder.reserved:
+            self._reserve(holder.resources)
+            holder.reserved = True
+
+    def _unassign(self, task: _Task) -> None:
+        worker = self._workers.get(task.worker) if task.worker is not None else None
+        if task.reserved:
+            self._release(task.resources)
+            task.reserved = False
+        task.blocked = False
+        task.worker = None
+        if worker is not None:
+            worker.assigned.remove(task.key)
+            self._rebalance(worker)
+
+    def _pick_worker(self, task: _Task) -> _Worker | None:
+        idle = [w for w in self._workers.values() if not w.active(self._tasks)]
+        if idle and self._fits(task.resources):
+            return idle[0]
+        if idle or not task.resources.is_unit:
+            return None
+        best: _Worker | None = None
+        best_load = 1 + self.prefetch
+        for worker in self._workers.values():
+            active = worker.active(self._tasks)
+            if len(active) < best_load and all(t.resources.is_unit for t in active):
+                best, best_load = worker, len(active)
+        return best
+
+    def _schedule(self) -> None:
+        skipped: list[TaskKey] = []
+        while self._ready:
+            key = self._ready.popleft()
+            task = self._tasks[key]
+            worker = self._pick_worker(task)
+            if worker is None:
+                skipped.append(key)
+                if not self._workers or (task.resources.is_unit and not self._fits(task.resources)):
+                    break
+                continue
+            self._assign(task, worker)
+        self._ready.extendleft(reversed(skipped))
+
+    def _assign(self, task: _Task, worker: _Worker) -> None:
+        task.state = TaskState.RUNNING
+        task.worker = worker.id
+        worker.assigned.append(task.key)
+        self._rebalance(worker)
+        refs = tuple((k, self._tasks[k].ref) for k in dict.fromkeys(task.dependencies))
+        self._out.append(Dispatch(worker.id, task.key, task.payload, refs))

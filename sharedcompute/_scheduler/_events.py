@@ -1,0 +1,186 @@
+"""Events the scheduler core consumes and instructions it emits.
+
+Events describe what happened (a task was submitted, a worker finished, a
+process died); instructions say what the runtime must do next (send a task to
+a worker, resolve a future, free an object, start a process). Both are plain
+frozen dataclasses so tests can build them by hand.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+TaskKey = int
+WorkerId = int
+
+
+class TaskState(enum.Enum):
+    WAITING = "waiting"  # on dependencies
+    READY = "ready"  # dependencies done, waiting for a worker and resources
+    RUNNING = "running"  # assigned to a worker (queued there or executing)
+    FINISHED = "finished"
+    ERRED = "erred"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({TaskState.FINISHED, TaskState.ERRED, TaskState.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What a task needs while it runs: CPUs plus any custom named resources."""
+
+    cpus: float = 1.0
+    custom: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def is_unit(self) -> bool:
+        return self.cpus == 1.0 and not self.custom
+
+    def as_dict(self) -> dict[str, float]:
+        return {"CPU": self.cpus, **dict(self.custom)}
+
+
+# -- events -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSubmitted:
+    key: TaskKey
+    dependencies: tuple[TaskKey, ...] = ()
+    resources: Resources = field(default_factory=Resources)
+    max_retries: int = 3
+    retry_exceptions: bool = False
+    payload: Any = None  # opaque to the scheduler: what the runtime sends to the worker
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectPut:
+    """A value that exists without a task (``put``, or a result from another scheduler)."""
+
+    key: TaskKey
+    ref: Any
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFinished:
+    key: TaskKey
+    worker: WorkerId
+    ref: Any  # where the result lives (inline bytes or a store descriptor)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailed:
+    """The task raised, or could not be set up (``worker`` is None when it never ran)."""
+
+    key: TaskKey
+    worker: WorkerId | None
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerJoined:
+    worker: WorkerId
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerDied:
+    worker: WorkerId
+    reason: str  # "pid 123 was killed by SIGKILL", for the error message
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerBlocked:
+    """Task ``key`` on this worker waits on a future: its resources go back to the pool."""
+
+    worker: WorkerId
+    key: TaskKey
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerUnblocked:
+    worker: WorkerId
+    key: TaskKey
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequested:
+    key: TaskKey
+
+
+@dataclass(frozen=True, slots=True)
+class KeyReleased:
+    """One holder of a key (a Future, a dependent, a worker) let go of it."""
+
+    key: TaskKey
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRetained:
+    key: TaskKey
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalTask:
+    """A key whose value some other executor will produce (a thread or sync task)."""
+
+    key: TaskKey
+
+
+Event = (
+    TaskSubmitted
+    | ExternalTask
+    | ObjectPut
+    | TaskFinished
+    | TaskFailed
+    | WorkerJoined
+    | WorkerDied
+    | WorkerBlocked
+    | WorkerUnblocked
+    | CancelRequested
+    | KeyReleased
+    | KeyRetained
+)
+
+
+# -- instructions --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Send task ``key`` to ``worker`` with the values of its dependencies."""
+
+    worker: WorkerId
+    key: TaskKey
+    payload: Any
+    dependency_refs: tuple[tuple[TaskKey, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    key: TaskKey
+    ref: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    key: TaskKey
+    error: BaseException
+    cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FreeObject:
+    key: TaskKey
+    ref: Any
+
+
+@dataclass(frozen=True, slots=True)
+class StartWorker:
+    replaces: WorkerId | None = None
+
+
+Instruction = Dispatch | Resolve | Reject | FreeObject | StartWorker
+

@@ -1,0 +1,118 @@
+"""The wire shape every codec produces: a kind tag, a small header and an aligned region.
+
+This module owns the pieces the codecs share and nothing else: the :class:`Kind` tags, the
+alignment rule, :class:`Serialized` (a recipe for filling a region) and the helper that turns
+whatever buffer a reader hands us into a flat byte view. It imports no third-party package so
+that the hot path (tiny pickled values) never pays for numpy or pyarrow.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+
+__all__ = [
+    "ALIGNMENT",
+    "Chunk",
+    "Kind",
+    "Serialized",
+    "align",
+    "byte_view",
+]
+
+ALIGNMENT = 64
+"""Every out-of-line buffer starts at a multiple of this inside the region.
+
+64 bytes is one cache line and what Arrow and AVX-512 loads want; a region whose base is
+64-aligned therefore yields buffers that numpy and Arrow treat as aligned.
+"""
+
+
+class Kind(enum.IntEnum):
+    """The first byte of every header: which codec wrote the value."""
+
+    PICKLE = 0  # region = one pickle stream, no out-of-band buffers (the tiny-value fast path)
+    PICKLE_OOB = 1  # region = pickle stream, buffer-length table, aligned out-of-band buffers
+    NDARRAY = 2  # region = the array's bytes in C or Fortran order
+    ARROW = 3  # region = one Arrow IPC stream
+    BYTES = 4  # region = the raw bytes
+    BYTEARRAY = 5
+    MEMORYVIEW = 6
+
+
+# A chunk is copied verbatim to ``offset`` in the region. Sources are ``bytes`` or 1-D
+# unsigned-byte memoryviews, so ``len()`` is their size and slice assignment is a memmove.
+Chunk = tuple[int, bytes | memoryview]
+Writer = Callable[[memoryview], None]
+
+
+def align(offset: int, alignment: int = ALIGNMENT) -> int:
+    """Round ``offset`` up to a multiple of ``alignment`` (a power of two)."""
+    return (offset + alignment - 1) & -alignment
+
+
+def byte_view(buffer: object) -> memoryview:
+    """A flat unsigned-byte view of any C-contiguous buffer, without copying it.
+
+    Readers accept ``pyarrow.Buffer``, ``bytes``, ``bytearray``, ``mmap`` or memoryviews of any
+    format; everything downstream indexes bytes, so normalise once here.
+    """
+    view = buffer if type(buffer) is memoryview else memoryview(buffer)  # type: ignore[arg-type]
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    return view
+
+
+class Serialized:
+    """A value ready to be written: ``header`` plus a recipe for an ``nbytes``-long region.
+
+    Building one copies no data: it keeps references to the source buffers (so they must not
+    be mutated until :meth:`write_into` has run) and copies them exactly once, straight into
+    the destination. ``chunks`` are verbatim copies at fixed offsets; ``writer`` is for codecs
+    that must produce their bytes themselves (Arrow IPC, strided numpy arrays).
+    """
+
+    __slots__ = ("_chunks", "_writer", "header", "nbytes")
+
+    header: bytes
+    nbytes: int
+
+    def __init__(
+        self,
+        header: bytes,
+        nbytes: int,
+        chunks: tuple[Chunk, ...] | list[Chunk] = (),
+        writer: Writer | None = None,
+    ) -> None:
+        self.header = header
+        self.nbytes = nbytes
+        self._chunks = chunks
+        self._writer = writer
+
+    def write_into(self, dest: memoryview) -> None:
+        """Fill ``dest[:nbytes]``; padding between buffers is left as it was."""
+        view = byte_view(dest)
+        if view.readonly:
+            raise ValueError("write_into needs a writable destination")
+        if len(view) < self.nbytes:
+            raise ValueError(f"destination holds {len(view)} bytes, value needs {self.nbytes}")
+        for offset, chunk in self._chunks:
+            view[offset : offset + len(chunk)] = chunk
+        if self._writer is not None:
+            self._writer(view[: self.nbytes])
+
+    def to_bytes(self) -> bytes:
+        """The region as ``bytes``, for small values that travel inline in a message."""
+        chunks = self._chunks
+        if self._writer is None and len(chunks) == 1:
+            offset, chunk = chunks[0]
+            # The tiny-value path: the pickle stream already is the region.
+            if offset == 0 and type(chunk) is bytes and len(chunk) == self.nbytes:
+                return chunk
+        out = bytearray(self.nbytes)
+        self.write_into(memoryview(out))
+        return bytes(out)
+
+    def __repr__(self) -> str:
+        kind = Kind(self.header[0]).name if self.header else "?"
+        return f"Serialized(kind={kind}, header={len(self.header)} B, nbytes={self.nbytes})"

@@ -1,0 +1,30 @@
+"""The shared-memory object store (private).
+
+``OwnerStore`` lives in the process that owns a runtime's memory; every other
+process of that runtime opens a ``ClientStore`` on the owner's address. Both
+share the ``ObjectStore`` API: ``put``, ``get``, ``buffer``, ``locate``,
+``delete``, ``stats``, ``close``.
+"""
+
+from sharedcompute._store._segment import default_capacity, free_shm_bytes
+from sharedcompute._store._store import (
+    INLINE_THRESHOLD,
+    ClientStore,
+    InlineObject,
+    ObjectRef,
+    ObjectStore,
+    OwnerStore,
+)
+from sharedcompute._store._table import StoredObject
+
+__all__ = [
+    "INLINE_THRESHOLD",
+    "ClientStore",
+    "InlineObject",
+    "ObjectRef",
+    "ObjectStore",
+    "OwnerStore",
+    "StoredObject",
+    "default_capacity",
+    "free_shm_bytes",
+]

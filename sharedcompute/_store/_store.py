@@ -1,0 +1,483 @@
+"""Handles on the shared-memory object store, one per process.
+
+::
+
+      owner process (driver)                       any other process (worker, actor)
+    +---------------------------+                +---------------------------+
+    | OwnerStore                |   SEQPACKET    | ClientStore               |
+    |  ObjectTable (+allocator) |<-------------->|  request / reply, lock    |
+    |  server thread            |  fd via        |  MappedSegment            |
+    |  MappedSegment            |  SCM_RIGHTS    |                           |
+    +---------------------------+                +---------------------------+
+                 \\______________ one unnamed shm file _______________/
+
+Every process maps the whole store once. A put serializes the value, asks the
+owner for a block (one round trip from a client, a method call in the owner),
+copies the buffers straight into the mapping and seals the object. A get builds
+read-only ``pyarrow.Buffer`` views over the mapping and deserializes on them: no
+copy, no page touched until the caller reads.
+
+Values whose serialized form is smaller than ``INLINE_THRESHOLD`` never touch
+shared memory: ``put`` returns an :class:`InlineObject` carrying the bytes.
+
+Reference counting, per process: a process holds one owner-side reference to an
+object while it has created it and not deleted it, or while any view of it is
+alive here (``_local`` counts both; the owner sees one reference). Views carry a
+``_Pin`` whose finalizer queues the release; the queue is drained by whichever
+thread next takes the store lock, never inside a finalizer that might run
+while this thread already holds it.
+
+The owner accepts only peers running as the same user (SO_PEERCRED) on an
+abstract Unix socket, so there is no filesystem entry to leak either.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import secrets
+import selectors
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sharedcompute._serialization import Serialized, deserialize, serialize
+from sharedcompute._store._segment import (
+    DEFAULT_SHM_DIR,
+    MappedSegment,
+    create_memory_file,
+    default_capacity,
+)
+from sharedcompute._store._table import ObjectTable, StoredObject
+from sharedcompute.errors import SharedComputeError
+
+# Values whose serialized form is smaller than this travel inline in messages.
+INLINE_THRESHOLD = 64 * 1024
+_MAX_MESSAGE = 1 << 20
+_OWNER = 0
+
+
+@dataclass(frozen=True, slots=True)
+class InlineObject:
+    """A small serialized value carried by value instead of through shared memory."""
+
+    header: bytes
+    payload: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload)
+
+
+ObjectRef = StoredObject | InlineObject
+
+
+class _Pin:
+    """Base object of every view; its death releases this process's hold on the object."""
+
+    __slots__ = ("object_id", "store")
+
+    def __init__(self, store: ObjectStore, object_id: int) -> None:
+        self.store = store
+        self.object_id = object_id
+
+    def __del__(self) -> None:
+        try:
+            self.store._queue_release(self.object_id)
+        except Exception:  # interpreter shutdown: the owner drops us with the socket
+            pass
+
+
+class ObjectStore:
+    """What every process can do with the store; transports differ in subclasses."""
+
+    segment: MappedSegment
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local: collections.Counter[int] = collections.Counter()
+        self._pending: collections.deque[int] = collections.deque()
+        self._closed = False
+
+    # -- public API -------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.segment.capacity
+
+    def put(self, value: object) -> ObjectRef:
+        """Store ``value``; return a reference that any process of this store can read."""
+        return self.put_serialized(serialize(value))
+
+    def put_serialized(self, serialized: Serialized) -> ObjectRef:
+        if serialized.nbytes < INLINE_THRESHOLD:
+            return InlineObject(serialized.header, serialized.to_bytes())
+        with self._locked():
+            object_id, offset = self._create(serialized.nbytes)
+            self._local[object_id] += 1
+        try:
+            serialized.write_into(self.segment.writable(offset, serialized.nbytes))
+            with self._locked():
+                return self._seal(object_id, serialized.header)
+        except BaseException:
+            self._queue_release(object_id)
+            raise
+
+    def get(self, ref: ObjectRef) -> Any:
+        """Return the value; arrays and Arrow data are read-only views of the store."""
+        if isinstance(ref, InlineObject):
+            return deserialize(ref.header, ref.payload)
+        return deserialize(ref.header, self.buffer(ref))
+
+    def buffer(self, ref: StoredObject) -> Any:
+        """A read-only ``pyarrow.Buffer`` over the object; it keeps the object alive."""
+        import pyarrow as pa
+
+        self._hold(ref.object_id)
+        pin = _Pin(self, ref.object_id)
+        return pa.foreign_buffer(self.segment.address + ref.offset, ref.nbytes, base=pin)
+
+    def locate(self, object_id: int) -> StoredObject:
+        """Look an object up by id and take a reference to it (released by ``delete``)."""
+        with self._locked():
+            ref = self._incref(object_id) if not self._local[object_id] else None
+            self._local[object_id] += 1
+        return ref if ref is not None else self._describe(object_id)
+
+    def delete(self, ref: ObjectRef) -> None:
+        """Drop the reference that ``put`` or ``locate`` gave this process.
+
+        The memory is reused as soon as no process holds the object and no view
+        of it is alive anywhere.
+        """
+        if isinstance(ref, StoredObject):
+            self._queue_release(ref.object_id)
+
+    def retain(self, ref: ObjectRef) -> None:
+        """Take one more reference to an object this process already holds."""
+        if isinstance(ref, StoredObject):
+            self._hold(ref.object_id)
+
+    def held(self) -> dict[int, int]:
+        """Objects this process holds, with how many local holders each has."""
+        with self._locked():
+            return dict(self._local)
+
+    # -- reference counting ----------------------------------------------
+
+    def _hold(self, object_id: int) -> None:
+        with self._locked():
+            if not self._local[object_id]:
+                self._incref(object_id)
+            self._local[object_id] += 1
+
+    def _queue_release(self, object_id: int) -> None:
+        # Runs from finalizers: must not block on a lock this thread may hold.
+        self._pending.append(object_id)
+        if self._lock.acquire(blocking=False):
+            self._unlock()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self._lock.acquire()
+        try:
+            yield
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        while True:
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+            if not self._pending or not self._lock.acquire(blocking=False):
+                return
+
+    def _drain(self) -> None:
+        released: collections.Counter[int] = collections.Counter()
+        while self._pending:
+            object_id = self._pending.popleft()
+            self._local[object_id] -= 1
+            if self._local[object_id] <= 0:
+                del self._local[object_id]
+                released[object_id] += 1
+        if released and not self._closed:
+            self._decref(released)
+
+    # -- transport hooks ----------------------------------------------------
+
+    def _create(self, nbytes: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _seal(self, object_id: int, header: bytes) -> StoredObject:
+        raise NotImplementedError
+
+    def _incref(self, object_id: int) -> StoredObject:
+        raise NotImplementedError
+
+    def _describe(self, object_id: int) -> StoredObject:
+        raise NotImplementedError
+
+    def _decref(self, released: collections.Counter[int]) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> ObjectStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class OwnerStore(ObjectStore):
+    """The store's owner: holds the object table and serves other processes."""
+
+    def __init__(self, capacity: int | None = None, directory: str | None = None) -> None:
+        super().__init__()
+        directory = directory or DEFAULT_SHM_DIR
+        capacity = capacity if capacity is not None else default_capacity(directory)
+        if capacity <= 0:
+            raise ValueError(f"store_capacity must be positive, got {capacity}")
+        self._table = ObjectTable(capacity)
+        self.segment = MappedSegment(create_memory_file(directory, capacity), capacity)
+        self.address = f"sharedcompute-{os.getpid()}-{secrets.token_hex(8)}"
+        self._server = _StoreServer(self)
+
+    def _create(self, nbytes: int) -> tuple[int, int]:
+        return self._create_for(_OWNER, nbytes)
+
+    def _create_for(self, client: int, nbytes: int) -> tuple[int, int]:
+        object_id, offset = self._table.create(client, nbytes)
+        try:
+            self.segment.reserve(offset + self._table.allocator.block_size(offset), requested=nbytes)
+        except BaseException:
+            self._table.abort(client, object_id)
+            raise
+        return object_id, offset
+
+    def _seal(self, object_id: int, header: bytes) -> StoredObject:
+        return self._table.seal(object_id, header)
+
+    def _incref(self, object_id: int) -> StoredObject:
+        return self._table.incref(_OWNER, object_id)
+
+    def _describe(self, object_id: int) -> StoredObject:
+        with self._locked():
+            ref = self._table.incref(_OWNER, object_id)
+            self._table.decref(_OWNER, object_id)
+        return ref
+
+    def _decref(self, released: collections.Counter[int]) -> None:
+        for object_id, count in released.items():
+            self._table.decref(_OWNER, object_id, count)
+
+    def stats(self) -> dict[str, int]:
+        with self._locked():
+            stats = self._table.stats()
+        stats["reserved_bytes"] = self.segment.reserved
+        return stats
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._server.close()
+        with self._locked():
+            self._closed = True
+            views_alive = bool(self._local)
+        self.segment.close(unmap=not views_alive)
+
+
+class ClientStore(ObjectStore):
+    """A process's connection to a store owned by another process."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.connect("\0" + address)
+            hello, fds, _flags, _addr = socket.recv_fds(self._sock, 256, 1)
+        except OSError as exc:
+            self._sock.close()
+            raise SharedComputeError(f"cannot connect to the object store {address!r}: {exc}") from exc
+        if not fds:
+            self._sock.close()
+            raise SharedComputeError(f"object store {address!r} refused the connection")
+        (capacity,) = struct.unpack("!Q", hello)
+        self.segment = MappedSegment(fds[0], capacity)
+        self.address = address
+
+    def _request(self, *message: object) -> Any:
+        try:
+            self._sock.send(pickle.dumps(message, protocol=5))
+            reply = self._sock.recv(_MAX_MESSAGE)
+        except OSError as exc:
+            raise SharedComputeError(f"lost the connection to the object store: {exc}") from exc
+        if not reply:
+            raise SharedComputeError("the object store's owner has exited")
+        status, value = pickle.loads(reply)
+        if status == "err":
+            raise value
+        return value
+
+    def _create(self, nbytes: int) -> tuple[int, int]:
+        result: tuple[int, int] = self._request("create", nbytes)
+        return result
+
+    def _seal(self, object_id: int, header: bytes) -> StoredObject:
+        result: StoredObject = self._request("seal", object_id, header)
+        return result
+
+    def _incref(self, object_id: int) -> StoredObject:
+        result: StoredObject = self._request("incref", object_id)
+        return result
+
+    def _describe(self, object_id: int) -> StoredObject:
+        with self._locked():
+            result: StoredObject = self._request("describe", object_id)
+        return result
+
+    def _decref(self, released: collections.Counter[int]) -> None:
+        try:
+            self._sock.send(pickle.dumps(("decref", dict(released)), protocol=5))
+        except OSError:
+            pass  # the owner is gone, and with it every reference
+
+    def stats(self) -> dict[str, int]:
+        with self._locked():
+            result: dict[str, int] = self._request("stats")
+        return result
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        with self._locked():
+            self._closed = True
+            self._sock.close()
+            views_alive = bool(self._local)
+        self.segment.close(unmap=not views_alive)
+
+
+class _StoreServer:
+    """Owner-side thread answering clients; one selector loop over every socket."""
+
+    def __init__(self, owner: OwnerStore) -> None:
+        self._owner = owner
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._listener.bind("\0" + owner.address)
+        self._listener.listen(64)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._clients: dict[socket.socket, int] = {}
+        self._next_client = _OWNER + 1
+        self._uid = os.getuid()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="sharedcompute-store", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            for key, _events in self._selector.select():
+                if key.fileobj is self._listener:
+                    self._accept()
+                elif key.fileobj == self._wake_r:
+                    return
+                else:
+                    assert isinstance(key.fileobj, socket.socket)
+                    self._serve(key.fileobj)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid not in (self._uid, 0):
+            conn.close()
+            return
+        socket.send_fds(conn, [struct.pack("!Q", self._owner.capacity)], [self._owner.segment.fd])
+        self._clients[conn] = self._next_client
+        self._next_client += 1
+        self._selector.register(conn, selectors.EVENT_READ, None)
+
+    def _serve(self, conn: socket.socket) -> None:
+        client = self._clients[conn]
+        try:
+            data = conn.recv(_MAX_MESSAGE)
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        op, *args = pickle.loads(data)
+        try:
+            with self._owner._locked():
+                result = self._dispatch(client, op, args)
+        except Exception as exc:
+            self._reply(conn, ("err", exc))
+            return
+        if op != "decref":
+            self._reply(conn, ("ok", result))
+
+    def _dispatch(self, client: int, op: str, args: list[Any]) -> Any:
+        table = self._owner._table
+        if op == "create":
+            return self._owner._create_for(client, args[0])
+        if op == "seal":
+            return table.seal(args[0], args[1])
+        if op == "incref":
+            return table.incref(client, args[0])
+        if op == "describe":
+            ref = table.incref(client, args[0])
+            table.decref(client, args[0])
+            return ref
+        if op == "decref":
+            for object_id, count in args[0].items():
+                table.decref(client, object_id, count)
+            return None
+        if op == "stats":
+            stats = table.stats()
+            stats["reserved_bytes"] = self._owner.segment.reserved
+            return stats
+        raise SharedComputeError(f"unknown object store request {op!r}")
+
+    def _reply(self, conn: socket.socket, message: tuple[str, Any]) -> None:
+        try:
+            conn.send(pickle.dumps(message, protocol=5))
+        except OSError:
+            self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        client = self._clients.pop(conn, None)
+        if client is None:
+            return
+        self._selector.unregister(conn)
+        conn.close()
+        with self._owner._locked():
+            self._owner._table.drop_client(client)
+
+    def close(self) -> None:
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=10)
+        for conn in list(self._clients):
+            self._selector.unregister(conn)
+            conn.close()
+        self._clients.clear()
+        self._selector.close()
+        self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

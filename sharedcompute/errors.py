@@ -1,0 +1,86 @@
+"""Errors raised by sharedcompute.
+
+User exceptions raised inside a task come back as their own type, with the
+remote traceback attached as ``__cause__`` (a :class:`RemoteTraceback`).
+Everything the runtime itself raises derives from :class:`SharedComputeError`::
+
+    Exception
+     └── SharedComputeError
+          ├── WorkerCrashedError      (also concurrent.futures.BrokenExecutor)
+          ├── ActorDiedError
+          ├── DependencyFailedError   (cause: the dependency's error)
+          ├── ObjectLostError
+          ├── ObjectStoreFullError    (also MemoryError)
+          ├── SerializationError      (also TypeError)
+          └── AuthenticationError     (also PermissionError)
+
+Cancellation and timeouts use the standard ``concurrent.futures.CancelledError``
+and the built-in ``TimeoutError``, so code written for ``concurrent.futures``
+catches them unchanged.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import BrokenExecutor
+
+__all__ = [
+    "ActorDiedError",
+    "AuthenticationError",
+    "DependencyFailedError",
+    "ObjectLostError",
+    "ObjectStoreFullError",
+    "RemoteTraceback",
+    "SerializationError",
+    "SharedComputeError",
+    "WorkerCrashedError",
+]
+
+
+class SharedComputeError(Exception):
+    """Root of every error the runtime raises on its own behalf."""
+
+
+class WorkerCrashedError(SharedComputeError, BrokenExecutor):
+    """A worker process died while running a task (signal or exit code in the message)."""
+
+
+class ActorDiedError(SharedComputeError):
+    """The actor's process died or its constructor raised; calls on it cannot run."""
+
+
+class ObjectLostError(SharedComputeError):
+    """An object's only copy is gone and it cannot be recomputed."""
+
+
+class ObjectStoreFullError(SharedComputeError, MemoryError):
+    """The shared-memory store cannot hold a value: it names the size asked for and the capacity."""
+
+
+class SerializationError(SharedComputeError, TypeError):
+    """A value could not be serialized or deserialized; the message names its type and place."""
+
+
+class AuthenticationError(SharedComputeError, PermissionError):
+    """A peer failed the cluster's token challenge or spoke another protocol version."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the formatted traceback of an exception raised in another process.
+
+    Attached as ``__cause__`` of the re-raised user exception so the remote
+    frames print under "The above exception was the direct cause of ...".
+    """
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+class DependencyFailedError(SharedComputeError):
+    """A task never ran because a Future it depends on failed or was cancelled.
+
+    The dependency's own error is this error's ``__cause__``.
+    """
