@@ -120,6 +120,11 @@ class SchedulerCore:
         task = self._tasks.get(key)
         return task.state if task else None
 
+    def outcome(self, key: TaskKey) -> tuple[TaskState, Any, BaseException | None] | None:
+        """(state, result ref, error) of a key, or None if it is unknown."""
+        task = self._tasks.get(key)
+        return (task.state, task.ref, task.error) if task else None
+
     def __contains__(self, key: TaskKey) -> bool:
         return key in self._tasks
 

@@ -12,6 +12,33 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = [
+    "CancelRequested",
+    "Dispatch",
+    "Event",
+    "ExternalTask",
+    "FreeObject",
+    "Instruction",
+    "KeyReleased",
+    "KeyRetained",
+    "ObjectPut",
+    "Reject",
+    "Resolve",
+    "Resources",
+    "StartWorker",
+    "TERMINAL",
+    "TaskFailed",
+    "TaskFinished",
+    "TaskKey",
+    "TaskState",
+    "TaskSubmitted",
+    "WorkerBlocked",
+    "WorkerDied",
+    "WorkerId",
+    "WorkerJoined",
+    "WorkerUnblocked",
+]
+
 TaskKey = int
 WorkerId = int
 

@@ -106,9 +106,10 @@ class Serialized:
         chunks = self._chunks
         if self._writer is None and len(chunks) == 1:
             offset, chunk = chunks[0]
-            # The tiny-value path: the pickle stream already is the region.
-            if offset == 0 and type(chunk) is bytes and len(chunk) == self.nbytes:
-                return chunk
+            if offset == 0 and len(chunk) == self.nbytes:
+                # The region is one buffer: for tiny values the pickle stream itself, returned
+                # without a copy; otherwise one copy instead of two through a bytearray.
+                return chunk if type(chunk) is bytes else bytes(chunk)
         out = bytearray(self.nbytes)
         self.write_into(memoryview(out))
         return bytes(out)

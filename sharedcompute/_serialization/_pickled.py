@@ -13,8 +13,12 @@ small arrays would otherwise make a multi-megabyte header).
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
+import sys
+from collections.abc import Callable
+from typing import Any, Literal
 
 import cloudpickle
 
@@ -37,9 +41,58 @@ def dumps_plain(value: object) -> Serialized:
     return Serialized(PICKLE_HEADER, len(data), ((0, data),))
 
 
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, plus out-of-band buffers for the arrays numpy would pickle in-band.
+
+    numpy's own reducer pickles two kinds of array in-band, i.e. copied into the stream and
+    copied again on load: datetime64 / timedelta64 (they cannot export a PEP 3118 buffer) and
+    non-contiguous arrays (which on top of that silently lose a non-native byte order). Both
+    matter: pandas datetime columns and sliced arrays inside containers are common. We hand
+    them over as a flat byte view instead (after one gather for the strided ones), so they come
+    back as zero-copy, read-only views like every other array.
+    """
+
+    def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], None]):
+        super().__init__(file, protocol=5, buffer_callback=buffer_callback)
+        numpy = sys.modules.get("numpy")
+        # Resolved once per dump: reducer_override runs for every object pickled.
+        self._ndarray: Any = numpy.ndarray if numpy is not None else None
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is self._ndarray and _needs_own_reducer(obj):
+            if obj.flags.c_contiguous:
+                order, flat = "C", obj.reshape(-1)
+            elif obj.flags.f_contiguous:
+                order, flat = "F", obj.T.reshape(-1)
+            else:
+                order, flat = "C", obj.copy(order="C").reshape(-1)
+            raw = pickle.PickleBuffer(flat.view("u1"))
+            return rebuild_ndarray, (raw, obj.dtype, obj.shape, order)
+        return super().reducer_override(obj)
+
+
+def _needs_own_reducer(array: Any) -> bool:
+    dtype = array.dtype
+    if dtype.hasobject or dtype.kind in "OT" or dtype.itemsize == 0:
+        return False  # references, not bytes: only numpy's reducer can handle these
+    contiguous = array.flags.c_contiguous or array.flags.f_contiguous
+    return dtype.kind in "mM" or not contiguous
+
+
+def rebuild_ndarray(
+    buffer: Any, dtype: Any, shape: tuple[int, ...], order: Literal["C", "F"]
+) -> Any:
+    """Unpickle helper (referenced by name in pickle streams): an array viewing ``buffer``."""
+    import numpy
+
+    return numpy.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+
+
 def serialize_pickled(value: object) -> Serialized:
     buffers: list[pickle.PickleBuffer] = []
-    data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    with io.BytesIO() as file:
+        _Pickler(file, buffers.append).dump(value)
+        data = file.getvalue()
     if not buffers:
         return Serialized(PICKLE_HEADER, len(data), ((0, data),))
     # raw() is a zero-copy byte view; it refuses non-contiguous buffers, which numpy never

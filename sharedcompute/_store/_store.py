@@ -114,18 +114,30 @@ class ObjectStore:
         """Store ``value``; return a reference that any process of this store can read."""
         return self.put_serialized(serialize(value))
 
-    def put_serialized(self, serialized: Serialized) -> ObjectRef:
+    def put_serialized(self, serialized: Serialized, *, for_owner: bool = False) -> ObjectRef:
+        """Store a serialized value.
+
+        With ``for_owner`` the reference goes to the store's owner process
+        instead of this one (the owner takes it with ``adopt``): how a worker
+        hands a result to the driver without a second round trip.
+        """
         if serialized.nbytes < INLINE_THRESHOLD:
             return InlineObject(serialized.header, serialized.to_bytes())
+        hand_over = for_owner and not isinstance(self, OwnerStore)
         with self._locked():
-            object_id, offset = self._create(serialized.nbytes)
-            self._local[object_id] += 1
+            object_id, offset = self._create(serialized.nbytes, for_owner=hand_over)
+            if not hand_over:
+                self._local[object_id] += 1
         try:
             serialized.write_into(self.segment.writable(offset, serialized.nbytes))
             with self._locked():
                 return self._seal(object_id, serialized.header)
         except BaseException:
-            self._queue_release(object_id)
+            if hand_over:
+                with self._locked():
+                    self._abort(object_id)
+            else:
+                self._queue_release(object_id)
             raise
 
     def get(self, ref: ObjectRef) -> Any:
@@ -212,7 +224,10 @@ class ObjectStore:
 
     # -- transport hooks ----------------------------------------------------
 
-    def _create(self, nbytes: int) -> tuple[int, int]:
+    def _create(self, nbytes: int, *, for_owner: bool = False) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _abort(self, object_id: int) -> None:
         raise NotImplementedError
 
     def _seal(self, object_id: int, header: bytes) -> StoredObject:
@@ -254,8 +269,17 @@ class OwnerStore(ObjectStore):
         self.address = f"sharedcompute-{os.getpid()}-{secrets.token_hex(8)}"
         self._server = _StoreServer(self)
 
-    def _create(self, nbytes: int) -> tuple[int, int]:
+    def _create(self, nbytes: int, *, for_owner: bool = False) -> tuple[int, int]:
         return self._create_for(_OWNER, nbytes)
+
+    def _abort(self, object_id: int) -> None:
+        self._table.abort(_OWNER, object_id)
+
+    def adopt(self, ref: ObjectRef) -> None:
+        """Take the reference a client handed over with ``put_serialized(for_owner=True)``."""
+        if isinstance(ref, StoredObject):
+            with self._locked():
+                self._local[ref.object_id] += 1
 
     def _create_for(self, client: int, nbytes: int) -> tuple[int, int]:
         object_id, offset = self._table.create(client, nbytes)
@@ -330,9 +354,12 @@ class ClientStore(ObjectStore):
             raise value
         return value
 
-    def _create(self, nbytes: int) -> tuple[int, int]:
-        result: tuple[int, int] = self._request("create", nbytes)
+    def _create(self, nbytes: int, *, for_owner: bool = False) -> tuple[int, int]:
+        result: tuple[int, int] = self._request("create", nbytes, for_owner)
         return result
+
+    def _abort(self, object_id: int) -> None:
+        self._request("abort", object_id)
 
     def _seal(self, object_id: int, header: bytes) -> StoredObject:
         result: StoredObject = self._request("seal", object_id, header)
@@ -435,7 +462,10 @@ class _StoreServer:
     def _dispatch(self, client: int, op: str, args: list[Any]) -> Any:
         table = self._owner._table
         if op == "create":
-            return self._owner._create_for(client, args[0])
+            return self._owner._create_for(_OWNER if args[1] else client, args[0])
+        if op == "abort":
+            table.abort(_OWNER, args[0])
+            return None
         if op == "seal":
             return table.seal(args[0], args[1])
         if op == "incref":

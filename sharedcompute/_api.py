@@ -1,0 +1,285 @@
+"""The public functions: thin wrappers that find the current runtime and call it."""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from sharedcompute import _config
+from sharedcompute._runtime import _context
+from sharedcompute._runtime._base import RuntimeBase, TaskOptions
+from sharedcompute._runtime._driver import Runtime
+from sharedcompute._runtime._future import Future
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+ALL_COMPLETED = concurrent.futures.ALL_COMPLETED
+FIRST_COMPLETED = concurrent.futures.FIRST_COMPLETED
+FIRST_EXCEPTION = concurrent.futures.FIRST_EXCEPTION
+
+_init_lock = threading.Lock()
+
+
+# -- lifecycle -----------------------------------------------------------------------
+
+
+def init(
+    num_workers: int | None = None,
+    scheduler: str = "processes",
+    address: str | None = None,
+    store_capacity: int | None = None,
+    spill_dir: str | None = None,
+    resources: dict[str, float] | None = None,
+) -> Runtime:
+    """Start the default runtime (worker processes, store, scheduler) and return it."""
+    with _init_lock:
+        if _context.in_worker():
+            raise RuntimeError("init() cannot be called inside a task")
+        current = _context.default()
+        if current is not None and not getattr(current, "closed", False):
+            raise RuntimeError(
+                "sharedcompute is already initialized; call sharedcompute.shutdown() first"
+            )
+        runtime = Runtime(
+            num_workers=num_workers or _config.get("num_workers"),
+            scheduler=scheduler,
+            address=address,
+            store_capacity=store_capacity,
+            spill_dir=spill_dir,
+            resources=resources,
+        )
+        _context.set_default(runtime)
+        return runtime
+
+
+def shutdown() -> None:
+    """Stop the default runtime; the next call that needs one starts a new one."""
+    with _init_lock:
+        runtime = _context.default()
+        _context.set_default(None)
+    if isinstance(runtime, Runtime):
+        runtime.shutdown()
+
+
+def is_initialized() -> bool:
+    runtime = _context.default()
+    return runtime is not None and not getattr(runtime, "closed", False)
+
+
+def _runtime() -> RuntimeBase:
+    runtime = _context.current()
+    if runtime is not None and not getattr(runtime, "closed", False):
+        return runtime
+    with _init_lock:
+        runtime = _context.default()
+        if runtime is None or getattr(runtime, "closed", False):
+            runtime = Runtime(num_workers=_config.get("num_workers"))
+            _context.set_default(runtime)
+        return runtime
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    if not _context.in_worker():
+        shutdown()
+
+
+# -- futures API --------------------------------------------------------------------------
+
+
+def submit(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+    """Run ``fn(*args, **kwargs)`` as a task; every keyword goes to ``fn``."""
+    return _runtime().submit(fn, args, kwargs, _DEFAULT_OPTIONS)
+
+
+def map(fn: Callable[..., R], *iterables: Iterable[Any]) -> list[Future[R]]:  # noqa: A001
+    """Submit ``fn`` once per item (several iterables are zipped); return the Futures."""
+    runtime = _runtime()
+    return [runtime.submit(fn, args, {}, _DEFAULT_OPTIONS) for args in zip(*iterables)]
+
+
+def put(value: T) -> Future[T]:
+    """Store ``value`` once; pass the returned Future to any number of tasks."""
+    return _runtime().put(value)
+
+
+@overload
+def get(refs: Future[T], timeout: float | None = None) -> T: ...
+@overload
+def get(refs: list[Future[Any]] | tuple[Future[Any], ...], timeout: float | None = None) -> list[Any]: ...
+def get(refs: Any, timeout: float | None = None) -> Any:
+    """The value of a Future, or the values of a list of Futures (in order)."""
+    if isinstance(refs, (list, tuple)):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        values = []
+        for ref in refs:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            values.append(ref.result(remaining) if isinstance(ref, Future) else ref)
+        return values
+    if isinstance(refs, Future):
+        return refs.result(timeout)
+    return refs
+
+
+def gather(futures: Iterable[Future[T]], timeout: float | None = None) -> list[T]:
+    """The values of ``futures``, in order (like ``dask.distributed.Client.gather``)."""
+    return get(list(futures), timeout)  # type: ignore[no-any-return]
+
+
+def wait(
+    futures: Iterable[Future[Any]],
+    timeout: float | None = None,
+    return_when: str = ALL_COMPLETED,
+) -> concurrent.futures._base.DoneAndNotDoneFutures[Any]:
+    """Like ``concurrent.futures.wait``, for sharedcompute Futures (also inside tasks)."""
+    futures = list(futures)
+    runtime = _context.current()
+    if runtime is not None and runtime.needs_pump:
+        runtime.wait_for(futures, timeout, return_when)
+        done = {f for f in futures if f.done()}
+        return concurrent.futures._base.DoneAndNotDoneFutures(done, set(futures) - done)
+    return concurrent.futures.wait(futures, timeout, return_when)
+
+
+def as_completed(
+    futures: Iterable[Future[T]], timeout: float | None = None
+) -> Iterator[Future[T]]:
+    """Yield Futures as they finish, like ``concurrent.futures.as_completed``."""
+    futures = list(futures)
+    runtime = _context.current()
+    if runtime is None or not runtime.needs_pump:
+        yield from concurrent.futures.as_completed(futures, timeout)  # type: ignore[misc]
+        return
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = list(dict.fromkeys(futures))
+    while pending:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError(f"{len(pending)} (of {len(futures)}) futures unfinished")
+        runtime.wait_for(pending, remaining, FIRST_COMPLETED)
+        for future in [f for f in pending if f.done()]:
+            pending.remove(future)
+            yield future
+
+
+# -- remote functions --------------------------------------------------------------------
+
+_DEFAULT_OPTIONS = TaskOptions()
+_OPTION_NAMES = frozenset(
+    {"num_cpus", "resources", "max_retries", "retry_exceptions", "scheduler", "name"}
+)
+
+
+def _make_options(base: TaskOptions, **changes: Any) -> TaskOptions:
+    unknown = sorted(set(changes) - _OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"unknown task option(s) {unknown}; known: {sorted(_OPTION_NAMES)}")
+    values = {
+        "num_cpus": base.num_cpus,
+        "resources": base.resources,
+        "max_retries": base.max_retries,
+        "retry_exceptions": base.retry_exceptions,
+        "scheduler": base.scheduler,
+        "name": base.name,
+    }
+    values.update(changes)
+    resources = values["resources"]
+    if isinstance(resources, dict):
+        values["resources"] = tuple(sorted((str(k), float(v)) for k, v in resources.items()))
+    if float(values["num_cpus"]) < 0:
+        raise ValueError(f"num_cpus must be >= 0, got {values['num_cpus']}")
+    if int(values["max_retries"]) < 0:
+        raise ValueError(f"max_retries must be >= 0, got {values['max_retries']}")
+    if values["scheduler"] not in (None, "sync", "threads", "processes"):
+        raise ValueError(
+            f"scheduler must be 'sync', 'threads' or 'processes', got {values['scheduler']!r}"
+        )
+    values["num_cpus"] = float(values["num_cpus"])
+    return TaskOptions(**values)
+
+
+class RemoteFunction(Generic[P, R]):
+    """A function that runs as a task with ``.submit()`` / ``.remote()``; a call runs it here."""
+
+    def __init__(self, fn: Callable[P, R], options: TaskOptions = _DEFAULT_OPTIONS) -> None:
+        self._fn = fn
+        self._options = options
+        self.__wrapped__ = fn
+        self.__name__ = getattr(fn, "__name__", "remote_function")
+        self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
+        self.__doc__ = fn.__doc__
+        self.__module__ = fn.__module__
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._fn(*args, **kwargs)
+
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        return _runtime().submit(self._fn, args, kwargs, self._options)
+
+    remote = submit
+
+    def options(self, **options: Any) -> RemoteFunction[P, R]:
+        """A copy with other task options (num_cpus, resources, max_retries, ...)."""
+        return RemoteFunction(self._fn, _make_options(self._options, **options))
+
+    def __repr__(self) -> str:
+        return f"<sharedcompute.remote function {self.__qualname__}>"
+
+
+def remote(*args: Any, **options: Any) -> Any:
+    """Make a function a remote function (``@remote`` or ``@remote(num_cpus=2, ...)``)."""
+    if args and len(args) == 1 and not options and callable(args[0]):
+        return _wrap(args[0], _DEFAULT_OPTIONS)
+    if args:
+        raise TypeError("use @remote or @remote(option=value, ...)")
+    task_options = _make_options(_DEFAULT_OPTIONS, **options)
+    return lambda target: _wrap(target, task_options)
+
+
+def _wrap(target: Any, options: TaskOptions) -> Any:
+    if isinstance(target, type):
+        raise TypeError(
+            f"@remote on a class ({target.__name__}) makes an actor; actors are not available "
+            "in this version"
+        )
+    return RemoteFunction(target, options)
+
+
+# -- concurrent.futures drop-in -------------------------------------------------------------
+
+
+class Executor(concurrent.futures.Executor):
+    """A ``concurrent.futures.Executor`` backed by a runtime of its own."""
+
+    def __init__(self, max_workers: int | None = None, **runtime_options: Any) -> None:
+        self._runtime = Runtime(num_workers=max_workers, **runtime_options)
+        self._futures: weakref.WeakSet[Future[Any]] = weakref.WeakSet()
+        self._shutdown = False
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        future = self._runtime.submit(fn, args, kwargs, _DEFAULT_OPTIONS)
+        self._futures.add(future)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+        pending = [f for f in list(self._futures) if not f.done()]
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if wait:
+            concurrent.futures.wait(pending)
+        self._runtime.shutdown()

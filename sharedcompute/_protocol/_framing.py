@@ -1,0 +1,119 @@
+"""Length-prefixed framing of pickled messages over a stream socket.
+
+Each frame is a 4-byte big-endian length followed by a pickle (protocol 5) of
+one message tuple. Writers batch several frames into one ``sendall``; readers
+pull whatever the socket has and return every complete frame, so one wake-up
+drains a burst. A frame longer than ``max_frame`` is a protocol error: the peer
+is broken or hostile, and the connection is closed rather than trusted.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import struct
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+_HEADER = struct.Struct("!I")
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+
+
+class ConnectionClosed(EOFError):
+    """The peer closed the connection or sent something that is not a frame."""
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.sock = sock
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+        self._send_lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @staticmethod
+    def encode(message: tuple[Any, ...]) -> bytes:
+        body = pickle.dumps(message, protocol=5)
+        return _HEADER.pack(len(body)) + body
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.send_raw(self.encode(message))
+
+    def send_many(self, messages: Iterable[tuple[Any, ...]]) -> None:
+        self.send_raw(b"".join(self.encode(m) for m in messages))
+
+    def send_raw(self, data: bytes) -> None:
+        try:
+            with self._send_lock:
+                self.sock.sendall(data)
+        except OSError as exc:
+            raise ConnectionClosed(str(exc)) from exc
+
+    def recv_available(self, *, block: bool = True) -> list[tuple[Any, ...]]:
+        """Read what the socket has (waiting for at least one byte if ``block``)."""
+        try:
+            data = self.sock.recv(1 << 20, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return []
+        except OSError as exc:
+            raise ConnectionClosed(str(exc)) from exc
+        if not data:
+            raise ConnectionClosed("connection closed by peer")
+        self._buffer += data
+        return self._frames()
+
+    def recv_one(self) -> tuple[Any, ...]:
+        """Block until one whole message is here (others stay buffered)."""
+        while True:
+            frames = self._frames(limit=1)
+            if frames:
+                return frames[0]
+            self._buffer += self._recv_some()
+
+    def _recv_some(self) -> bytes:
+        try:
+            data = self.sock.recv(1 << 20)
+        except OSError as exc:
+            raise ConnectionClosed(str(exc)) from exc
+        if not data:
+            raise ConnectionClosed("connection closed by peer")
+        return data
+
+    def _frames(self, limit: int | None = None) -> list[tuple[Any, ...]]:
+        frames: list[tuple[Any, ...]] = []
+        buffer = self._buffer
+        position = 0
+        while len(buffer) - position >= _HEADER.size and (limit is None or len(frames) < limit):
+            (length,) = _HEADER.unpack_from(buffer, position)
+            if length > self.max_frame:
+                raise ConnectionClosed(
+                    f"frame of {length} bytes exceeds the limit of {self.max_frame} bytes"
+                )
+            end = position + _HEADER.size + length
+            if len(buffer) < end:
+                break
+            frames.append(pickle.loads(buffer[position + _HEADER.size : end]))
+            position = end
+        if position:
+            del buffer[:position]
+        return frames
+
+    def recv_buffered(self) -> list[tuple[Any, ...]]:
+        """The whole messages already buffered, without touching the socket."""
+        return self._frames()
+
+    def pending(self) -> bool:
+        """Whether a whole frame is already buffered."""
+        if len(self._buffer) < _HEADER.size:
+            return False
+        (length,) = _HEADER.unpack_from(self._buffer, 0)
+        return len(self._buffer) >= _HEADER.size + length
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

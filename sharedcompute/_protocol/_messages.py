@@ -1,0 +1,40 @@
+"""The messages exchanged between the driver and its worker processes.
+
+A message is a tuple whose first item is a :class:`Msg`. Bulk data never rides
+in a message: values above the inline threshold travel as store descriptors.
+
+Driver -> worker
+    RUN       (key, fn_key, fn_bytes | None, args_ref, dep_refs, name)
+    RESOLVED  (key, ok, ref_or_error)      answer to a WAIT
+    SHUTDOWN  ()
+Worker -> driver
+    READY     (pid,)
+    DONE      (key, ref)
+    FAILED    (key, error_bytes)           pickled (exception, traceback text)
+    SUBMIT    (key, fn_key, fn_bytes, args_ref, dep_keys, options)
+    PUT       (key, ref)
+    WAIT      (keys,)                      send me RESOLVED for these keys
+    BLOCKED   (key,) / UNBLOCKED (key,)    task ``key`` waits on a future / resumes
+    RELEASE   (keys,)                      this worker dropped its Futures for keys
+    CANCEL    (key,)
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Msg(enum.IntEnum):
+    RUN = 1
+    RESOLVED = 2
+    SHUTDOWN = 3
+    READY = 10
+    DONE = 11
+    FAILED = 12
+    SUBMIT = 13
+    PUT = 14
+    WAIT = 15
+    BLOCKED = 16
+    UNBLOCKED = 17
+    RELEASE = 18
+    CANCEL = 19

@@ -1,0 +1,1 @@
+"""The runtime (private): Futures, the driver's runtime, the worker pool, local schedulers."""

@@ -1,0 +1,116 @@
+"""What the driver's runtime and a worker's runtime have in common.
+
+User code calls the same functions (``submit``, ``put``, ``get`` ...) in the
+driver and inside tasks; each process has one current runtime that carries
+them out. ``RuntimeBase`` holds the shared steps: turning arguments into a
+serialized payload with dependency markers, and loading values from refs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from sharedcompute._runtime._args import FunctionCache, extract_dependencies
+from sharedcompute._runtime._future import Future
+from sharedcompute._serialization import deserialize, serialize
+from sharedcompute._store import InlineObject, ObjectRef, ObjectStore
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    num_cpus: float = 1.0
+    resources: tuple[tuple[str, float], ...] = ()
+    max_retries: int = 3
+    retry_exceptions: bool = False
+    scheduler: str | None = None
+    name: str = ""
+
+
+@dataclass(slots=True)
+class TaskSpec:
+    """What the driver keeps about a task to send it (again) to a worker."""
+
+    fn_key: bytes
+    args_ref: ObjectRef
+    name: str
+    dep_keys: tuple[int, ...] = field(default=())
+
+
+class RuntimeBase:
+    store: ObjectStore
+    needs_pump = False
+
+    def __init__(self) -> None:
+        self.functions = FunctionCache()
+        self._released: deque[int] = deque()
+        self._release_lock = threading.Lock()
+
+    # -- keys and release --------------------------------------------------------
+
+    def _key_counter(self, start: int) -> Callable[[], int]:
+        counter = itertools.count(start)
+        return counter.__next__
+
+    def release_key(self, key: int) -> None:
+        """Called from ``Future.__del__``: queue, never block."""
+        self._released.append(key)
+        if self._release_lock.acquire(blocking=False):
+            try:
+                self._flush_releases()
+            finally:
+                self._release_lock.release()
+
+    def _flush_releases(self) -> None:
+        raise NotImplementedError
+
+    # -- arguments and values --------------------------------------------------------
+
+    def prepare_args(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[ObjectRef, dict[int, Future[Any]]]:
+        found: dict[int, Future[Any]] = {}
+        packed = extract_dependencies((args, kwargs), _is_future, found)
+        return self.store_value(packed), found
+
+    def store_value(self, value: Any) -> ObjectRef:
+        return self.store.put_serialized(serialize(value))
+
+    def load(self, ref: ObjectRef) -> Any:
+        if type(ref) is InlineObject:
+            return deserialize(ref.header, ref.payload)
+        return self.store.get(ref)
+
+    # -- what each runtime provides ------------------------------------------------
+
+    def submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        options: TaskOptions,
+    ) -> Future[Any]:
+        raise NotImplementedError
+
+    def put(self, value: Any) -> Future[Any]:
+        raise NotImplementedError
+
+    def cancel(self, future: Future[Any]) -> bool:
+        raise NotImplementedError
+
+    def wait_for(
+        self, futures: Iterable[Future[Any]], timeout: float | None, return_when: str
+    ) -> None:
+        with self.blocking():
+            concurrent.futures.wait(list(futures), timeout, return_when)
+
+    def blocking(self) -> AbstractContextManager[None]:
+        """Scope around a wait on Futures (a pool thread lends its slot meanwhile)."""
+        return nullcontext()
+
+
+def _is_future(value: Any) -> bool:
+    return isinstance(value, Future)

@@ -1,0 +1,538 @@
+"""The driver's runtime: the scheduler core, the store's owner and the worker pool, wired.
+
+Every change of scheduling state happens under ``_lock`` through
+``_handle(events)``, which feeds the pure :class:`SchedulerCore` and carries out
+its instructions: messages to workers are sent while the lock is held (so
+each worker receives tasks in the order the core assigned them), Futures are
+settled after it is released (their callbacks are user code and may submit).
+
+Threads: the caller's threads (submit, put, cancel, Future finalizers) and the
+pool's I/O thread (worker messages, worker deaths). Nothing else runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import cloudpickle
+
+from sharedcompute._protocol import ConnectionClosed, Msg
+from sharedcompute._runtime._base import RuntimeBase, TaskOptions, TaskSpec
+from sharedcompute._runtime._future import Future, ValueRef
+from sharedcompute._runtime._local import ThreadPool, run_inline
+from sharedcompute._runtime._pool import ProcessPool, WorkerHandle
+from sharedcompute._scheduler import (
+    CancelRequested,
+    Dispatch,
+    Event,
+    ExternalTask,
+    FreeObject,
+    Instruction,
+    KeyReleased,
+    ObjectPut,
+    Reject,
+    Resolve,
+    Resources,
+    SchedulerCore,
+    StartWorker,
+    TaskFailed,
+    TaskFinished,
+    TaskState,
+    TaskSubmitted,
+    WorkerBlocked,
+    WorkerDied,
+    WorkerJoined,
+    WorkerUnblocked,
+)
+from sharedcompute._store import ObjectRef, OwnerStore, StoredObject
+from sharedcompute.errors import RemoteTraceback, SerializationError, SharedComputeError
+
+SCHEDULERS = ("sync", "threads", "processes")
+
+
+def unpack_error(data: bytes) -> BaseException:
+    try:
+        exc, tb = cloudpickle.loads(data)
+    except Exception as error:
+        return SerializationError(
+            f"a task failed, and its exception could not be loaded in the driver "
+            f"({type(error).__name__}: {error})"
+        )
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc  # type: ignore[no-any-return]
+
+
+class Runtime(RuntimeBase):
+    """A sharedcompute runtime: worker processes, a shared-memory store and a scheduler.
+
+    Use it as a context manager, or through ``sharedcompute.init()``.
+    """
+
+    def __init__(
+        self,
+        num_workers: int | None = None,
+        scheduler: str = "processes",
+        address: str | None = None,
+        store_capacity: int | None = None,
+        spill_dir: str | None = None,
+        resources: dict[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        if address is not None:
+            raise NotImplementedError(
+                f"connecting to a cluster (address={address!r}) is not available in this "
+                "version; leave address=None to run on this machine"
+            )
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        if num_workers is not None and num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+        self.num_workers = num_workers or os.cpu_count() or 1
+        self.scheduler = scheduler
+        self.spill_dir = spill_dir
+        self._store_capacity = store_capacity
+        self._resources = {"CPU": float(self.num_workers), **(resources or {})}
+        self._lock = threading.Lock()
+        self._release_lock = self._lock
+        self._next_key = self._key_counter(1)
+        self._next_worker_id = self._key_counter(0)
+        self.core = SchedulerCore(self._resources)
+        self._futures: dict[int, Future[Any]] = {}
+        self._args_refs: dict[int, ObjectRef] = {}
+        self._fn_bytes: dict[bytes, bytes] = {}
+        self._waiters: defaultdict[int, set[int]] = defaultdict(set)
+        self._registered_local: set[int] = set()
+        self._settle: deque[tuple[Future[Any], Instruction]] = deque()
+        self._pool: ProcessPool | None = None
+        self._threads: ThreadPool | None = None
+        self._store: OwnerStore | None = None
+        self._closed = False
+        if scheduler == "processes":
+            self._start_processes()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def store(self) -> OwnerStore:  # type: ignore[override]
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = OwnerStore(self._store_capacity, self.spill_dir)
+        return self._store
+
+    def _start_processes(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                return
+            if self._closed:
+                raise RuntimeError("this runtime has been shut down")
+        store = self.store
+        with self._locked():
+            if self._pool is not None:
+                return
+            self._pool = ProcessPool(store.address, self._on_messages, self._on_exit)
+            for _ in range(self.num_workers):
+                self._pool.spawn(self._next_worker_id())
+
+    def _thread_pool(self) -> ThreadPool:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this runtime has been shut down")
+            if self._threads is None:
+                self._threads = ThreadPool(self.num_workers)
+            return self._threads
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the workers and free the store. Pending Futures fail with CancelledError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pool, threads = self._pool, self._threads
+        if threads is not None:
+            threads.close()
+        if pool is not None:
+            pool.close()
+        with self._locked():
+            pending = list(self._futures.values())
+            self._futures.clear()
+            self._waiters.clear()
+        for future in pending:
+            future._cancel_now()
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- the lock and the core -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self._lock.acquire()
+        try:
+            yield
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        while True:
+            try:
+                self._flush_releases()
+            finally:
+                self._lock.release()
+            if not self._released or not self._lock.acquire(blocking=False):
+                return
+
+    def _flush_releases(self) -> None:
+        """Turn queued Future finalizations into events (lock held)."""
+        if self._released and not self._closed:
+            events: list[Event] = []
+            while self._released:
+                key = self._released.popleft()
+                self._registered_local.discard(key)
+                events.append(KeyReleased(key))
+            self._handle(events)
+        else:
+            self._released.clear()
+
+    def _handle(self, events: list[Event]) -> None:
+        """Feed the core and carry out its instructions (lock held)."""
+        outbox: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
+        for instruction in self.core.handle(events):
+            if type(instruction) is Dispatch:
+                self._dispatch(instruction, outbox)
+            elif type(instruction) is Resolve or type(instruction) is Reject:
+                self._conclude(instruction, outbox)
+            elif type(instruction) is FreeObject:
+                self.store.delete(instruction.ref)
+            elif type(instruction) is StartWorker and self._pool is not None:
+                self._pool.spawn(self._next_worker_id())
+        if outbox and self._pool is not None:
+            for worker_id, messages in outbox.items():
+                worker = self._pool.workers.get(worker_id)
+                if worker is not None:
+                    with contextlib.suppress(ConnectionClosed):
+                        worker.conn.send_many(messages)
+
+    def _dispatch(self, instruction: Dispatch, outbox: dict[int, list[tuple[Any, ...]]]) -> None:
+        assert self._pool is not None
+        worker = self._pool.workers.get(instruction.worker)
+        if worker is None:
+            return  # it just died; WorkerDied will send the task back to READY
+        spec: TaskSpec = instruction.payload
+        fn_bytes = None
+        if spec.fn_key not in worker.known_functions:
+            fn_bytes = self._fn_bytes[spec.fn_key]
+            worker.known_functions.add(spec.fn_key)
+        outbox[instruction.worker].append((
+            Msg.RUN, instruction.key, spec.fn_key, fn_bytes, spec.args_ref,
+            instruction.dependency_refs, spec.name,
+        ))
+
+    def _conclude(
+        self, instruction: Resolve | Reject, outbox: dict[int, list[tuple[Any, ...]]]
+    ) -> None:
+        key = instruction.key
+        args_ref = self._args_refs.pop(key, None)
+        if args_ref is not None:
+            self.store.delete(args_ref)
+        future = self._futures.pop(key, None)
+        if future is not None:
+            self._settle.append((future, instruction))
+        waiting = self._waiters.pop(key, None)
+        if waiting:
+            if type(instruction) is Resolve:
+                message: tuple[Any, ...] = (Msg.RESOLVED, key, True, instruction.ref)
+            else:
+                message = (Msg.RESOLVED, key, False, _portable(instruction.error))
+            for worker_id in waiting:
+                outbox[worker_id].append(message)
+
+    def _settle_futures(self) -> None:
+        """Settle Futures outside the lock: their callbacks may call back into us."""
+        while self._settle:
+            try:
+                future, instruction = self._settle.popleft()
+            except IndexError:
+                return
+            if type(instruction) is Resolve:
+                future.set_result(ValueRef(instruction.ref))
+            else:
+                assert isinstance(instruction, Reject)
+                if instruction.cancelled:
+                    future._cancel_now()
+                else:
+                    future.set_exception(instruction.error)
+
+    # -- submit, put, cancel ------------------------------------------------------------
+
+    def submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        options: TaskOptions,
+    ) -> Future[Any]:
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
+        scheduler = options.scheduler or self._default_scheduler()
+        name = options.name or getattr(fn, "__qualname__", "") or type(fn).__name__
+        if scheduler == "processes":
+            return self._submit_process(fn, args, kwargs, options, name)
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        return self._submit_local(fn, args, kwargs, scheduler, name)
+
+    def _default_scheduler(self) -> str:
+        from sharedcompute import _config
+
+        return _config.get("scheduler") or self.scheduler
+
+    def _submit_process(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        options: TaskOptions, name: str,
+    ) -> Future[Any]:
+        if self._pool is None:
+            self._start_processes()
+        fn_key, fn_bytes = self.functions.encode(fn)
+        args_ref, deps = self.prepare_args(args, kwargs)
+        key = self._next_key()
+        future: Future[Any] = Future(self, key, name)
+        resources = Resources(options.num_cpus, options.resources)
+        with self._locked():
+            if self._closed:
+                self.store.delete(args_ref)
+                raise RuntimeError("this runtime has been shut down")
+            self._fn_bytes[fn_key] = fn_bytes
+            self._futures[key] = future
+            if isinstance(args_ref, StoredObject):
+                self._args_refs[key] = args_ref
+            events: list[Event] = self._register_dependencies(deps)
+            events.append(TaskSubmitted(
+                key, tuple(deps), resources, options.max_retries, options.retry_exceptions,
+                TaskSpec(fn_key, args_ref, name),
+            ))
+            self._handle(events)
+        self._settle_futures()
+        return future
+
+    def _register_dependencies(self, deps: dict[int, Future[Any]]) -> list[Event]:
+        """Make Futures of other schedulers known to the core (lock held)."""
+        events: list[Event] = []
+        for key, dep in deps.items():
+            if dep._runtime is not self:
+                raise ValueError(
+                    f"{dep!r} belongs to another runtime (one that was shut down?); "
+                    "Futures only work within the runtime that made them"
+                )
+            if key in self.core or key in self._registered_local:
+                continue
+            self._registered_local.add(key)
+            events.append(ExternalTask(key))
+            dep.add_done_callback(self._external_done)
+        return events
+
+    def _external_done(self, future: Future[Any]) -> None:
+        if future.cancelled():
+            event: Event = TaskFailed(future.key, None, concurrent_cancelled(future.key))
+        elif future.exception() is not None:
+            event = TaskFailed(future.key, None, future.exception())  # type: ignore[arg-type]
+        else:
+            try:
+                event = ObjectPut(future.key, self.store_value(future.result()))
+            except BaseException as exc:
+                event = TaskFailed(future.key, None, exc)
+        with self._locked():
+            if not self._closed:
+                self._handle([event])
+        self._settle_futures()
+
+    def _submit_local(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        scheduler: str, name: str,
+    ) -> Future[Any]:
+        from sharedcompute._runtime._args import extract_dependencies
+
+        deps: dict[int, Future[Any]] = {}
+        packed = extract_dependencies((args, kwargs), lambda v: isinstance(v, Future), deps)
+        future: Future[Any] = Future(self, self._next_key(), name)
+        if scheduler == "sync":
+            run_inline(future, fn, packed, deps)
+            return future
+        pool = self._thread_pool()
+        job = lambda: run_inline(future, fn, packed, deps)  # noqa: E731
+        if not deps:
+            pool.submit(job)
+            return future
+        remaining = [len(deps)]
+        counter_lock = threading.Lock()
+
+        def dep_done(_: Any) -> None:
+            with counter_lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                pool.submit(job)
+
+        for dep in deps.values():
+            dep.add_done_callback(dep_done)
+        return future
+
+    def blocking(self) -> AbstractContextManager[None]:
+        threads = self._threads
+        if threads is not None and threads.in_pool():
+            return _pool_blocking(threads)
+        return nullcontext()
+
+    def put(self, value: Any) -> Future[Any]:
+        ref = self.store_value(value)
+        key = self._next_key()
+        future: Future[Any] = Future(self, key, "put")
+        future.set_result(ValueRef(ref))
+        with self._locked():
+            self._handle([ObjectPut(key, ref)])
+        return future
+
+    def cancel(self, future: Future[Any]) -> bool:
+        with self._locked():
+            if future.key in self.core:
+                self._handle([CancelRequested(future.key)])
+        self._settle_futures()
+        if future.cancelled():
+            return True
+        return future._cancel_now() if future.key not in self.core and not future.done() else False
+
+    # -- what workers say (I/O thread) -----------------------------------------------------
+
+    def _on_messages(self, worker: WorkerHandle, messages: list[tuple[Any, ...]]) -> None:
+        events: list[Event] = []
+        with self._locked():
+            if self._closed:
+                return
+            for message in messages:
+                kind = message[0]
+                if kind == Msg.DONE:
+                    ref = message[2]
+                    self.store.adopt(ref)
+                    events.append(TaskFinished(message[1], worker.id, ref))
+                elif kind == Msg.FAILED:
+                    events.append(TaskFailed(message[1], worker.id, unpack_error(message[2])))
+                elif kind == Msg.WAIT:
+                    if events:
+                        self._handle(events)
+                        events = []
+                    self._answer_wait(worker, message[1])
+                else:
+                    self._on_request(worker, message, events)
+            if events:
+                self._handle(events)
+        self._settle_futures()
+
+    def _on_request(
+        self, worker: WorkerHandle, message: tuple[Any, ...], events: list[Event]
+    ) -> None:
+        kind = message[0]
+        if kind == Msg.READY:
+            worker.ready = True
+            events.append(WorkerJoined(worker.id))
+        elif kind == Msg.SUBMIT:
+            _, key, fn_key, fn_bytes, args_ref, dep_keys, options = message
+            if fn_bytes is not None:
+                self._fn_bytes[fn_key] = fn_bytes
+                worker.known_functions.add(fn_key)
+            self.store.adopt(args_ref)
+            if isinstance(args_ref, StoredObject):
+                self._args_refs[key] = args_ref
+            worker.held_keys.add(key)
+            events.append(TaskSubmitted(
+                key, dep_keys, Resources(options.num_cpus, options.resources),
+                options.max_retries, options.retry_exceptions,
+                TaskSpec(fn_key, args_ref, options.name or str(key)),
+            ))
+        elif kind == Msg.PUT:
+            self.store.adopt(message[2])
+            worker.held_keys.add(message[1])
+            events.append(ObjectPut(message[1], message[2]))
+        elif kind == Msg.BLOCKED:
+            events.append(WorkerBlocked(worker.id, message[1]))
+        elif kind == Msg.UNBLOCKED:
+            events.append(WorkerUnblocked(worker.id, message[1]))
+        elif kind == Msg.RELEASE:
+            for key in message[1]:
+                if key in worker.held_keys:
+                    worker.held_keys.discard(key)
+                    events.append(KeyReleased(key))
+        elif kind == Msg.CANCEL:
+            events.append(CancelRequested(message[1]))
+
+    def _answer_wait(self, worker: WorkerHandle, keys: list[int]) -> None:
+        replies = []
+        for key in keys:
+            outcome = self.core.outcome(key)
+            if outcome is None:
+                error = SharedComputeError(f"key {key} is unknown to the scheduler")
+                replies.append((Msg.RESOLVED, key, False, error))
+            elif outcome[0] is TaskState.FINISHED:
+                replies.append((Msg.RESOLVED, key, True, outcome[1]))
+            elif outcome[0] in (TaskState.ERRED, TaskState.CANCELLED):
+                replies.append((Msg.RESOLVED, key, False, _portable(outcome[2])))
+            else:
+                self._waiters[key].add(worker.id)
+        if replies:
+            with contextlib.suppress(ConnectionClosed):
+                worker.conn.send_many(replies)
+
+    def _on_exit(self, worker: WorkerHandle, reason: str) -> None:
+        with self._locked():
+            if self._closed:
+                return
+            events: list[Event] = [WorkerDied(worker.id, reason)]
+            events += [KeyReleased(key) for key in worker.held_keys]
+            worker.held_keys.clear()
+            for waiting in self._waiters.values():
+                waiting.discard(worker.id)
+            self._handle(events)
+        self._settle_futures()
+
+    # -- introspection -------------------------------------------------------------------
+
+    def worker_pids(self) -> list[int]:
+        pool = self._pool
+        return [w.pid for w in pool.workers.values()] if pool is not None else []
+
+
+@contextlib.contextmanager
+def _pool_blocking(threads: ThreadPool) -> Iterator[None]:
+    threads.blocking()
+    try:
+        yield
+    finally:
+        threads.unblocked()
+
+
+def concurrent_cancelled(key: int) -> BaseException:
+    from concurrent.futures import CancelledError
+
+    return CancelledError(f"task {key} was cancelled")
+
+
+def _portable(error: BaseException | None) -> BaseException:
+    """An exception that survives pickling to a worker (the original if it can)."""
+    import pickle
+
+    try:
+        pickle.dumps(error)
+        return error if error is not None else SharedComputeError("unknown error")
+    except Exception:
+        return SharedComputeError(f"{type(error).__name__}: {error}")

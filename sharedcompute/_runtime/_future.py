@@ -1,0 +1,113 @@
+"""``sharedcompute.Future``: a ``concurrent.futures.Future`` whose value may live in the store.
+
+A Future is resolved with a *reference* (an inline payload or a store
+descriptor) or, for the sync and threads schedulers, with the value itself.
+``result()`` turns a reference into the value once, on first use, in the
+calling thread, and keeps it: the value's views keep the stored object alive,
+and the Future keeps the key alive in the scheduler until it is garbage.
+
+How a caller waits depends on where it runs: in the driver the runtime's I/O
+thread resolves Futures, so the stdlib Condition wait is enough; inside a worker
+nobody else reads the worker's connection, so ``result()`` asks the worker
+runtime to pump messages (and run other tasks) until the Future is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from sharedcompute._runtime._base import RuntimeBase
+
+T = TypeVar("T")
+
+_UNSET: Any = object()
+
+
+class ValueRef:
+    """What a Future is resolved with when its value lives outside this process's memory."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: Any) -> None:
+        self.ref = ref
+
+
+class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
+    """The result of a task, ``put`` or actor call; also awaitable in asyncio."""
+
+    def __init__(self, runtime: RuntimeBase, key: int, name: str = "") -> None:
+        super().__init__()
+        self._runtime = runtime
+        self.key = key
+        self.name = name
+        self._value: Any = _UNSET
+
+    def __repr__(self) -> str:
+        state = self._state.lower()
+        return f"<sharedcompute.Future key={self.key} {self.name or 'value'} {state}>"
+
+    def result(self, timeout: float | None = None) -> T:
+        if not self.done():
+            if self._runtime.needs_pump:
+                self._runtime.wait_for([self], timeout, return_when="ALL_COMPLETED")
+                timeout = 0
+            else:
+                with self._runtime.blocking():
+                    return self._materialize(super().result(timeout))
+        return self._materialize(super().result(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self.done():
+            if self._runtime.needs_pump:
+                self._runtime.wait_for([self], timeout, return_when="ALL_COMPLETED")
+                timeout = 0
+            else:
+                with self._runtime.blocking():
+                    return super().exception(timeout)
+        return super().exception(timeout)
+
+    def _materialize(self, raw: Any) -> Any:
+        if type(raw) is not ValueRef:
+            return raw
+        with self._condition:
+            if self._value is _UNSET:
+                self._value = self._runtime.load(raw.ref)
+            return self._value
+
+    @property
+    def ref(self) -> Any:
+        """The stored reference, or None for a value held in memory or an error."""
+        raw = self._result if self._state == concurrent.futures._base.FINISHED else None
+        return raw.ref if type(raw) is ValueRef else None
+
+    def cancel(self) -> bool:
+        if self.done():
+            return self.cancelled()
+        return self._runtime.cancel(self)
+
+    def _cancel_now(self) -> bool:
+        return super().cancel()
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return asyncio.wrap_future(self).__await__()
+
+    def __reduce__(self) -> Any:
+        from sharedcompute.errors import SerializationError
+
+        raise SerializationError(
+            f"a Future (key {self.key}) can be passed to a task as an argument, at top level "
+            "or inside a list, tuple or dict, but not pickled inside other objects; pass "
+            "future.result() instead"
+        )
+
+    def __del__(self) -> None:
+        runtime = getattr(self, "_runtime", None)
+        if runtime is not None:
+            try:
+                runtime.release_key(self.key)
+            except Exception:
+                pass

@@ -1,0 +1,270 @@
+"""The driver's worker processes and the one I/O thread that listens to them.
+
+::
+
+    submit() ──▶ SchedulerCore ──Dispatch──▶ conn.send(RUN) ─────────▶ worker
+                      ▲                                                    │
+                      └── events ◀── I/O thread: selector.select() ◀───────┘
+                                      over every worker connection, every
+                                      worker's stdout/stderr pipe and a wake-up pipe
+
+The I/O thread's only blocking point is one ``select`` over everything a worker
+can say, its output included, so a worker's death (its connection reaching
+EOF) wakes the same call as a result does. Processes are started here with
+``subprocess`` (no fork of the driver's threads and locks); each gets its end of
+a socketpair, and the read end of a pipe whose write end only the driver holds,
+so workers exit as soon as the driver does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from sharedcompute._protocol import Connection, ConnectionClosed
+from sharedcompute._worker._main import ENV_VAR
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    id: int
+    proc: subprocess.Popen[bytes]
+    conn: Connection
+    watch_fd: int
+    known_functions: set[bytes] = field(default_factory=set)
+    held_keys: set[int] = field(default_factory=set)
+    ready: bool = False
+    exited: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def describe_exit(pid: int, returncode: int | None) -> str:
+    if returncode is None:
+        return f"pid {pid} closed its connection"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"pid {pid} was killed by {name}"
+    return f"pid {pid} exited with code {returncode}"
+
+
+class _OutputForwarder:
+    """Copies a worker's stdout or stderr into the driver's, each line prefixed."""
+
+    def __init__(self, prefix: str, target: Callable[[], TextIO]) -> None:
+        self.prefix = prefix
+        self.target = target
+        self.partial = b""
+
+    def feed(self, data: bytes) -> None:
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        if lines:
+            self._write(lines)
+
+    def close(self) -> None:
+        if self.partial:
+            self._write([self.partial])
+            self.partial = b""
+
+    def _write(self, lines: list[bytes]) -> None:
+        text = "".join(
+            f"{self.prefix}{line.decode(errors='replace')}\n" for line in lines
+        )
+        try:
+            stream = self.target()
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+class ProcessPool:
+    """Starts worker processes and runs the I/O thread; the runtime handles what they say."""
+
+    def __init__(
+        self,
+        store_address: str,
+        on_messages: Callable[[WorkerHandle, list[tuple[Any, ...]]], None],
+        on_exit: Callable[[WorkerHandle, str], None],
+    ) -> None:
+        self._store_address = store_address
+        self._on_messages = on_messages
+        self._on_exit = on_exit
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._new: list[WorkerHandle] = []
+        self._new_lock = threading.Lock()
+        self.workers: dict[int, WorkerHandle] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="sharedcompute-io", daemon=True)
+        self._thread.start()
+
+    # -- processes ---------------------------------------------------------------
+
+    def spawn(self, worker_id: int) -> WorkerHandle:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        watch_r, watch_w = os.pipe2(os.O_CLOEXEC)
+        config = {"path": sys.path, "store": self._store_address, "id": worker_id}
+        env = dict(os.environ)
+        env[ENV_VAR] = json.dumps(config)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p
+        )
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sharedcompute._worker",
+                 str(child_sock.fileno()), str(watch_r)],
+                pass_fds=(child_sock.fileno(), watch_r),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
+        finally:
+            child_sock.close()
+            os.close(watch_r)
+        worker = WorkerHandle(worker_id, proc, Connection(parent_sock), watch_w)
+        with self._new_lock:
+            self._new.append(worker)
+        self._wake()
+        return worker
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    # -- the I/O thread -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    self._drain_wake()
+                    continue
+                kind, worker, extra = key.data
+                if kind == "conn":
+                    self._read_conn(worker)
+                else:
+                    self._read_output(key.fileobj, extra)  # type: ignore[arg-type]
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._new_lock:
+            new, self._new = self._new, []
+        for worker in new:
+            self.workers[worker.id] = worker
+            self._selector.register(worker.conn.sock, selectors.EVENT_READ, ("conn", worker, None))
+            prefix = f"(worker {worker.id}, pid {worker.pid}) "
+            for pipe, target in (
+                (worker.proc.stdout, lambda: sys.stdout),
+                (worker.proc.stderr, lambda: sys.stderr),
+            ):
+                assert pipe is not None
+                os.set_blocking(pipe.fileno(), False)
+                self._selector.register(
+                    pipe, selectors.EVENT_READ, ("out", worker, _OutputForwarder(prefix, target))
+                )
+
+    def _read_conn(self, worker: WorkerHandle) -> None:
+        try:
+            messages = worker.conn.recv_available(block=False)
+        except ConnectionClosed:
+            self._worker_gone(worker)
+            return
+        if messages:
+            self._on_messages(worker, messages)
+
+    def _read_output(self, pipe: Any, forwarder: _OutputForwarder) -> None:
+        try:
+            data = os.read(pipe.fileno(), 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            forwarder.feed(data)
+        else:
+            forwarder.close()
+            self._selector.unregister(pipe)
+            pipe.close()
+
+    def _worker_gone(self, worker: WorkerHandle) -> None:
+        self._selector.unregister(worker.conn.sock)
+        worker.conn.close()
+        try:
+            returncode: int | None = worker.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        worker.exited = True
+        self._close_watch(worker)
+        self.workers.pop(worker.id, None)
+        if not self._stopping:
+            self._on_exit(worker, describe_exit(worker.pid, returncode))
+
+    @staticmethod
+    def _close_watch(worker: WorkerHandle) -> None:
+        if worker.watch_fd >= 0:
+            os.close(worker.watch_fd)
+            worker.watch_fd = -1
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop every worker (politely, then by force) and the I/O thread."""
+        self._stopping = True
+        self._wake()
+        self._thread.join(timeout)
+        with self._new_lock:
+            workers = [*self.workers.values(), *self._new]
+            self._new = []
+        for worker in workers:
+            # Closing the watch pipe makes the worker exit even mid-task.
+            self._close_watch(worker)
+        for worker in workers:
+            try:
+                worker.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait(timeout=timeout)
+        for key in list(self._selector.get_map().values()):
+            if key.data is not None:
+                kind, _, forwarder = key.data
+                if kind == "out":
+                    try:
+                        while data := os.read(key.fileobj.fileno(), 65536):  # type: ignore[union-attr]
+                            forwarder.feed(data)
+                    except OSError:
+                        pass
+                    forwarder.close()
+                key.fileobj.close()  # type: ignore[union-attr]
+        for worker in workers:
+            worker.conn.close()
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.workers.clear()

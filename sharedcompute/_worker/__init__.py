@@ -1,0 +1,1 @@
+"""Worker processes (private): the loop that runs tasks, and the runtime tasks see."""

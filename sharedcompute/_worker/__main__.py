@@ -1,0 +1,3 @@
+from sharedcompute._worker._main import main
+
+main()

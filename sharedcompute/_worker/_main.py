@@ -1,0 +1,276 @@
+"""A worker process: receive tasks, run them, send back where their results are.
+
+::
+
+    driver ──RUN──────────────▶ queue ──▶ run(fn, args) ──▶ DONE / FAILED ──▶ driver
+           ◀──SUBMIT/WAIT/PUT── tasks that submit or wait on nested tasks
+           ──RESOLVED─────────▶ futures the tasks wait on
+
+The main thread owns the connection: it reads when idle, and it reads while a
+task waits on a Future. While waiting it tells the driver the task is blocked
+(its CPU goes back to the pool) and runs whatever the driver sends meanwhile,
+nested on its stack, which is how recursive task trees finish on a small pool.
+Tasks run in the order they were sent; the driver relies on that.
+
+A separate thread blocks on a pipe whose other end only the driver holds: when
+the driver dies, however it dies, the read returns and the worker exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import cloudpickle
+
+from sharedcompute._protocol import Connection, ConnectionClosed, Msg
+from sharedcompute._runtime._args import restore_dependencies
+from sharedcompute._runtime._base import RuntimeBase, TaskOptions
+from sharedcompute._runtime._future import Future, ValueRef
+from sharedcompute._serialization import serialize
+from sharedcompute._store import ClientStore, ObjectRef
+from sharedcompute.errors import SerializationError, SharedComputeError
+
+ENV_VAR = "SHAREDCOMPUTE_WORKER"
+
+
+def pack_error(exc: BaseException, where: str) -> bytes:
+    """Pickle an exception with its formatted traceback; never fails."""
+    tb = f"{where}\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        return cloudpickle.dumps((exc, tb), protocol=5)
+    except Exception as pickling_error:
+        substitute = SerializationError(
+            f"the task raised {type(exc).__qualname__}: {exc}, and that exception could not be "
+            f"pickled to send it back ({type(pickling_error).__name__}: {pickling_error})"
+        )
+        return cloudpickle.dumps((substitute, tb), protocol=5)
+
+
+class WorkerRuntime(RuntimeBase):
+    """The runtime that code running inside a task sees."""
+
+    needs_pump = True
+
+    def __init__(self, worker_id: int, conn: Connection, store: ClientStore) -> None:
+        super().__init__()
+        self.worker_id = worker_id
+        self.conn = conn
+        self.store = store
+        self._next_key = self._key_counter((worker_id + 1) << 40)
+        self._futures: dict[int, Future[Any]] = {}
+        self._waited: set[int] = set()
+        self._queue: deque[tuple[Any, ...]] = deque()
+        self._functions: dict[bytes, Callable[..., Any]] = {}
+        self._stack: list[int] = []
+        self._reader = threading.Lock()
+        self._progress = threading.Condition()
+        self._main = threading.main_thread()
+        self.shutting_down = False
+
+    # -- the loop -------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.conn.send((Msg.READY, os.getpid()))
+        while not self.shutting_down:
+            if self._queue:
+                self._run(self._queue.popleft())
+            else:
+                self._read(None)
+
+    def _read(self, timeout: float | None) -> None:
+        with self._reader:
+            if timeout is not None and not self.conn.pending():
+                import select
+
+                ready, _, _ = select.select([self.conn.sock], [], [], timeout)
+                if not ready:
+                    return
+            try:
+                if self.conn.pending():
+                    messages = self.conn.recv_buffered()
+                else:
+                    messages = self.conn.recv_available()
+            except ConnectionClosed:
+                os._exit(0)  # the driver is gone; nobody wants our results
+        for message in messages:
+            self._dispatch(message)
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == Msg.RUN:
+            self._queue.append(message)
+        elif kind == Msg.RESOLVED:
+            _, key, ok, payload = message
+            future = self._futures.pop(key, None)
+            if future is not None and not future.done():
+                if ok:
+                    future.set_result(ValueRef(payload))
+                else:
+                    future.set_exception(payload)
+            with self._progress:
+                self._progress.notify_all()
+        elif kind == Msg.SHUTDOWN:
+            self.shutting_down = True
+
+    # -- running a task --------------------------------------------------------------
+
+    def _run(self, message: tuple[Any, ...]) -> None:
+        _, key, fn_key, fn_bytes, args_ref, dep_refs, name = message
+        self._stack.append(key)
+        try:
+            try:
+                fn = self._function(fn_key, fn_bytes)
+                args, kwargs = self.load(args_ref)
+                if dep_refs:
+                    values = {dep_key: self.load(ref) for dep_key, ref in dep_refs}
+                    args, kwargs = restore_dependencies((args, kwargs), values)
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                where = f"Task {name or key} failed in worker {self.worker_id} (pid {os.getpid()})"
+                self.conn.send((Msg.FAILED, key, pack_error(exc, where)))
+                return
+            try:
+                ref = self.store.put_serialized(serialize(result), for_owner=True)
+            except BaseException as exc:
+                where = f"Task {name or key} returned a value that could not be stored"
+                self.conn.send((Msg.FAILED, key, pack_error(exc, where)))
+                return
+            del result, args, kwargs
+            self.conn.send((Msg.DONE, key, ref))
+        finally:
+            self._stack.pop()
+
+    def _function(self, fn_key: bytes, fn_bytes: bytes | None) -> Callable[..., Any]:
+        fn = self._functions.get(fn_key)
+        if fn is None:
+            if fn_bytes is None:
+                raise SharedComputeError("the driver sent a task for a function this worker lacks")
+            try:
+                fn = cloudpickle.loads(fn_bytes)
+            except Exception as exc:
+                raise SerializationError(
+                    f"cannot load the task's function in the worker: {type(exc).__name__}: {exc}"
+                ) from exc
+            self._functions[fn_key] = fn
+        return fn
+
+    # -- the API seen by tasks ----------------------------------------------------------
+
+    def submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        options: TaskOptions,
+    ) -> Future[Any]:
+        args_ref, deps = self.prepare_args(args, kwargs)
+        fn_key, fn_bytes = self.functions.encode(fn)
+        key = self._next_key()
+        future: Future[Any] = Future(self, key, options.name or getattr(fn, "__name__", ""))
+        self._futures[key] = future
+        sent = fn_key in self._functions
+        self._functions.setdefault(fn_key, fn)
+        self.conn.send((
+            Msg.SUBMIT, key, fn_key, None if sent else fn_bytes, args_ref, tuple(deps), options,
+        ))
+        return future
+
+    def put(self, value: Any) -> Future[Any]:
+        ref = self.store.put_serialized(serialize(value), for_owner=True)
+        key = self._next_key()
+        future: Future[Any] = Future(self, key)
+        future.set_result(ValueRef(ref))
+        self.conn.send((Msg.PUT, key, ref))
+        return future
+
+    def cancel(self, future: Future[Any]) -> bool:
+        self.conn.send((Msg.CANCEL, future.key))
+        return False
+
+    def _flush_releases(self) -> None:
+        keys = []
+        while self._released:
+            keys.append(self._released.popleft())
+        if keys:
+            try:
+                self.conn.send((Msg.RELEASE, keys))
+            except ConnectionClosed:
+                pass
+
+    def wait_for(
+        self, futures: Iterable[Future[Any]], timeout: float | None, return_when: str
+    ) -> None:
+        futures = list(futures)
+        wanted = [f.key for f in futures if not f.done() and f.key not in self._waited]
+        if wanted:
+            self._waited.update(wanted)
+            for key in wanted:
+                self._futures.setdefault(key, next(f for f in futures if f.key == key))
+            self.conn.send((Msg.WAIT, wanted))
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def satisfied() -> bool:
+            done = sum(f.done() for f in futures)
+            if return_when == "FIRST_COMPLETED":
+                return done > 0 or not futures
+            if return_when == "FIRST_EXCEPTION" and any(
+                f.done() and not f.cancelled() and f.exception(0) is not None for f in futures
+            ):
+                return True
+            return done == len(futures)
+
+        on_main = threading.current_thread() is self._main
+        blocked_key = self._stack[-1] if on_main and self._stack else None
+        if blocked_key is not None and not satisfied():
+            self.conn.send((Msg.BLOCKED, blocked_key))
+        try:
+            while not satisfied():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                if on_main:
+                    if self._queue:
+                        self._run(self._queue.popleft())
+                    else:
+                        self._read(remaining)
+                elif self._reader.acquire(blocking=False):
+                    self._reader.release()
+                    self._read(min(0.05, remaining) if remaining is not None else 0.05)
+                else:
+                    with self._progress:
+                        self._progress.wait(0.05)
+        finally:
+            if blocked_key is not None:
+                self.conn.send((Msg.UNBLOCKED, blocked_key))
+
+
+def _watch_driver(fd: int) -> None:
+    try:
+        os.read(fd, 1)
+    finally:
+        os._exit(0)
+
+
+def main() -> None:
+    config = json.loads(os.environ.pop(ENV_VAR))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.path[:] = config["path"]
+    threading.Thread(
+        target=_watch_driver, args=(int(sys.argv[2]),), name="driver-watch", daemon=True
+    ).start()
+    conn = Connection(socket.socket(fileno=int(sys.argv[1])))
+    store = ClientStore(config["store"])
+    runtime = WorkerRuntime(config["id"], conn, store)
+    from sharedcompute._runtime import _context
+
+    _context.set_worker_runtime(runtime)
+    runtime.serve()
+    conn.close()
+    os._exit(0)
