@@ -36,7 +36,8 @@ class Connection:
 
     @staticmethod
     def encode(message: tuple[Any, ...]) -> bytes:
-        body = pickle.dumps(message, protocol=5)
+        # The kind goes as a plain int: an IntEnum member pickles through copyreg, 10x slower.
+        body = pickle.dumps((int(message[0]), *message[1:]), protocol=5)
         return _HEADER.pack(len(body)) + body
 
     def send(self, message: tuple[Any, ...]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import pickle
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -20,7 +21,8 @@ from typing import Any
 from sharedcompute._runtime._args import FunctionCache, extract_dependencies
 from sharedcompute._runtime._future import Future
 from sharedcompute._serialization import deserialize, serialize
-from sharedcompute._store import InlineObject, ObjectRef, ObjectStore
+from sharedcompute._serialization._pickled import PICKLE_HEADER
+from sharedcompute._store import INLINE_THRESHOLD, InlineObject, ObjectRef, ObjectStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,17 @@ class TaskOptions:
     retry_exceptions: bool = False
     scheduler: str | None = None
     name: str = ""
+
+
+def options_to_wire(options: TaskOptions) -> tuple[Any, ...]:
+    return (
+        options.num_cpus, options.resources, options.max_retries, options.retry_exceptions,
+        options.scheduler, options.name,
+    )
+
+
+def options_from_wire(wire: tuple[Any, ...]) -> TaskOptions:
+    return TaskOptions(*wire)
 
 
 @dataclass(slots=True)
@@ -75,6 +88,15 @@ class RuntimeBase:
     def prepare_args(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[ObjectRef, dict[int, Future[Any]]]:
+        if not kwargs:
+            for arg in args:
+                if type(arg) not in _SCALARS:
+                    break
+            else:
+                # The common case (a few numbers or strings) skips the walk and the codec.
+                data = pickle.dumps((args, kwargs), 5)
+                if len(data) < INLINE_THRESHOLD:
+                    return InlineObject(PICKLE_HEADER, data), _NO_DEPS
         found: dict[int, Future[Any]] = {}
         packed = extract_dependencies((args, kwargs), _is_future, found)
         return self.store_value(packed), found
@@ -110,6 +132,10 @@ class RuntimeBase:
     def blocking(self) -> AbstractContextManager[None]:
         """Scope around a wait on Futures (a pool thread lends its slot meanwhile)."""
         return nullcontext()
+
+
+_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+_NO_DEPS: dict[int, Any] = {}
 
 
 def _is_future(value: Any) -> bool:

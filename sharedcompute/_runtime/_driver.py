@@ -23,7 +23,12 @@ from typing import Any
 import cloudpickle
 
 from sharedcompute._protocol import ConnectionClosed, Msg
-from sharedcompute._runtime._base import RuntimeBase, TaskOptions, TaskSpec
+from sharedcompute._runtime._base import (
+    RuntimeBase,
+    TaskOptions,
+    TaskSpec,
+    options_from_wire,
+)
 from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._runtime._local import ThreadPool, run_inline
 from sharedcompute._runtime._pool import ProcessPool, WorkerHandle
@@ -42,6 +47,7 @@ from sharedcompute._scheduler import (
     SchedulerCore,
     StartWorker,
     TaskFailed,
+    UNIT,
     TaskFinished,
     TaskState,
     TaskSubmitted,
@@ -50,7 +56,7 @@ from sharedcompute._scheduler import (
     WorkerJoined,
     WorkerUnblocked,
 )
-from sharedcompute._store import ObjectRef, OwnerStore, StoredObject
+from sharedcompute._store import ObjectRef, OwnerStore, StoredObject, ref_from_wire, ref_to_wire
 from sharedcompute.errors import RemoteTraceback, SerializationError, SharedComputeError
 
 SCHEDULERS = ("sync", "threads", "processes")
@@ -209,7 +215,7 @@ class Runtime(RuntimeBase):
         else:
             self._released.clear()
 
-    def _handle(self, events: list[Event]) -> None:
+    def _handle(self, events: Event | list[Event]) -> None:
         """Feed the core and carry out its instructions (lock held)."""
         outbox: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
         for instruction in self.core.handle(events):
@@ -238,9 +244,10 @@ class Runtime(RuntimeBase):
         if spec.fn_key not in worker.known_functions:
             fn_bytes = self._fn_bytes[spec.fn_key]
             worker.known_functions.add(spec.fn_key)
+        deps = tuple((k, ref_to_wire(ref)) for k, ref in instruction.dependency_refs)
         outbox[instruction.worker].append((
-            Msg.RUN, instruction.key, spec.fn_key, fn_bytes, spec.args_ref,
-            instruction.dependency_refs, spec.name,
+            Msg.RUN, instruction.key, spec.fn_key, fn_bytes, ref_to_wire(spec.args_ref), deps,
+            spec.name,
         ))
 
     def _conclude(
@@ -256,7 +263,7 @@ class Runtime(RuntimeBase):
         waiting = self._waiters.pop(key, None)
         if waiting:
             if type(instruction) is Resolve:
-                message: tuple[Any, ...] = (Msg.RESOLVED, key, True, instruction.ref)
+                message: tuple[Any, ...] = (Msg.RESOLVED, key, True, ref_to_wire(instruction.ref))
             else:
                 message = (Msg.RESOLVED, key, False, _portable(instruction.error))
             for worker_id in waiting:
@@ -309,22 +316,33 @@ class Runtime(RuntimeBase):
         args_ref, deps = self.prepare_args(args, kwargs)
         key = self._next_key()
         future: Future[Any] = Future(self, key, name)
-        resources = Resources(options.num_cpus, options.resources)
-        with self._locked():
+        if options.num_cpus == 1.0 and not options.resources:
+            resources = UNIT
+        else:
+            resources = Resources(options.num_cpus, options.resources)
+        event = TaskSubmitted(
+            key, tuple(deps), resources, options.max_retries, options.retry_exceptions,
+            TaskSpec(fn_key, args_ref, name),
+        )
+        self._lock.acquire()
+        try:
             if self._closed:
                 self.store.delete(args_ref)
                 raise RuntimeError("this runtime has been shut down")
             self._fn_bytes[fn_key] = fn_bytes
             self._futures[key] = future
-            if isinstance(args_ref, StoredObject):
+            if type(args_ref) is StoredObject:
                 self._args_refs[key] = args_ref
-            events: list[Event] = self._register_dependencies(deps)
-            events.append(TaskSubmitted(
-                key, tuple(deps), resources, options.max_retries, options.retry_exceptions,
-                TaskSpec(fn_key, args_ref, name),
-            ))
-            self._handle(events)
-        self._settle_futures()
+            if deps:
+                events: list[Event] = self._register_dependencies(deps)
+                events.append(event)
+                self._handle(events)
+            else:
+                self._handle(event)
+        finally:
+            self._unlock()
+        if self._settle:
+            self._settle_futures()
         return future
 
     def _register_dependencies(self, deps: dict[int, Future[Any]]) -> list[Event]:
@@ -423,7 +441,7 @@ class Runtime(RuntimeBase):
             for message in messages:
                 kind = message[0]
                 if kind == Msg.DONE:
-                    ref = message[2]
+                    ref = ref_from_wire(message[2])
                     self.store.adopt(ref)
                     events.append(TaskFinished(message[1], worker.id, ref))
                 elif kind == Msg.FAILED:
@@ -447,7 +465,9 @@ class Runtime(RuntimeBase):
             worker.ready = True
             events.append(WorkerJoined(worker.id))
         elif kind == Msg.SUBMIT:
-            _, key, fn_key, fn_bytes, args_ref, dep_keys, options = message
+            _, key, fn_key, fn_bytes, args_wire, dep_keys, options_wire = message
+            args_ref = ref_from_wire(args_wire)
+            options = options_from_wire(options_wire)
             if fn_bytes is not None:
                 self._fn_bytes[fn_key] = fn_bytes
                 worker.known_functions.add(fn_key)
@@ -461,9 +481,10 @@ class Runtime(RuntimeBase):
                 TaskSpec(fn_key, args_ref, options.name or str(key)),
             ))
         elif kind == Msg.PUT:
-            self.store.adopt(message[2])
+            ref = ref_from_wire(message[2])
+            self.store.adopt(ref)
             worker.held_keys.add(message[1])
-            events.append(ObjectPut(message[1], message[2]))
+            events.append(ObjectPut(message[1], ref))
         elif kind == Msg.BLOCKED:
             events.append(WorkerBlocked(worker.id, message[1]))
         elif kind == Msg.UNBLOCKED:
@@ -484,7 +505,7 @@ class Runtime(RuntimeBase):
                 error = SharedComputeError(f"key {key} is unknown to the scheduler")
                 replies.append((Msg.RESOLVED, key, False, error))
             elif outcome[0] is TaskState.FINISHED:
-                replies.append((Msg.RESOLVED, key, True, outcome[1]))
+                replies.append((Msg.RESOLVED, key, True, ref_to_wire(outcome[1])))
             elif outcome[0] in (TaskState.ERRED, TaskState.CANCELLED):
                 replies.append((Msg.RESOLVED, key, False, _portable(outcome[2])))
             else:

@@ -61,6 +61,7 @@ from sharedcompute._scheduler._events import (
     Resolve,
     Resources,
     StartWorker,
+    UNIT,
     TaskFailed,
     TaskFinished,
     TaskKey,
@@ -79,7 +80,7 @@ from sharedcompute.errors import DependencyFailedError, WorkerCrashedError
 class _Task:
     key: TaskKey
     state: TaskState
-    resources: Resources = field(default_factory=Resources)
+    resources: Resources = UNIT
     dependencies: tuple[TaskKey, ...] = ()
     waiting_on: set[TaskKey] = field(default_factory=set)
     dependents: set[TaskKey] = field(default_factory=set)
@@ -99,12 +100,20 @@ class _Task:
 class _Worker:
     id: WorkerId
     assigned: list[TaskKey] = field(default_factory=list)
+    # Assigned tasks that are not blocked, and how many of those need more than one CPU
+    # (kept up to date on every change, so placement never walks the lists).
+    active: int = 0
+    active_non_unit: int = 0
 
-    def active(self, tasks: dict[TaskKey, _Task]) -> list[_Task]:
-        return [tasks[k] for k in self.assigned if not tasks[k].blocked]
+    def count(self, task: _Task, sign: int) -> None:
+        self.active += sign
+        if task.resources is not UNIT and not task.resources.is_unit:
+            self.active_non_unit += sign
 
 
 class SchedulerCore:
+    _handlers: dict[type, Any]
+
     def __init__(self, resources: dict[str, float], *, prefetch: int = 1) -> None:
         self.total = dict(resources)
         self._available = dict(resources)
@@ -144,18 +153,15 @@ class SchedulerCore:
     # -- the one entry point -------------------------------------------------
 
     def handle(self, events: Event | Iterable[Event]) -> list[Instruction]:
-        if isinstance(events, Iterable):
+        if type(events) is list or type(events) is tuple:
             for event in events:
-                self._handle_one(event)
+                self._handlers[type(event)](self, event)
         else:
-            self._handle_one(events)
-        self._schedule()
+            self._handlers[type(events)](self, events)  # type: ignore[index]
+        if self._ready:
+            self._schedule()
         out, self._out = self._out, []
         return out
-
-    def _handle_one(self, event: Event) -> None:
-        handler = getattr(self, "_on_" + type(event).__name__)
-        handler(event)
 
     # -- event handlers -------------------------------------------------------
 
@@ -268,14 +274,18 @@ class SchedulerCore:
         if task is None or task.worker != event.worker or task.blocked:
             return
         task.blocked = True
-        self._rebalance(self._workers[event.worker])
+        worker = self._workers[event.worker]
+        worker.count(task, -1)
+        self._rebalance(worker)
 
     def _on_WorkerUnblocked(self, event: WorkerUnblocked) -> None:
         task = self._tasks.get(event.key)
         if task is None or task.worker != event.worker or not task.blocked:
             return
         task.blocked = False
-        self._rebalance(self._workers[event.worker])
+        worker = self._workers[event.worker]
+        worker.count(task, +1)
+        self._rebalance(worker)
 
     def _on_CancelRequested(self, event: CancelRequested) -> None:
         task = self._tasks.get(event.key)
@@ -366,6 +376,8 @@ class SchedulerCore:
     # -- resources and placement ---------------------------------------------------
 
     def _infeasible(self, resources: Resources) -> str | None:
+        if resources is UNIT and self.total.get("CPU", 0.0) >= 1.0:
+            return None
         for name, amount in resources.as_dict().items():
             if amount > self.total.get(name, 0.0):
                 return (
@@ -375,22 +387,34 @@ class SchedulerCore:
         return None
 
     def _fits(self, resources: Resources) -> bool:
+        if resources is UNIT:
+            return self._available["CPU"] >= 1.0
         return all(
             self._available.get(name, 0.0) >= amount for name, amount in resources.as_dict().items()
         )
 
     def _reserve(self, resources: Resources) -> None:
+        if resources is UNIT:
+            self._available["CPU"] -= 1.0
+            return
         for name, amount in resources.as_dict().items():
             self._available[name] = self._available.get(name, 0.0) - amount
 
     def _release(self, resources: Resources) -> None:
+        if resources is UNIT:
+            self._available["CPU"] += 1.0
+            return
         for name, amount in resources.as_dict().items():
             self._available[name] = self._available.get(name, 0.0) + amount
 
     def _rebalance(self, worker: _Worker) -> None:
         """Give the worker's one reservation to its first active task."""
-        active = worker.active(self._tasks)
-        holder = active[0] if active else None
+        holder = None
+        if worker.active:
+            for key in worker.assigned:
+                if not self._tasks[key].blocked:
+                    holder = self._tasks[key]
+                    break
         for key in worker.assigned:
             task = self._tasks[key]
             if task is not holder and task.reserved:
@@ -405,25 +429,24 @@ class SchedulerCore:
         if task.reserved:
             self._release(task.resources)
             task.reserved = False
+        if worker is not None:
+            worker.assigned.remove(task.key)
+            if not task.blocked:
+                worker.count(task, -1)
         task.blocked = False
         task.worker = None
         if worker is not None:
-            worker.assigned.remove(task.key)
             self._rebalance(worker)
 
     def _pick_worker(self, task: _Task) -> _Worker | None:
-        idle = [w for w in self._workers.values() if not w.active(self._tasks)]
-        if idle and self._fits(task.resources):
-            return idle[0]
-        if idle or not task.resources.is_unit:
-            return None
         best: _Worker | None = None
         best_load = 1 + self.prefetch
         for worker in self._workers.values():
-            active = worker.active(self._tasks)
-            if len(active) < best_load and all(t.resources.is_unit for t in active):
-                best, best_load = worker, len(active)
-        return best
+            if not worker.active:
+                return worker if self._fits(task.resources) else None
+            if worker.active < best_load and not worker.active_non_unit:
+                best, best_load = worker, worker.active
+        return best if task.resources.is_unit else None
 
     def _schedule(self) -> None:
         skipped: list[TaskKey] = []
@@ -433,8 +456,8 @@ class SchedulerCore:
             worker = self._pick_worker(task)
             if worker is None:
                 skipped.append(key)
-                if not self._workers or (task.resources.is_unit and not self._fits(task.resources)):
-                    break
+                if task.resources.is_unit:
+                    break  # no unit task can be placed now, and other tasks need more
                 continue
             self._assign(task, worker)
         self._ready.extendleft(reversed(skipped))
@@ -443,6 +466,16 @@ class SchedulerCore:
         task.state = TaskState.RUNNING
         task.worker = worker.id
         worker.assigned.append(task.key)
+        worker.count(task, +1)
         self._rebalance(worker)
         refs = tuple((k, self._tasks[k].ref) for k in dict.fromkeys(task.dependencies))
         self._out.append(Dispatch(worker.id, task.key, task.payload, refs))
+
+
+SchedulerCore._handlers = {  # type: ignore[attr-defined]
+    event_type: getattr(SchedulerCore, "_on_" + event_type.__name__)
+    for event_type in (
+        TaskSubmitted, ExternalTask, ObjectPut, TaskFinished, TaskFailed, WorkerJoined,
+        WorkerDied, WorkerBlocked, WorkerUnblocked, CancelRequested, KeyReleased, KeyRetained,
+    )
+}

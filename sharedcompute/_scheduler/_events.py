@@ -25,6 +25,7 @@ __all__ = [
     "Reject",
     "Resolve",
     "Resources",
+    "UNIT",
     "StartWorker",
     "TERMINAL",
     "TaskFailed",
@@ -70,20 +71,23 @@ class Resources:
         return {"CPU": self.cpus, **dict(self.custom)}
 
 
+UNIT = Resources()
+
+
 # -- events -------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TaskSubmitted:
     key: TaskKey
     dependencies: tuple[TaskKey, ...] = ()
-    resources: Resources = field(default_factory=Resources)
+    resources: Resources = UNIT
     max_retries: int = 3
     retry_exceptions: bool = False
     payload: Any = None  # opaque to the scheduler: what the runtime sends to the worker
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ObjectPut:
     """A value that exists without a task (``put``, or a result from another scheduler)."""
 
@@ -91,14 +95,14 @@ class ObjectPut:
     ref: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TaskFinished:
     key: TaskKey
     worker: WorkerId
     ref: Any  # where the result lives (inline bytes or a store descriptor)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TaskFailed:
     """The task raised, or could not be set up (``worker`` is None when it never ran)."""
 
@@ -107,18 +111,18 @@ class TaskFailed:
     error: BaseException
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WorkerJoined:
     worker: WorkerId
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WorkerDied:
     worker: WorkerId
     reason: str  # "pid 123 was killed by SIGKILL", for the error message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WorkerBlocked:
     """Task ``key`` on this worker waits on a future: its resources go back to the pool."""
 
@@ -126,30 +130,30 @@ class WorkerBlocked:
     key: TaskKey
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WorkerUnblocked:
     worker: WorkerId
     key: TaskKey
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CancelRequested:
     key: TaskKey
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class KeyReleased:
     """One holder of a key (a Future, a dependent, a worker) let go of it."""
 
     key: TaskKey
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class KeyRetained:
     key: TaskKey
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ExternalTask:
     """A key whose value some other executor will produce (a thread or sync task)."""
 
@@ -175,7 +179,7 @@ Event = (
 # -- instructions --------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Dispatch:
     """Send task ``key`` to ``worker`` with the values of its dependencies."""
 
@@ -185,26 +189,26 @@ class Dispatch:
     dependency_refs: tuple[tuple[TaskKey, Any], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Resolve:
     key: TaskKey
     ref: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reject:
     key: TaskKey
     error: BaseException
     cancelled: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FreeObject:
     key: TaskKey
     ref: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartWorker:
     replaces: WorkerId | None = None
 

@@ -16,7 +16,7 @@ Layout
         Kind        header after the kind byte       region
         PICKLE      -                                pickle stream
         PICKLE_OOB  <QQ pickle_len, n_buffers        stream | u64 lengths @8 | buffers @64 each
-        NDARRAY     pickle (dtype, shape, fortran)   array bytes in C or F order
+        NDARRAY     pickle (dtype, shape, fortran)   array bytes in C or Fortran order
         ARROW       <BQ shape, stream_len            Arrow IPC stream
         BYTES       <Q length                        raw bytes (BYTEARRAY likewise)
         MEMORYVIEW  <QB length, ndim; shape; format  raw bytes
@@ -24,11 +24,14 @@ Layout
 Invariants
     * Every out-of-line buffer starts at a multiple of ``ALIGNMENT`` (64) from the region start
       (Arrow IPC body buffers inside the stream are 8-aligned, which is what Arrow requires).
-    * ``Serialized`` holds references, never copies: ``write_into`` copies each buffer once.
+    * ``Serialized`` holds references to the value's buffers and ``write_into`` copies each
+      exactly once, straight into the destination. The exceptions are strided data that must
+      be gathered first: a non-contiguous array nested inside a container and a non-contiguous
+      memoryview (a top-level strided array is gathered straight into the destination).
     * Reading never copies or touches array data: numpy and Arrow results are views onto the
-      region, read-only when the region is (the only copies are ``bytes``/``bytearray``
-      values, which are immutable-by-type or owned-by-type, and a strided ``memoryview``,
-      which is made contiguous when written).
+      region, read-only when the region is. Only ``bytes`` and ``bytearray`` values are copied
+      out (their types promise immutability or ownership); ``memoryview`` comes back as a
+      read-only view.
     * Every failure surfaces as :class:`~sharedcompute.errors.SerializationError`; on write it
       names the innermost unpicklable object's type and its path inside the value.
 

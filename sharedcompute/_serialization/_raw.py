@@ -53,6 +53,8 @@ def serialize_memoryview(value: memoryview) -> Serialized:
 
 def read_bytes(header: bytes, region: object) -> bytes:
     (length,) = _LENGTH.unpack_from(header, 1)
+    if type(region) is bytes and len(region) == length:
+        return region  # an inline message already holds exactly these bytes
     return bytes(_checked(region, length))
 
 

@@ -14,6 +14,8 @@ from sharedcompute._store._store import (
     ObjectRef,
     ObjectStore,
     OwnerStore,
+    ref_from_wire,
+    ref_to_wire,
 )
 from sharedcompute._store._table import StoredObject
 
@@ -27,4 +29,6 @@ __all__ = [
     "StoredObject",
     "default_capacity",
     "free_shm_bytes",
+    "ref_from_wire",
+    "ref_to_wire",
 ]

@@ -34,10 +34,10 @@ import cloudpickle
 
 from sharedcompute._protocol import Connection, ConnectionClosed, Msg
 from sharedcompute._runtime._args import restore_dependencies
-from sharedcompute._runtime._base import RuntimeBase, TaskOptions
+from sharedcompute._runtime._base import RuntimeBase, TaskOptions, options_to_wire
 from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._serialization import serialize
-from sharedcompute._store import ClientStore, ObjectRef
+from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
 from sharedcompute.errors import SerializationError, SharedComputeError
 
 ENV_VAR = "SHAREDCOMPUTE_WORKER"
@@ -114,7 +114,7 @@ class WorkerRuntime(RuntimeBase):
             future = self._futures.pop(key, None)
             if future is not None and not future.done():
                 if ok:
-                    future.set_result(ValueRef(payload))
+                    future.set_result(ValueRef(ref_from_wire(payload)))
                 else:
                     future.set_exception(payload)
             with self._progress:
@@ -125,14 +125,14 @@ class WorkerRuntime(RuntimeBase):
     # -- running a task --------------------------------------------------------------
 
     def _run(self, message: tuple[Any, ...]) -> None:
-        _, key, fn_key, fn_bytes, args_ref, dep_refs, name = message
+        _, key, fn_key, fn_bytes, args_wire, dep_refs, name = message
         self._stack.append(key)
         try:
             try:
                 fn = self._function(fn_key, fn_bytes)
-                args, kwargs = self.load(args_ref)
+                args, kwargs = self.load(ref_from_wire(args_wire))
                 if dep_refs:
-                    values = {dep_key: self.load(ref) for dep_key, ref in dep_refs}
+                    values = {dep_key: self.load(ref_from_wire(w)) for dep_key, w in dep_refs}
                     args, kwargs = restore_dependencies((args, kwargs), values)
                 result = fn(*args, **kwargs)
             except BaseException as exc:
@@ -146,7 +146,7 @@ class WorkerRuntime(RuntimeBase):
                 self.conn.send((Msg.FAILED, key, pack_error(exc, where)))
                 return
             del result, args, kwargs
-            self.conn.send((Msg.DONE, key, ref))
+            self.conn.send((Msg.DONE, key, ref_to_wire(ref)))
         finally:
             self._stack.pop()
 
@@ -178,7 +178,8 @@ class WorkerRuntime(RuntimeBase):
         sent = fn_key in self._functions
         self._functions.setdefault(fn_key, fn)
         self.conn.send((
-            Msg.SUBMIT, key, fn_key, None if sent else fn_bytes, args_ref, tuple(deps), options,
+            Msg.SUBMIT, key, fn_key, None if sent else fn_bytes, ref_to_wire(args_ref),
+            tuple(deps), options_to_wire(options),
         ))
         return future
 
@@ -187,7 +188,7 @@ class WorkerRuntime(RuntimeBase):
         key = self._next_key()
         future: Future[Any] = Future(self, key)
         future.set_result(ValueRef(ref))
-        self.conn.send((Msg.PUT, key, ref))
+        self.conn.send((Msg.PUT, key, ref_to_wire(ref)))
         return future
 
     def cancel(self, future: Future[Any]) -> bool:

@@ -189,7 +189,11 @@ class Reader:
             stdout=subprocess.PIPE,
         )
         self._buffer = b""
-        self.request({"op": "ping"})
+        try:
+            self.request({"op": "ping"})
+        except BaseException:
+            self.close()
+            raise
 
     def request(self, command: dict[str, Any], timeout: float = READER_TIMEOUT) -> dict[str, Any]:
         assert self._process.stdin is not None
@@ -295,7 +299,11 @@ def _reader_touch(client: ClientStore, command: dict[str, Any]) -> dict[str, Any
 def _describe(value: Any) -> dict[str, Any]:
     if isinstance(value, pa.Table):
         return {"type": "pyarrow.Table", "num_rows": value.num_rows}
-    return {"type": type(value).__name__, "shape": list(value.shape), "readonly": True}
+    return {
+        "type": type(value).__name__,
+        "shape": list(value.shape),
+        "readonly": not value.flags.writeable,
+    }
 
 
 # -- the run -------------------------------------------------------------------
