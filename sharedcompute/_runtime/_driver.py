@@ -175,9 +175,18 @@ class Runtime(RuntimeBase):
             self._store.close()
 
     def __enter__(self) -> Runtime:
+        """Make this the runtime that ``sharedcompute.submit`` and friends use, until exit."""
+        from sharedcompute._runtime import _context
+
+        self._previous_default = _context.default()
+        _context.set_default(self)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        from sharedcompute._runtime import _context
+
+        if _context.default() is self:
+            _context.set_default(getattr(self, "_previous_default", None))
         self.shutdown()
 
     @property
