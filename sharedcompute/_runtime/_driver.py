@@ -16,7 +16,7 @@ import contextlib
 import os
 import threading
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -416,6 +416,32 @@ class Runtime(RuntimeBase):
             dep.add_done_callback(dep_done)
         return future
 
+    def wait_for(
+        self, futures: Iterable[Future[Any]], timeout: float | None, return_when: str
+    ) -> None:
+        futures = list(futures)
+        pool = self._pool
+        threads = self._threads
+        if (
+            pool is None
+            or (threads is not None and threads.in_pool())
+            or not all(f.key in self._futures or f.done() for f in futures)
+        ):
+            # Futures settled by other threads (or a pool thread lending its slot):
+            # the stdlib wait is right.
+            super().wait_for(futures, timeout, return_when)
+            return
+        if return_when == "FIRST_COMPLETED":
+            pool.lead(lambda: any(f.done() for f in futures), timeout)
+        elif return_when == "FIRST_EXCEPTION":
+            pool.lead(
+                lambda: all(f.done() for f in futures)
+                or any(f.done() and not f.cancelled() and f.exception(0) for f in futures),
+                timeout,
+            )
+        else:
+            pool.lead(lambda: all(f.done() for f in futures), timeout)
+
     def blocking(self) -> AbstractContextManager[None]:
         threads = self._threads
         if threads is not None and threads.in_pool():
@@ -452,7 +478,7 @@ class Runtime(RuntimeBase):
                 if kind == Msg.DONE:
                     ref = ref_from_wire(message[2])
                     self.store.adopt(ref)
-                    events.append(TaskFinished(message[1], worker.id, ref))
+                    events.append(TaskFinished(message[1], worker.id, ref, message[3]))
                 elif kind == Msg.FAILED:
                     events.append(TaskFailed(message[1], worker.id, unpack_error(message[2])))
                 elif kind == Msg.WAIT:

@@ -52,22 +52,14 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
 
     def result(self, timeout: float | None = None) -> T:
         if not self.done():
-            if self._runtime.needs_pump:
-                self._runtime.wait_for([self], timeout, return_when="ALL_COMPLETED")
-                timeout = 0
-            else:
-                with self._runtime.blocking():
-                    return self._materialize(super().result(timeout))
+            self._runtime.wait_for([self], timeout, return_when="ALL_COMPLETED")
+            timeout = 0
         return self._materialize(super().result(timeout))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.done():
-            if self._runtime.needs_pump:
-                self._runtime.wait_for([self], timeout, return_when="ALL_COMPLETED")
-                timeout = 0
-            else:
-                with self._runtime.blocking():
-                    return super().exception(timeout)
+            self._runtime.wait_for([self], timeout, return_when="ALL_COMPLETED")
+            timeout = 0
         return super().exception(timeout)
 
     def _materialize(self, raw: Any) -> Any:

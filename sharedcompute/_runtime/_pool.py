@@ -10,7 +10,14 @@
 
 The I/O thread's only blocking point is one ``select`` over everything a worker
 can say, its output included, so a worker's death (its connection reaching
-EOF) wakes the same call as a result does. Processes are started here with
+EOF) wakes the same call as a result does.
+
+Leader hand-off: a thread that is about to wait for a result can take over the
+reading (``lead``). The I/O thread is asked to step aside (through the wake-up
+pipe, while the task runs), and the waiting thread then selects on the sockets
+itself, so the answer wakes the thread that wants it directly instead of
+waking the I/O thread, which would then wake it. Only one thread reads at a
+time (``_token``); the I/O thread resumes when no thread leads. Processes are started here with
 ``subprocess`` (no fork of the driver's threads and locks); each gets its end of
 a socketpair, and the read end of a pipe whose write end only the driver holds,
 so workers exit as soon as the driver does.
@@ -26,6 +33,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -33,6 +41,8 @@ from typing import Any, TextIO
 from sharedcompute._protocol import Connection, ConnectionClosed
 from sharedcompute._worker._main import ENV_VAR
 
+# After a thread stops leading, the I/O thread waits this long before it reads again.
+_LEAD_GRACE_SECONDS = 0.002
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -114,6 +124,12 @@ class ProcessPool:
         self._new_lock = threading.Lock()
         self.workers: dict[int, WorkerHandle] = {}
         self._stopping = False
+        self._token = threading.Lock()
+        self._handoff = threading.Condition()
+        self._leaders_wanted = 0
+        self._leader: int | None = None
+        self._io_selecting = False
+        self._last_lead = 0.0
         self._thread = threading.Thread(target=self._loop, name="sharedcompute-io", daemon=True)
         self._thread.start()
 
@@ -158,15 +174,80 @@ class ProcessPool:
 
     def _loop(self) -> None:
         while not self._stopping:
-            for key, _ in self._selector.select():
-                if key.data is None:
-                    self._drain_wake()
+            with self._handoff:
+                # While threads lead, and briefly after (in a submit/result loop the
+                # next one comes at once, and finding us parked saves it the hand-off),
+                # stay off the sockets. Timed waits: leaving threads need not notify us.
+                if self._leaders_wanted or (
+                    time.monotonic() - self._last_lead < _LEAD_GRACE_SECONDS
+                ):
+                    if not self._stopping:
+                        self._handoff.wait(_LEAD_GRACE_SECONDS)
                     continue
-                kind, worker, extra = key.data
-                if kind == "conn":
-                    self._read_conn(worker)
-                else:
-                    self._read_output(key.fileobj, extra)  # type: ignore[arg-type]
+            with self._token:
+                with self._handoff:
+                    if self._leaders_wanted:
+                        continue
+                    self._io_selecting = True
+                try:
+                    self._poll(None)
+                finally:
+                    with self._handoff:
+                        self._io_selecting = False
+
+    def _poll(self, timeout: float | None) -> None:
+        """One select over every source, and the handling of what it reports (token held)."""
+        ready = self._selector.select(timeout)
+        registered = self._selector.get_map()
+        for key, _ in ready:
+            if key.data is None:
+                self._drain_wake()
+                continue
+            if key.fileobj not in registered:
+                continue  # unregistered by a nested poll since this select
+            kind, worker, extra = key.data
+            if kind == "conn":
+                self._read_conn(worker)
+            else:
+                self._read_output(key.fileobj, extra)  # type: ignore[arg-type]
+
+    def lead(self, done: Callable[[], bool], timeout: float | None) -> None:
+        """Read the workers from this thread until ``done()`` or the timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = threading.get_ident()
+        if self._leader == me:  # a callback of ours waits on another Future
+            self._read_until(done, deadline)
+            return
+        with self._handoff:
+            self._leaders_wanted += 1
+            io_selecting = self._io_selecting
+        try:
+            if io_selecting:
+                self._wake()
+            while not done() and not self._stopping:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                if not self._token.acquire(timeout=-1 if remaining is None else remaining):
+                    return
+                try:
+                    self._leader = me
+                    self._read_until(done, deadline)
+                finally:
+                    self._leader = None
+                    self._token.release()
+        finally:
+            with self._handoff:
+                self._leaders_wanted -= 1
+                if not self._leaders_wanted:
+                    self._last_lead = time.monotonic()
+
+    def _read_until(self, done: Callable[[], bool], deadline: float | None) -> None:
+        while not done() and not self._stopping:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            self._poll(remaining)
 
     def _drain_wake(self) -> None:
         try:
@@ -214,6 +295,8 @@ class ProcessPool:
             pipe.close()
 
     def _worker_gone(self, worker: WorkerHandle) -> None:
+        if worker.exited:
+            return
         self._selector.unregister(worker.conn.sock)
         worker.conn.close()
         try:
@@ -237,8 +320,12 @@ class ProcessPool:
     def close(self, timeout: float = 10.0) -> None:
         """Stop every worker (politely, then by force) and the I/O thread."""
         self._stopping = True
+        with self._handoff:
+            self._handoff.notify_all()
         self._wake()
         self._thread.join(timeout)
+        with self._token:  # a leading thread has noticed, and stopped reading
+            pass
         with self._new_lock:
             workers = [*self.workers.values(), *self._new]
             self._new = []

@@ -25,7 +25,9 @@ State:
 
 Placement policy: an idle worker first (if the node has the task's resources);
 otherwise, a task needing exactly one CPU may be queued behind unit tasks on a
-busy worker, at most ``prefetch`` deep, so workers never wait for a round trip
+busy worker, at most ``prefetch`` deep (``max_prefetch`` deep while the moving
+average of unit-task durations is under a millisecond: queueing such tasks
+cannot hold anything back for long), so workers never wait for a round trip
 between two short tasks. Each worker holds the reservation of exactly one task,
 its first assigned task that is not blocked; when a task blocks on a future,
 that reservation passes on (or back to the node), which is how a task waiting
@@ -114,10 +116,15 @@ class _Worker:
 class SchedulerCore:
     _handlers: dict[type, Any]
 
-    def __init__(self, resources: dict[str, float], *, prefetch: int = 1) -> None:
+    def __init__(
+        self, resources: dict[str, float], *, prefetch: int = 1, max_prefetch: int = 16
+    ) -> None:
         self.total = dict(resources)
         self._available = dict(resources)
         self.prefetch = prefetch
+        self.max_prefetch = max_prefetch
+        # Moving average of how long unit tasks run; deep prefetch only pays for short ones.
+        self._typical_duration = 1.0
         self._tasks: dict[TaskKey, _Task] = {}
         self._ready: deque[TaskKey] = deque()
         self._workers: dict[WorkerId, _Worker] = {}
@@ -217,6 +224,8 @@ class SchedulerCore:
             self._out.append(FreeObject(event.key, event.ref))
             return
         self._unassign(task)
+        if task.resources is UNIT:
+            self._typical_duration += (event.duration - self._typical_duration) * 0.2
         self._finish(task, event.ref)
 
     def _on_TaskFailed(self, event: TaskFailed) -> None:
@@ -440,7 +449,8 @@ class SchedulerCore:
 
     def _pick_worker(self, task: _Task) -> _Worker | None:
         best: _Worker | None = None
-        best_load = 1 + self.prefetch
+        depth = self.max_prefetch if self._typical_duration < 0.001 else self.prefetch
+        best_load = 1 + depth
         for worker in self._workers.values():
             if not worker.active:
                 return worker if self._fits(task.resources) else None

@@ -100,6 +100,7 @@ class TaskFinished:
     key: TaskKey
     worker: WorkerId
     ref: Any  # where the result lives (inline bytes or a store descriptor)
+    duration: float = 0.0  # seconds the task ran, as the worker measured it
 
 
 @dataclass(slots=True)

@@ -41,6 +41,9 @@ from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
 from sharedcompute.errors import SerializationError, SharedComputeError
 
 ENV_VAR = "SHAREDCOMPUTE_WORKER"
+# A task shorter than this is "short": its result may wait for the next short task's.
+_SHORT_TASK_SECONDS = 0.001
+_MAX_BATCH = 64
 
 
 def pack_error(exc: BaseException, where: str) -> bytes:
@@ -76,6 +79,10 @@ class WorkerRuntime(RuntimeBase):
         self._progress = threading.Condition()
         self._main = threading.main_thread()
         self.shutting_down = False
+        # Results of short tasks wait here while more short tasks are queued, so a burst
+        # of tiny tasks costs one send (and one wake-up of the driver) per batch.
+        self._outbox: list[tuple[Any, ...]] = []
+        self._short: set[bytes] = set()
 
     # -- the loop -------------------------------------------------------------------
 
@@ -86,8 +93,38 @@ class WorkerRuntime(RuntimeBase):
                 self._run(self._queue.popleft())
             else:
                 self._read(None)
+        self._flush()
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        """Send now, after whatever results are batched (order matters to the driver)."""
+        if self._outbox:
+            self._outbox.append(message)
+            self._flush()
+        else:
+            self.conn.send(message)
+
+    def _flush(self) -> None:
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            self.conn.send_many(outbox)
+
+    def _emit(self, message: tuple[Any, ...], fn_key: bytes, duration: float) -> None:
+        if duration < _SHORT_TASK_SECONDS:
+            self._short.add(fn_key)
+        else:
+            self._short.discard(fn_key)
+        self._outbox.append(message)
+        upcoming = self._queue[0] if self._queue else None
+        if (
+            upcoming is None
+            or upcoming[2] not in self._short
+            or fn_key not in self._short
+            or len(self._outbox) >= _MAX_BATCH
+        ):
+            self._flush()
 
     def _read(self, timeout: float | None) -> None:
+        self._flush()
         with self._reader:
             if timeout is not None and not self.conn.pending():
                 import select
@@ -127,6 +164,7 @@ class WorkerRuntime(RuntimeBase):
     def _run(self, message: tuple[Any, ...]) -> None:
         _, key, fn_key, fn_bytes, args_wire, dep_refs, name = message
         self._stack.append(key)
+        started = time.perf_counter()
         try:
             try:
                 fn = self._function(fn_key, fn_bytes)
@@ -137,16 +175,17 @@ class WorkerRuntime(RuntimeBase):
                 result = fn(*args, **kwargs)
             except BaseException as exc:
                 where = f"Task {name or key} failed in worker {self.worker_id} (pid {os.getpid()})"
-                self.conn.send((Msg.FAILED, key, pack_error(exc, where)))
+                self._send((Msg.FAILED, key, pack_error(exc, where)))
                 return
             try:
                 ref = self.store.put_serialized(serialize(result), for_owner=True)
             except BaseException as exc:
                 where = f"Task {name or key} returned a value that could not be stored"
-                self.conn.send((Msg.FAILED, key, pack_error(exc, where)))
+                self._send((Msg.FAILED, key, pack_error(exc, where)))
                 return
             del result, args, kwargs
-            self.conn.send((Msg.DONE, key, ref_to_wire(ref)))
+            duration = time.perf_counter() - started
+            self._emit((Msg.DONE, key, ref_to_wire(ref), duration), fn_key, duration)
         finally:
             self._stack.pop()
 
@@ -177,7 +216,7 @@ class WorkerRuntime(RuntimeBase):
         self._futures[key] = future
         sent = fn_key in self._functions
         self._functions.setdefault(fn_key, fn)
-        self.conn.send((
+        self._send((
             Msg.SUBMIT, key, fn_key, None if sent else fn_bytes, ref_to_wire(args_ref),
             tuple(deps), options_to_wire(options),
         ))
@@ -188,11 +227,11 @@ class WorkerRuntime(RuntimeBase):
         key = self._next_key()
         future: Future[Any] = Future(self, key)
         future.set_result(ValueRef(ref))
-        self.conn.send((Msg.PUT, key, ref_to_wire(ref)))
+        self._send((Msg.PUT, key, ref_to_wire(ref)))
         return future
 
     def cancel(self, future: Future[Any]) -> bool:
-        self.conn.send((Msg.CANCEL, future.key))
+        self._send((Msg.CANCEL, future.key))
         return False
 
     def _flush_releases(self) -> None:
@@ -214,7 +253,7 @@ class WorkerRuntime(RuntimeBase):
             self._waited.update(wanted)
             for key in wanted:
                 self._futures.setdefault(key, next(f for f in futures if f.key == key))
-            self.conn.send((Msg.WAIT, wanted))
+            self._send((Msg.WAIT, wanted))
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def satisfied() -> bool:
@@ -230,7 +269,7 @@ class WorkerRuntime(RuntimeBase):
         on_main = threading.current_thread() is self._main
         blocked_key = self._stack[-1] if on_main and self._stack else None
         if blocked_key is not None and not satisfied():
-            self.conn.send((Msg.BLOCKED, blocked_key))
+            self._send((Msg.BLOCKED, blocked_key))
         try:
             while not satisfied():
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -249,7 +288,7 @@ class WorkerRuntime(RuntimeBase):
                         self._progress.wait(0.05)
         finally:
             if blocked_key is not None:
-                self.conn.send((Msg.UNBLOCKED, blocked_key))
+                self._send((Msg.UNBLOCKED, blocked_key))
 
 
 def _watch_driver(fd: int) -> None:
