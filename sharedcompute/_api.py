@@ -99,10 +99,11 @@ def submit(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R
     return _runtime().submit(fn, args, kwargs, _DEFAULT_OPTIONS)
 
 
-def map(fn: Callable[..., R], *iterables: Iterable[Any]) -> list[Future[R]]:  # noqa: A001
+def map(fn: Callable[..., R], *iterables: Iterable[Any]) -> list[Future[R]]:
     """Submit ``fn`` once per item (several iterables are zipped); return the Futures."""
     runtime = _runtime()
-    return [runtime.submit(fn, args, {}, _DEFAULT_OPTIONS) for args in zip(*iterables)]
+    batches = zip(*iterables, strict=False)
+    return [runtime.submit(fn, args, {}, _DEFAULT_OPTIONS) for args in batches]
 
 
 def put(value: T) -> Future[T]:
@@ -113,7 +114,9 @@ def put(value: T) -> Future[T]:
 @overload
 def get(refs: Future[T], timeout: float | None = None) -> T: ...
 @overload
-def get(refs: list[Future[Any]] | tuple[Future[Any], ...], timeout: float | None = None) -> list[Any]: ...
+def get(
+    refs: list[Future[Any]] | tuple[Future[Any], ...], timeout: float | None = None
+) -> list[Any]: ...
 def get(refs: Any, timeout: float | None = None) -> Any:
     """The value of a Future, or the values of a list of Futures (in order)."""
     if isinstance(refs, (list, tuple)):
@@ -130,7 +133,7 @@ def get(refs: Any, timeout: float | None = None) -> Any:
 
 def gather(futures: Iterable[Future[T]], timeout: float | None = None) -> list[T]:
     """The values of ``futures``, in order (like ``dask.distributed.Client.gather``)."""
-    return get(list(futures), timeout)  # type: ignore[no-any-return]
+    return get(list(futures), timeout)
 
 
 def wait(
@@ -143,8 +146,9 @@ def wait(
     runtime = _context.current()
     if runtime is not None and runtime.needs_pump:
         runtime.wait_for(futures, timeout, return_when)
-        done = {f for f in futures if f.done()}
-        return concurrent.futures._base.DoneAndNotDoneFutures(done, set(futures) - done)
+        done: set[concurrent.futures.Future[Any]] = {f for f in futures if f.done()}
+        not_done: set[concurrent.futures.Future[Any]] = {f for f in futures if not f.done()}
+        return concurrent.futures._base.DoneAndNotDoneFutures(done, not_done)
     return concurrent.futures.wait(futures, timeout, return_when)
 
 
@@ -181,7 +185,7 @@ def _make_options(base: TaskOptions, **changes: Any) -> TaskOptions:
     unknown = sorted(set(changes) - _OPTION_NAMES)
     if unknown:
         raise TypeError(f"unknown task option(s) {unknown}; known: {sorted(_OPTION_NAMES)}")
-    values = {
+    values: dict[str, Any] = {
         "num_cpus": base.num_cpus,
         "resources": base.resources,
         "max_retries": base.max_retries,

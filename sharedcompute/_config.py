@@ -18,7 +18,7 @@ _values: dict[str, Any] = dict(_KNOWN)
 _lock = threading.Lock()
 
 
-class set:  # noqa: N801 - named like dask.config.set, which users already know
+class set:
     """Set configuration values; restore the previous ones when used in ``with``."""
 
     def __init__(self, **values: Any) -> None:

@@ -12,6 +12,7 @@ pool's I/O thread (worker messages, worker deaths). Nothing else runs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import threading
@@ -33,6 +34,7 @@ from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._runtime._local import ThreadPool, run_inline
 from sharedcompute._runtime._pool import ProcessPool, WorkerHandle
 from sharedcompute._scheduler import (
+    UNIT,
     CancelRequested,
     Dispatch,
     Event,
@@ -47,7 +49,6 @@ from sharedcompute._scheduler import (
     SchedulerCore,
     StartWorker,
     TaskFailed,
-    UNIT,
     TaskFinished,
     TaskState,
     TaskSubmitted,
@@ -71,7 +72,7 @@ def unpack_error(data: bytes) -> BaseException:
             f"({type(error).__name__}: {error})"
         )
     exc.__cause__ = RemoteTraceback(tb)
-    return exc  # type: ignore[no-any-return]
+    return exc
 
 
 class Runtime(RuntimeBase):
@@ -271,7 +272,7 @@ class Runtime(RuntimeBase):
             self._settle.append((future, instruction))
         waiting = self._waiters.pop(key, None)
         if waiting:
-            if type(instruction) is Resolve:
+            if isinstance(instruction, Resolve):
                 message: tuple[Any, ...] = (Msg.RESOLVED, key, True, ref_to_wire(instruction.ref))
             else:
                 message = (Msg.RESOLVED, key, False, _portable(instruction.error))
@@ -370,7 +371,8 @@ class Runtime(RuntimeBase):
             dep.add_done_callback(self._external_done)
         return events
 
-    def _external_done(self, future: Future[Any]) -> None:
+    def _external_done(self, future: concurrent.futures.Future[Any]) -> None:
+        assert isinstance(future, Future)
         if future.cancelled():
             event: Event = TaskFailed(future.key, None, concurrent_cancelled(future.key))
         elif future.exception() is not None:
@@ -533,7 +535,7 @@ class Runtime(RuntimeBase):
             events.append(CancelRequested(message[1]))
 
     def _answer_wait(self, worker: WorkerHandle, keys: list[int]) -> None:
-        replies = []
+        replies: list[tuple[Any, ...]] = []
         for key in keys:
             outcome = self.core.outcome(key)
             if outcome is None:

@@ -36,7 +36,7 @@ class ValueRef:
         self.ref = ref
 
 
-class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
+class Future(concurrent.futures.Future, Generic[T]):
     """The result of a task, ``put`` or actor call; also awaitable in asyncio."""
 
     def __init__(self, runtime: RuntimeBase, key: int, name: str = "") -> None:

@@ -209,7 +209,7 @@ class ProcessPool:
             if kind == "conn":
                 self._read_conn(worker)
             else:
-                self._read_output(key.fileobj, extra)  # type: ignore[arg-type]
+                self._read_output(key.fileobj, extra)
 
     def lead(self, done: Callable[[], bool], timeout: float | None) -> None:
         """Read the workers from this thread until ``done()`` or the timeout."""

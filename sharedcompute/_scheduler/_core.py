@@ -50,6 +50,7 @@ from typing import Any
 
 from sharedcompute._scheduler._events import (
     TERMINAL,
+    UNIT,
     CancelRequested,
     Dispatch,
     Event,
@@ -63,7 +64,6 @@ from sharedcompute._scheduler._events import (
     Resolve,
     Resources,
     StartWorker,
-    UNIT,
     TaskFailed,
     TaskFinished,
     TaskKey,
@@ -164,7 +164,7 @@ class SchedulerCore:
             for event in events:
                 self._handlers[type(event)](self, event)
         else:
-            self._handlers[type(events)](self, events)  # type: ignore[index]
+            self._handlers[type(events)](self, events)
         if self._ready:
             self._schedule()
         out, self._out = self._out, []
@@ -482,7 +482,7 @@ class SchedulerCore:
         self._out.append(Dispatch(worker.id, task.key, task.payload, refs))
 
 
-SchedulerCore._handlers = {  # type: ignore[attr-defined]
+SchedulerCore._handlers = {
     event_type: getattr(SchedulerCore, "_on_" + event_type.__name__)
     for event_type in (
         TaskSubmitted, ExternalTask, ObjectPut, TaskFinished, TaskFailed, WorkerJoined,

@@ -9,10 +9,12 @@ frozen dataclasses so tests can build them by hand.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "TERMINAL",
+    "UNIT",
     "CancelRequested",
     "Dispatch",
     "Event",
@@ -25,9 +27,7 @@ __all__ = [
     "Reject",
     "Resolve",
     "Resources",
-    "UNIT",
     "StartWorker",
-    "TERMINAL",
     "TaskFailed",
     "TaskFinished",
     "TaskKey",

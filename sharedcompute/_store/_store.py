@@ -296,7 +296,8 @@ class OwnerStore(ObjectStore):
     def _create_for(self, client: int, nbytes: int) -> tuple[int, int]:
         object_id, offset = self._table.create(client, nbytes)
         try:
-            self.segment.reserve(offset + self._table.allocator.block_size(offset), requested=nbytes)
+            end = offset + self._table.allocator.block_size(offset)
+            self.segment.reserve(end, requested=nbytes)
         except BaseException:
             self._table.abort(client, object_id)
             raise
@@ -345,7 +346,9 @@ class ClientStore(ObjectStore):
             hello, fds, _flags, _addr = socket.recv_fds(self._sock, 256, 1)
         except OSError as exc:
             self._sock.close()
-            raise SharedComputeError(f"cannot connect to the object store {address!r}: {exc}") from exc
+            raise SharedComputeError(
+                f"cannot connect to the object store {address!r}: {exc}"
+            ) from exc
         if not fds:
             self._sock.close()
             raise SharedComputeError(f"object store {address!r} refused the connection")
