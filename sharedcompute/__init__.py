@@ -29,6 +29,9 @@ __all__ = [
     "ALL_COMPLETED",
     "FIRST_COMPLETED",
     "FIRST_EXCEPTION",
+    "ActorClass",
+    "ActorHandle",
+    "ActorPool",
     "Executor",
     "Future",
     "RemoteFunction",
@@ -38,8 +41,10 @@ __all__ = [
     "errors",
     "gather",
     "get",
+    "get_actor",
     "init",
     "is_initialized",
+    "kill",
     "map",
     "put",
     "remote",
@@ -51,11 +56,15 @@ __all__ = [
 _LAZY = {
     "Future": "sharedcompute._runtime._future",
     "Runtime": "sharedcompute._runtime._driver",
+    "ActorClass": "sharedcompute._runtime._actor",
+    "ActorHandle": "sharedcompute._runtime._actor",
+    "ActorPool": "sharedcompute._runtime._actor",
     **{
         name: "sharedcompute._api"
         for name in (
             "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Executor", "RemoteFunction",
-            "as_completed", "gather", "get", "init", "is_initialized", "map", "put", "remote",
+            "as_completed", "gather", "get", "get_actor", "init", "is_initialized", "kill", "map",
+            "put", "remote",
             "shutdown", "submit", "wait",
         )
     },
@@ -71,8 +80,10 @@ if TYPE_CHECKING:
         as_completed,
         gather,
         get,
+        get_actor,
         init,
         is_initialized,
+        kill,
         map,
         put,
         remote,
@@ -80,6 +91,7 @@ if TYPE_CHECKING:
         submit,
         wait,
     )
+    from sharedcompute._runtime._actor import ActorClass, ActorHandle, ActorPool
     from sharedcompute._runtime._driver import Runtime
     from sharedcompute._runtime._future import Future
 

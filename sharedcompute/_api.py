@@ -240,20 +240,40 @@ class RemoteFunction(Generic[P, R]):
 def remote(*args: Any, **options: Any) -> Any:
     """Make a function a remote function (``@remote`` or ``@remote(num_cpus=2, ...)``)."""
     if args and len(args) == 1 and not options and callable(args[0]):
-        return _wrap(args[0], _DEFAULT_OPTIONS)
+        return _wrap(args[0], _DEFAULT_OPTIONS, {})
     if args:
         raise TypeError("use @remote or @remote(option=value, ...)")
-    task_options = _make_options(_DEFAULT_OPTIONS, **options)
-    return lambda target: _wrap(target, task_options)
+
+    def decorate(target: Any) -> Any:
+        if isinstance(target, type):
+            return _wrap(target, _DEFAULT_OPTIONS, options)
+        return _wrap(target, _make_options(_DEFAULT_OPTIONS, **options), {})
+
+    return decorate
 
 
-def _wrap(target: Any, options: TaskOptions) -> Any:
+def _wrap(target: Any, options: TaskOptions, actor_options: dict[str, Any]) -> Any:
     if isinstance(target, type):
-        raise TypeError(
-            f"@remote on a class ({target.__name__}) makes an actor; actors are not available "
-            "in this version"
-        )
+        from sharedcompute._runtime._actor import ActorClass, ActorOptions, make_actor_options
+
+        return ActorClass(target, make_actor_options(ActorOptions(), **actor_options))
     return RemoteFunction(target, options)
+
+
+def get_actor(name: str) -> Any:
+    """The handle of the live actor started with ``options(name=name)``."""
+    runtime = _runtime()
+    if not isinstance(runtime, Runtime):
+        raise NotImplementedError("get_actor() is available in the driver only")
+    return runtime.get_actor(name)
+
+
+def kill(actor: Any, *, no_restart: bool = True) -> None:
+    """Kill an actor's process now; with ``no_restart=False`` it may restart (max_restarts)."""
+    runtime = _runtime()
+    if not isinstance(runtime, Runtime):
+        raise NotImplementedError("kill() is available in the driver only")
+    runtime.kill(actor, no_restart=no_restart)
 
 
 # -- concurrent.futures drop-in -------------------------------------------------------------

@@ -7,6 +7,8 @@ Driver -> worker
     RUN       (key, fn_key, fn_bytes | None, args_ref, dep_refs, name)
     RESOLVED  (key, ok, ref_or_error)      answer to a WAIT
     SHUTDOWN  ()
+    CREATE    (actor_id, cls_key, cls_bytes, args_ref, dep_refs, max_concurrency, description)
+    CALL      (key, method, args_ref, dep_refs, name)
 Worker -> driver
     READY     (pid,)
     DONE      (key, ref)
@@ -17,6 +19,10 @@ Worker -> driver
     BLOCKED   (key,) / UNBLOCKED (key,)    task ``key`` waits on a future / resumes
     RELEASE   (keys,)                      this worker dropped its Futures for keys
     CANCEL    (key,)
+    SUBMIT_CALL (key, actor_id, class_name, method, args_ref, dep_keys)
+    CREATE_FAILED (actor_id, error_bytes)      the actor's constructor raised
+    ACTOR_LEASE / ACTOR_RETAIN / ACTOR_RELEASE (actor_id,)
+                                           a handle was pickled / unpickled here / dropped here
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ class Msg(enum.IntEnum):
     RUN = 1
     RESOLVED = 2
     SHUTDOWN = 3
+    CREATE = 4
+    CALL = 5
     READY = 10
     DONE = 11
     FAILED = 12
@@ -38,3 +46,8 @@ class Msg(enum.IntEnum):
     UNBLOCKED = 17
     RELEASE = 18
     CANCEL = 19
+    CREATE_FAILED = 20
+    ACTOR_RETAIN = 21
+    ACTOR_RELEASE = 22
+    ACTOR_LEASE = 23
+    SUBMIT_CALL = 24

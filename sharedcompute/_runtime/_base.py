@@ -129,6 +129,9 @@ class RuntimeBase:
         with self.blocking():
             concurrent.futures.wait(list(futures), timeout, return_when)
 
+    def watch(self, future: Future[Any]) -> None:
+        """Make sure ``future`` gets settled without anyone blocking on it (for ``await``)."""
+
     def blocking(self) -> AbstractContextManager[None]:
         """Scope around a wait on Futures (a pool thread lends its slot meanwhile)."""
         return nullcontext()

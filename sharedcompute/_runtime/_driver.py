@@ -24,6 +24,8 @@ from typing import Any
 import cloudpickle
 
 from sharedcompute._protocol import ConnectionClosed, Msg
+from sharedcompute._runtime._actor import ActorHandle, ActorOptions
+from sharedcompute._runtime._actors_driver import ActorCallSpec, ActorManager
 from sharedcompute._runtime._base import (
     RuntimeBase,
     TaskOptions,
@@ -35,6 +37,7 @@ from sharedcompute._runtime._local import ThreadPool, run_inline
 from sharedcompute._runtime._pool import ProcessPool, WorkerHandle
 from sharedcompute._scheduler import (
     UNIT,
+    ActorFailed,
     CancelRequested,
     Dispatch,
     Event,
@@ -58,7 +61,12 @@ from sharedcompute._scheduler import (
     WorkerUnblocked,
 )
 from sharedcompute._store import ObjectRef, OwnerStore, StoredObject, ref_from_wire, ref_to_wire
-from sharedcompute.errors import RemoteTraceback, SerializationError, SharedComputeError
+from sharedcompute.errors import (
+    ActorDiedError,
+    RemoteTraceback,
+    SerializationError,
+    SharedComputeError,
+)
 
 SCHEDULERS = ("sync", "threads", "processes")
 
@@ -120,6 +128,7 @@ class Runtime(RuntimeBase):
         self._threads: ThreadPool | None = None
         self._store: OwnerStore | None = None
         self._closed = False
+        self.actors = ActorManager(self)
         if scheduler == "processes":
             self._start_processes()
 
@@ -210,11 +219,14 @@ class Runtime(RuntimeBase):
                 self._flush_releases()
             finally:
                 self._lock.release()
-            if not self._released or not self._lock.acquire(blocking=False):
+            more = self._released or self.actors.pending_holds()
+            if not more or not self._lock.acquire(blocking=False):
                 return
 
     def _flush_releases(self) -> None:
-        """Turn queued Future finalizations into events (lock held)."""
+        """Turn queued Future and handle finalizations into events (lock held)."""
+        if self.actors.pending_holds() and not self._closed:
+            self.actors._flush_actor_holds()
         if self._released and not self._closed:
             events: list[Event] = []
             while self._released:
@@ -235,7 +247,7 @@ class Runtime(RuntimeBase):
                 self._conclude(instruction, outbox)
             elif type(instruction) is FreeObject:
                 self.store.delete(instruction.ref)
-            elif type(instruction) is StartWorker and self._pool is not None:
+            elif type(instruction) is StartWorker and self._pool is not None and not self._closed:
                 self._pool.spawn(self._next_worker_id())
         if outbox and self._pool is not None:
             for worker_id, messages in outbox.items():
@@ -249,7 +261,13 @@ class Runtime(RuntimeBase):
         worker = self._pool.workers.get(instruction.worker)
         if worker is None:
             return  # it just died; WorkerDied will send the task back to READY
-        spec: TaskSpec = instruction.payload
+        spec = instruction.payload
+        if type(spec) is ActorCallSpec:
+            deps = tuple((k, ref_to_wire(ref)) for k, ref in instruction.dependency_refs)
+            outbox[instruction.worker].append((
+                Msg.CALL, instruction.key, spec.method, ref_to_wire(spec.args_ref), deps, spec.name,
+            ))
+            return
         fn_bytes = None
         if spec.fn_key not in worker.known_functions:
             fn_bytes = self._fn_bytes[spec.fn_key]
@@ -500,7 +518,26 @@ class Runtime(RuntimeBase):
         kind = message[0]
         if kind == Msg.READY:
             worker.ready = True
-            events.append(WorkerJoined(worker.id))
+            if worker.actor_id is None:
+                events.append(WorkerJoined(worker.id))
+            else:
+                record = self.actors.record(worker.actor_id)
+                if record is not None and not record.dead:
+                    if events:
+                        self._handle(events)
+                        events.clear()
+                    self.actors._start_actor_on(record, worker)
+        elif kind == Msg.CREATE_FAILED:
+            if events:
+                self._handle(events)
+                events.clear()
+            self.actors._actor_constructor_failed(worker, unpack_error(message[2]))
+        elif kind == Msg.ACTOR_RETAIN:
+            self.actors._worker_actor_hold(worker, message[1], 0)
+        elif kind == Msg.ACTOR_RELEASE:
+            self.actors._worker_actor_hold(worker, message[1], -1)
+        elif kind == Msg.ACTOR_LEASE:
+            self.actors._worker_actor_hold(worker, message[1], +1)
         elif kind == Msg.SUBMIT:
             _, key, fn_key, fn_bytes, args_wire, dep_keys, options_wire = message
             args_ref = ref_from_wire(args_wire)
@@ -516,6 +553,21 @@ class Runtime(RuntimeBase):
                 key, dep_keys, Resources(options.num_cpus, options.resources),
                 options.max_retries, options.retry_exceptions,
                 TaskSpec(fn_key, args_ref, options.name or str(key)),
+            ))
+        elif kind == Msg.SUBMIT_CALL:
+            _, key, actor_id, class_name, method, args_wire, dep_keys = message
+            args_ref = ref_from_wire(args_wire)
+            self.store.adopt(args_ref)
+            if isinstance(args_ref, StoredObject):
+                self._args_refs[key] = args_ref
+            worker.held_keys.add(key)
+            record = self.actors.record(actor_id)
+            retries = record.options.max_task_retries if record is not None else 0
+            if record is None:
+                events.append(ActorFailed(actor_id, ActorDiedError(f"actor {actor_id} is unknown")))
+            events.append(TaskSubmitted(
+                key, dep_keys, UNIT, retries if retries >= 0 else 1 << 30, False,
+                ActorCallSpec(method, args_ref, f"{class_name}.{method}"), actor=actor_id,
             ))
         elif kind == Msg.PUT:
             ref = ref_from_wire(message[2])
@@ -555,13 +607,45 @@ class Runtime(RuntimeBase):
         with self._locked():
             if self._closed:
                 return
-            events: list[Event] = [WorkerDied(worker.id, reason)]
+            if worker.actor_id is not None:
+                events = self.actors._actor_exited(worker, reason)
+            else:
+                events = [WorkerDied(worker.id, reason)]
             events += [KeyReleased(key) for key in worker.held_keys]
             worker.held_keys.clear()
+            self.actors._drop_worker_actor_holds(worker)
             for waiting in self._waiters.values():
                 waiting.discard(worker.id)
             self._handle(events)
         self._settle_futures()
+
+    # -- actors (see _actors_driver) -------------------------------------------------------
+
+    def create_actor(
+        self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], options: ActorOptions
+    ) -> ActorHandle:
+        return self.actors.create_actor(cls, args, kwargs, options)
+
+    def submit_actor_call(
+        self, actor_id: int, class_name: str, method: str, args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Future[Any]:
+        return self.actors.submit_actor_call(actor_id, class_name, method, args, kwargs)
+
+    def get_actor(self, name: str) -> ActorHandle:
+        return self.actors.get_actor(name)
+
+    def kill(self, handle: ActorHandle, *, no_restart: bool = True) -> None:
+        self.actors.kill(handle, no_restart=no_restart)
+
+    def lease_actor(self, actor_id: int) -> None:
+        self.actors.lease_actor(actor_id)
+
+    def adopt_actor_lease(self, actor_id: int) -> None:
+        self.actors.adopt_actor_lease(actor_id)
+
+    def release_actor(self, actor_id: int) -> None:
+        self.actors.release_actor(actor_id)
 
     # -- introspection -------------------------------------------------------------------
 

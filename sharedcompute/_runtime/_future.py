@@ -85,6 +85,7 @@ class Future(concurrent.futures.Future, Generic[T]):
         return super().cancel()
 
     def __await__(self) -> Generator[Any, None, T]:
+        self._runtime.watch(self)
         return asyncio.wrap_future(self).__await__()
 
     def __reduce__(self) -> Any:

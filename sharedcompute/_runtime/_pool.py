@@ -56,6 +56,7 @@ class WorkerHandle:
     held_keys: set[int] = field(default_factory=set)
     ready: bool = False
     exited: bool = False
+    actor_id: int | None = None  # set when this process hosts an actor
 
     @property
     def pid(self) -> int:

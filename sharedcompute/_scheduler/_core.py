@@ -51,6 +51,8 @@ from typing import Any
 from sharedcompute._scheduler._events import (
     TERMINAL,
     UNIT,
+    ActorFailed,
+    ActorStarted,
     CancelRequested,
     Dispatch,
     Event,
@@ -73,9 +75,10 @@ from sharedcompute._scheduler._events import (
     WorkerDied,
     WorkerId,
     WorkerJoined,
+    WorkerRetired,
     WorkerUnblocked,
 )
-from sharedcompute.errors import DependencyFailedError, WorkerCrashedError
+from sharedcompute.errors import ActorDiedError, DependencyFailedError, WorkerCrashedError
 
 
 @dataclass(slots=True)
@@ -95,6 +98,19 @@ class _Task:
     reserved: bool = False
     blocked: bool = False
     ref: Any = None
+    error: BaseException | None = None
+    actor: int | None = None
+
+
+@dataclass(slots=True)
+class _Actor:
+    """An actor's calls: ``queue`` in submission order (waiting or ready), ``assigned`` sent."""
+
+    id: int
+    worker: WorkerId | None = None
+    description: str = ""
+    queue: deque[TaskKey] = field(default_factory=deque)
+    assigned: list[TaskKey] = field(default_factory=list)
     error: BaseException | None = None
 
 
@@ -128,6 +144,8 @@ class SchedulerCore:
         self._tasks: dict[TaskKey, _Task] = {}
         self._ready: deque[TaskKey] = deque()
         self._workers: dict[WorkerId, _Worker] = {}
+        self._actors: dict[int, _Actor] = {}
+        self._actor_workers: dict[WorkerId, _Actor] = {}
         self._out: list[Instruction] = []
 
     # -- queries (for tests, the dashboard and error messages) -------------
@@ -183,9 +201,16 @@ class SchedulerCore:
             retries_left=event.max_retries,
             retry_exceptions=event.retry_exceptions,
             payload=event.payload,
+            actor=event.actor,
         )
         self._tasks[event.key] = task
-        infeasible = self._infeasible(event.resources)
+        if event.actor is not None:
+            actor = self._actor(event.actor)
+            if actor.error is not None:
+                self._fail(task, actor.error)
+                return
+            actor.queue.append(task.key)
+        infeasible = None if event.actor is not None else self._infeasible(event.resources)
         if infeasible:
             self._fail(task, ValueError(infeasible))
             return
@@ -246,6 +271,10 @@ class SchedulerCore:
         self._workers[event.worker] = _Worker(event.worker)
 
     def _on_WorkerDied(self, event: WorkerDied) -> None:
+        actor = self._actor_workers.pop(event.worker, None)
+        if actor is not None:
+            self._actor_lost(actor, event.reason)
+            return
         worker = self._workers.pop(event.worker, None)
         if worker is None:
             return
@@ -280,7 +309,9 @@ class SchedulerCore:
 
     def _on_WorkerBlocked(self, event: WorkerBlocked) -> None:
         task = self._tasks.get(event.key)
-        if task is None or task.worker != event.worker or task.blocked:
+        if task is None or task.worker != event.worker or task.actor is not None:
+            return
+        if task.blocked:
             return
         task.blocked = True
         worker = self._workers[event.worker]
@@ -289,7 +320,9 @@ class SchedulerCore:
 
     def _on_WorkerUnblocked(self, event: WorkerUnblocked) -> None:
         task = self._tasks.get(event.key)
-        if task is None or task.worker != event.worker or not task.blocked:
+        if task is None or task.worker != event.worker or task.actor is not None:
+            return
+        if not task.blocked:
             return
         task.blocked = False
         worker = self._workers[event.worker]
@@ -300,7 +333,7 @@ class SchedulerCore:
         task = self._tasks.get(event.key)
         if task is None or task.state not in (TaskState.WAITING, TaskState.READY):
             return
-        if task.state is TaskState.READY:
+        if task.state is TaskState.READY and task.actor is None:
             self._ready.remove(task.key)
         self._terminate(task, TaskState.CANCELLED, CancelledError(f"task {task.key} was cancelled"))
 
@@ -320,6 +353,12 @@ class SchedulerCore:
 
     def _make_ready(self, task: _Task, *, front: bool = False) -> None:
         task.state = TaskState.READY
+        if task.actor is not None:
+            actor = self._actors[task.actor]
+            if front:
+                actor.queue.appendleft(task.key)
+            self._pump_actor(actor)
+            return
         if front:
             self._ready.appendleft(task.key)
         else:
@@ -351,10 +390,15 @@ class SchedulerCore:
         for dep_key in list(task.dependents):
             dependent = self._tasks.get(dep_key)
             if dependent is not None and dependent.state in (TaskState.WAITING, TaskState.READY):
-                if dependent.state is TaskState.READY:
+                if dependent.state is TaskState.READY and dependent.actor is None:
                     self._ready.remove(dependent.key)
                 self._fail_dependent(dependent, task)
         self._done_with_dependencies(task)
+        if task.actor is not None:
+            actor = self._actors[task.actor]
+            if task.key in actor.queue:
+                actor.queue.remove(task.key)
+                self._pump_actor(actor)
         self._maybe_forget(task)
 
     def _fail_dependent(self, task: _Task, failed: _Task) -> None:
@@ -434,6 +478,12 @@ class SchedulerCore:
             holder.reserved = True
 
     def _unassign(self, task: _Task) -> None:
+        if task.actor is not None:
+            actor = self._actors[task.actor]
+            if task.key in actor.assigned:
+                actor.assigned.remove(task.key)
+            task.worker = None
+            return
         worker = self._workers.get(task.worker) if task.worker is not None else None
         if task.reserved:
             self._release(task.resources)
@@ -472,6 +522,78 @@ class SchedulerCore:
             self._assign(task, worker)
         self._ready.extendleft(reversed(skipped))
 
+    # -- actors ------------------------------------------------------------------------------
+
+    def idle_workers(self) -> list[WorkerId]:
+        return [w.id for w in self._workers.values() if not w.assigned]
+
+    def _on_WorkerRetired(self, event: WorkerRetired) -> None:
+        worker = self._workers.get(event.worker)
+        if worker is None or worker.assigned:
+            raise ValueError(f"worker {event.worker} is not an idle pool worker")
+        del self._workers[event.worker]
+        self._out.append(StartWorker(replaces=event.worker))
+
+    def _actor(self, actor_id: int) -> _Actor:
+        actor = self._actors.get(actor_id)
+        if actor is None:
+            actor = self._actors[actor_id] = _Actor(actor_id)
+        return actor
+
+    def _on_ActorStarted(self, event: ActorStarted) -> None:
+        actor = self._actor(event.actor)
+        actor.worker = event.worker
+        actor.description = event.description
+        self._actor_workers[event.worker] = actor
+        self._pump_actor(actor)
+
+    def _on_ActorFailed(self, event: ActorFailed) -> None:
+        actor = self._actor(event.actor)
+        actor.error = event.error
+        if actor.worker is not None:
+            self._actor_workers.pop(actor.worker, None)
+            actor.worker = None
+        for key in [*actor.assigned, *actor.queue]:
+            task = self._tasks.get(key)
+            if task is not None and task.state not in TERMINAL:
+                task.worker = None
+                self._fail(task, event.error)
+        actor.assigned.clear()
+        actor.queue.clear()
+
+    def _actor_lost(self, actor: _Actor, reason: str) -> None:
+        """The actor's process died: retry or fail the calls it had; wait for a restart."""
+        actor.worker = None
+        lost, actor.assigned = actor.assigned, []
+        retry = []
+        for key in lost:
+            task = self._tasks[key]
+            task.worker = None
+            if task.retries_left > 0:
+                task.retries_left -= 1
+                retry.append(task)
+            else:
+                self._fail(task, ActorDiedError(
+                    f"{actor.description or f'actor {actor.id}'} died while running call "
+                    f"{key}: {reason}"
+                ))
+        for task in reversed(retry):
+            task.state = TaskState.READY
+            actor.queue.appendleft(task.key)
+
+    def _pump_actor(self, actor: _Actor) -> None:
+        """Send the actor its calls in submission order, as far as they are ready."""
+        while actor.worker is not None and actor.queue:
+            task = self._tasks[actor.queue[0]]
+            if task.state is not TaskState.READY:
+                return
+            actor.queue.popleft()
+            task.state = TaskState.RUNNING
+            task.worker = actor.worker
+            actor.assigned.append(task.key)
+            refs = tuple((k, self._tasks[k].ref) for k in dict.fromkeys(task.dependencies))
+            self._out.append(Dispatch(actor.worker, task.key, task.payload, refs))
+
     def _assign(self, task: _Task, worker: _Worker) -> None:
         task.state = TaskState.RUNNING
         task.worker = worker.id
@@ -485,7 +607,8 @@ class SchedulerCore:
 SchedulerCore._handlers = {
     event_type: getattr(SchedulerCore, "_on_" + event_type.__name__)
     for event_type in (
-        TaskSubmitted, ExternalTask, ObjectPut, TaskFinished, TaskFailed, WorkerJoined,
+        ActorStarted, ActorFailed, WorkerRetired, TaskSubmitted, ExternalTask, ObjectPut,
+        TaskFinished, TaskFailed, WorkerJoined,
         WorkerDied, WorkerBlocked, WorkerUnblocked, CancelRequested, KeyReleased, KeyRetained,
     )
 }

@@ -15,6 +15,8 @@ from typing import Any
 __all__ = [
     "TERMINAL",
     "UNIT",
+    "ActorFailed",
+    "ActorStarted",
     "CancelRequested",
     "Dispatch",
     "Event",
@@ -37,6 +39,7 @@ __all__ = [
     "WorkerDied",
     "WorkerId",
     "WorkerJoined",
+    "WorkerRetired",
     "WorkerUnblocked",
 ]
 
@@ -85,6 +88,7 @@ class TaskSubmitted:
     max_retries: int = 3
     retry_exceptions: bool = False
     payload: Any = None  # opaque to the scheduler: what the runtime sends to the worker
+    actor: int | None = None  # an actor method call: runs on that actor's process, in order
 
 
 @dataclass(slots=True)
@@ -138,6 +142,30 @@ class WorkerUnblocked:
 
 
 @dataclass(slots=True)
+class WorkerRetired:
+    """An idle pool worker leaves the pool (to become an actor); a replacement is started."""
+
+    worker: WorkerId
+
+
+@dataclass(slots=True)
+class ActorStarted:
+    """The actor's process is ``worker`` (first start or restart); its calls may go there."""
+
+    actor: int
+    worker: WorkerId
+    description: str  # "actor Counter (id 3)", for error messages
+
+
+@dataclass(slots=True)
+class ActorFailed:
+    """The actor is gone for good: its queued and future calls fail with ``error``."""
+
+    actor: int
+    error: BaseException
+
+
+@dataclass(slots=True)
 class CancelRequested:
     key: TaskKey
 
@@ -163,6 +191,9 @@ class ExternalTask:
 
 Event = (
     TaskSubmitted
+    | ActorStarted
+    | ActorFailed
+    | WorkerRetired
     | ExternalTask
     | ObjectPut
     | TaskFinished

@@ -450,7 +450,13 @@ class _StoreServer:
         if uid not in (self._uid, 0):
             conn.close()
             return
-        socket.send_fds(conn, [struct.pack("!Q", self._owner.capacity)], [self._owner.segment.fd])
+        try:
+            socket.send_fds(
+                conn, [struct.pack("!Q", self._owner.capacity)], [self._owner.segment.fd]
+            )
+        except OSError:  # the client died while connecting
+            conn.close()
+            return
         self._clients[conn] = self._next_client
         self._next_client += 1
         self._selector.register(conn, selectors.EVENT_READ, None)

@@ -38,6 +38,7 @@ from sharedcompute._runtime._base import RuntimeBase, TaskOptions, options_to_wi
 from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._serialization import serialize
 from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
+from sharedcompute._worker._actor_host import ActorHost
 from sharedcompute.errors import SerializationError, SharedComputeError
 
 ENV_VAR = "SHAREDCOMPUTE_WORKER"
@@ -82,7 +83,9 @@ class WorkerRuntime(RuntimeBase):
         # Results of short tasks wait here while more short tasks are queued, so a burst
         # of tiny tasks costs one send (and one wake-up of the driver) per batch.
         self._outbox: list[tuple[Any, ...]] = []
-        self._short: set[bytes] = set()
+        self._short: set[bytes | str] = set()
+        self._actor: ActorHost | None = None
+        self._control: deque[tuple[Any, ...]] = deque()
 
     # -- the loop -------------------------------------------------------------------
 
@@ -90,10 +93,20 @@ class WorkerRuntime(RuntimeBase):
         self.conn.send((Msg.READY, os.getpid()))
         while not self.shutting_down:
             if self._queue:
-                self._run(self._queue.popleft())
+                self._next(self._queue.popleft())
             else:
                 self._read(None)
         self._flush()
+
+    def _next(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == Msg.RUN:
+            self._run(message)
+        elif kind == Msg.CALL:
+            assert self._actor is not None
+            self._actor.call_here(message)
+        elif kind == Msg.CREATE:
+            self._actor = ActorHost(self, message)
 
     def _send(self, message: tuple[Any, ...]) -> None:
         """Send now, after whatever results are batched (order matters to the driver)."""
@@ -108,7 +121,7 @@ class WorkerRuntime(RuntimeBase):
             outbox, self._outbox = self._outbox, []
             self.conn.send_many(outbox)
 
-    def _emit(self, message: tuple[Any, ...], fn_key: bytes, duration: float) -> None:
+    def _emit(self, message: tuple[Any, ...], fn_key: bytes | str, duration: float) -> None:
         if duration < _SHORT_TASK_SECONDS:
             self._short.add(fn_key)
         else:
@@ -146,6 +159,11 @@ class WorkerRuntime(RuntimeBase):
         kind = message[0]
         if kind == Msg.RUN:
             self._queue.append(message)
+        elif kind == Msg.CALL:
+            if self._actor is None or not self._actor.take(message):
+                self._queue.append(message)
+        elif kind == Msg.CREATE:
+            self._queue.append(message)
         elif kind == Msg.RESOLVED:
             _, key, ok, payload = message
             future = self._futures.pop(key, None)
@@ -163,31 +181,59 @@ class WorkerRuntime(RuntimeBase):
 
     def _run(self, message: tuple[Any, ...]) -> None:
         _, key, fn_key, fn_bytes, args_wire, dep_refs, name = message
-        self._stack.append(key)
+        self._execute(key, lambda: self._function(fn_key, fn_bytes), args_wire, dep_refs, name,
+                      fn_key)
+
+    def _execute(
+        self, key: int, target: Callable[[], Callable[..., Any]], args_wire: tuple[Any, ...],
+        dep_refs: tuple[tuple[int, Any], ...], name: str, batch_key: bytes | str,
+        *, on_main: bool = True,
+    ) -> None:
+        """Run one task or actor call and report it (``on_main``: this is the main thread)."""
+        send = self._send if on_main else self.conn.send
+        if on_main:
+            self._stack.append(key)
         started = time.perf_counter()
         try:
             try:
-                fn = self._function(fn_key, fn_bytes)
-                args, kwargs = self.load(ref_from_wire(args_wire))
-                if dep_refs:
-                    values = {dep_key: self.load(ref_from_wire(w)) for dep_key, w in dep_refs}
-                    args, kwargs = restore_dependencies((args, kwargs), values)
+                fn = target()
+                args, kwargs = self._arguments(args_wire, dep_refs)
                 result = fn(*args, **kwargs)
             except BaseException as exc:
                 where = f"Task {name or key} failed in worker {self.worker_id} (pid {os.getpid()})"
-                self._send((Msg.FAILED, key, pack_error(exc, where)))
+                send((Msg.FAILED, key, pack_error(exc, where)))
                 return
-            try:
-                ref = self.store.put_serialized(serialize(result), for_owner=True)
-            except BaseException as exc:
-                where = f"Task {name or key} returned a value that could not be stored"
-                self._send((Msg.FAILED, key, pack_error(exc, where)))
-                return
-            del result, args, kwargs
-            duration = time.perf_counter() - started
-            self._emit((Msg.DONE, key, ref_to_wire(ref), duration), fn_key, duration)
+            self._report(key, result, name, started, batch_key, send, on_main)
         finally:
-            self._stack.pop()
+            if on_main:
+                self._stack.pop()
+
+    def _arguments(
+        self, args_wire: tuple[Any, ...], dep_refs: tuple[tuple[int, Any], ...]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, kwargs = self.load(ref_from_wire(args_wire))
+        if dep_refs:
+            values = {dep_key: self.load(ref_from_wire(w)) for dep_key, w in dep_refs}
+            args, kwargs = restore_dependencies((args, kwargs), values)
+        return args, kwargs
+
+    def _report(
+        self, key: int, result: Any, name: str, started: float, batch_key: bytes | str,
+        send: Callable[[tuple[Any, ...]], None], on_main: bool,
+    ) -> None:
+        try:
+            ref = self.store.put_serialized(serialize(result), for_owner=True)
+        except BaseException as exc:
+            where = f"Task {name or key} returned a value that could not be stored"
+            send((Msg.FAILED, key, pack_error(exc, where)))
+            return
+        del result
+        duration = time.perf_counter() - started
+        message = (Msg.DONE, key, ref_to_wire(ref), duration)
+        if on_main:
+            self._emit(message, batch_key, duration)
+        else:
+            send(message)
 
     def _function(self, fn_key: bytes, fn_bytes: bytes | None) -> Callable[..., Any]:
         fn = self._functions.get(fn_key)
@@ -230,6 +276,48 @@ class WorkerRuntime(RuntimeBase):
         self._send((Msg.PUT, key, ref_to_wire(ref)))
         return future
 
+    def submit_actor_call(
+        self, actor_id: int, class_name: str, method: str, args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Future[Any]:
+        args_ref, deps = self.prepare_args(args, kwargs)
+        key = self._next_key()
+        future: Future[Any] = Future(self, key, f"{class_name}.{method}")
+        self._futures[key] = future
+        self._send((
+            Msg.SUBMIT_CALL, key, actor_id, class_name, method, ref_to_wire(args_ref), tuple(deps),
+        ))
+        return future
+
+    def create_actor(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "actors are created from the driver; pass a handle to the task instead"
+        )
+
+    def lease_actor(self, actor_id: int) -> None:
+        self._queue_control((Msg.ACTOR_LEASE, actor_id))
+
+    def adopt_actor_lease(self, actor_id: int) -> None:
+        self._queue_control((Msg.ACTOR_RETAIN, actor_id))
+
+    def release_actor(self, actor_id: int) -> None:
+        self._queue_control((Msg.ACTOR_RELEASE, actor_id))
+
+    def _queue_control(self, message: tuple[Any, ...]) -> None:
+        # May run in a finalizer or mid-pickling: never send from here directly.
+        self._control.append(message)
+        if self._release_lock.acquire(blocking=False):
+            try:
+                self._flush_releases()
+            finally:
+                self._release_lock.release()
+
+    def watch(self, future: Future[Any]) -> None:
+        if not future.done() and future.key not in self._waited:
+            self._waited.add(future.key)
+            self._futures.setdefault(future.key, future)
+            self._send((Msg.WAIT, [future.key]))
+
     def cancel(self, future: Future[Any]) -> bool:
         self._send((Msg.CANCEL, future.key))
         return False
@@ -238,9 +326,12 @@ class WorkerRuntime(RuntimeBase):
         keys = []
         while self._released:
             keys.append(self._released.popleft())
-        if keys:
+        messages: list[tuple[Any, ...]] = [(Msg.RELEASE, keys)] if keys else []
+        while self._control:
+            messages.append(self._control.popleft())
+        if messages:
             try:
-                self.conn.send((Msg.RELEASE, keys))
+                self.conn.send_many(messages)
             except ConnectionClosed:
                 pass
 
@@ -277,7 +368,7 @@ class WorkerRuntime(RuntimeBase):
                     return
                 if on_main:
                     if self._queue:
-                        self._run(self._queue.popleft())
+                        self._next(self._queue.popleft())
                     else:
                         self._read(remaining)
                 elif self._reader.acquire(blocking=False):

@@ -1,0 +1,353 @@
+"""The driver's side of actors: records, processes, restarts, names and handle counts.
+
+An actor needs a process of its own. The fastest one to get is an idle pool
+worker: it leaves the pool (``WorkerRetired``; the pool starts a replacement in
+the background) and becomes the actor at once, so creating an actor costs one
+message, not a process start. Only when no pool worker is idle is a new process
+started for it.
+
+The actor's calls are scheduler tasks bound to the actor (``TaskSubmitted.actor``);
+the scheduler core keeps their order and their dependencies. This module
+decides what the core cannot: which process an actor lives in, whether it
+restarts after its process dies (``max_restarts``), and when it ends (killed,
+constructor failed, or no handle left for an unnamed actor).
+
+Handle counting: ``holds`` counts the driver's live handles, handles pickled and
+not yet unpickled (leases), and handles held by workers. A worker that unpickles
+a handle turns a lease into a hold; a worker that dies drops its holds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sharedcompute._protocol import Msg
+from sharedcompute._runtime._actor import ActorHandle, ActorOptions, public_methods
+from sharedcompute._runtime._future import Future
+from sharedcompute._scheduler import (
+    UNIT,
+    ActorFailed,
+    ActorStarted,
+    Event,
+    TaskSubmitted,
+    WorkerDied,
+    WorkerRetired,
+)
+from sharedcompute._store import ObjectRef, StoredObject, ref_to_wire
+from sharedcompute.errors import ActorDiedError
+
+if TYPE_CHECKING:
+    from sharedcompute._runtime._driver import Runtime
+    from sharedcompute._runtime._pool import WorkerHandle
+
+
+@dataclass(eq=False)
+class ActorRecord:
+    id: int
+    description: str
+    options: ActorOptions
+    cls_key: bytes
+    args_ref: ObjectRef
+    dep_keys: tuple[int, ...]
+    methods: dict[str, bool]
+    restarts_left: int
+    worker: WorkerHandle | None = None
+    holds: int = 0
+    worker_holds: Counter[int] = field(default_factory=Counter)
+    killed: bool = False
+    dead: bool = False
+
+
+@dataclass(slots=True)
+class ActorCallSpec:
+    """What the driver keeps about an actor call (``TaskSpec``'s counterpart)."""
+
+    method: str
+    args_ref: ObjectRef
+    name: str
+
+
+class ActorManager:
+    """The driver runtime's actors; every method that says "lock held" runs under its lock."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self._actor_records: dict[int, ActorRecord] = {}
+        self._actor_names: dict[str, int] = {}
+        # Handle finalizations, queued lock-free and applied under the runtime's lock.
+        self._actor_holds: deque[tuple[int, int]] = deque()
+
+    def record(self, actor_id: int) -> ActorRecord | None:
+        return self._actor_records.get(actor_id)
+
+    # -- creating -----------------------------------------------------------------------
+
+    def create_actor(
+        self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any],
+        options: ActorOptions,
+    ) -> ActorHandle:
+        if self.rt._pool is None:
+            self.rt._start_processes()
+        cls_key, cls_bytes = self.rt.functions.encode(cls)
+        args_ref, deps = self.rt.prepare_args(args, kwargs)
+        actor_id = self.rt._next_key()
+        label = f"actor {cls.__qualname__}" + (f" {options.name!r}" if options.name else "")
+        record = ActorRecord(
+            id=actor_id,
+            description=f"{label} (id {actor_id})",
+            options=options,
+            cls_key=cls_key,
+            args_ref=args_ref,
+            dep_keys=tuple(deps),
+            methods=public_methods(cls),
+            restarts_left=options.max_restarts,
+        )
+        handle = ActorHandle(self.rt, actor_id, cls.__qualname__, record.methods)
+        with self.rt._locked():
+            if options.name is not None:
+                if options.name in self._actor_names:
+                    raise ValueError(
+                        f"an actor named {options.name!r} already exists; pick another name "
+                        "or get it with sharedcompute.get_actor()"
+                    )
+                self._actor_names[options.name] = actor_id
+            self.rt._fn_bytes[cls_key] = cls_bytes
+            self._actor_records[actor_id] = record
+            record.holds = 1
+            events: list[Event] = self.rt._register_dependencies(deps) if deps else []
+            if events:
+                self.rt._handle(events)
+        # Futures among the constructor's arguments must be done before it can run.
+        pending = [dep for dep in deps.values() if not dep.done()]
+        if pending:
+            remaining = [len(pending)]
+
+            def dep_done(_: Any) -> None:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    self._launch_actor(record)
+
+            for dep in pending:
+                dep.add_done_callback(dep_done)
+        else:
+            self._launch_actor(record)
+        self.rt._settle_futures()
+        return handle
+
+    def _launch_actor(self, record: ActorRecord) -> None:
+        with self.rt._locked():
+            if record.dead or self.rt._closed:
+                return
+            failed = [k for k in record.dep_keys if (o := self.rt.core.outcome(k)) and o[2]]
+            if failed:
+                outcome = self.rt.core.outcome(failed[0])
+                assert outcome is not None
+                error = ActorDiedError(
+                    f"{record.description} was not created: a constructor argument failed"
+                )
+                error.__cause__ = outcome[2]
+                self._end_actor(record, error)
+                return
+            self._place_actor(record)
+        self.rt._settle_futures()
+
+    def _place_actor(self, record: ActorRecord) -> None:
+        """Give the actor a process: an idle pool worker if there is one (lock held)."""
+        assert self.rt._pool is not None
+        for worker_id in self.rt.core.idle_workers():
+            worker = self.rt._pool.workers.get(worker_id)
+            if worker is not None and worker.ready and worker.actor_id is None:
+                worker.actor_id = record.id
+                self.rt._handle(WorkerRetired(worker_id))
+                self._start_actor_on(record, worker)
+                return
+        worker = self.rt._pool.spawn(self.rt._next_worker_id())
+        worker.actor_id = record.id  # READY from it starts the actor
+
+    def _start_actor_on(self, record: ActorRecord, worker: WorkerHandle) -> None:
+        """Send the constructor; calls may follow at once, on the same ordered connection."""
+        record.worker = worker
+        cls_bytes = None
+        if record.cls_key not in worker.known_functions:
+            cls_bytes = self.rt._fn_bytes[record.cls_key]
+            worker.known_functions.add(record.cls_key)
+        deps = []
+        for key in record.dep_keys:
+            outcome = self.rt.core.outcome(key)
+            assert outcome is not None
+            deps.append((key, ref_to_wire(outcome[1])))
+        try:
+            worker.conn.send((
+                Msg.CREATE, record.id, record.cls_key, cls_bytes, ref_to_wire(record.args_ref),
+                tuple(deps), record.options.max_concurrency, record.description,
+            ))
+        except EOFError:
+            return  # it died; its exit restarts or ends the actor
+        self.rt._handle(ActorStarted(record.id, worker.id, record.description))
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def submit_actor_call(
+        self, actor_id: int, class_name: str, method: str,
+        args: tuple[Any, ...], kwargs: dict[str, Any],
+    ) -> Future[Any]:
+        record = self._actor_records.get(actor_id)
+        args_ref, deps = self.rt.prepare_args(args, kwargs)
+        key = self.rt._next_key()
+        name = f"{class_name}.{method}"
+        future: Future[Any] = Future(self.rt, key, name)
+        retries = record.options.max_task_retries if record is not None else 0
+        event = TaskSubmitted(
+            key, tuple(deps), UNIT, retries if retries >= 0 else 1 << 30, False,
+            ActorCallSpec(method, args_ref, name), actor=actor_id,
+        )
+        with self.rt._locked():
+            self.rt._futures[key] = future
+            if type(args_ref) is StoredObject:
+                self.rt._args_refs[key] = args_ref
+            events: list[Event] = self.rt._register_dependencies(deps) if deps else []
+            if record is None:
+                events.append(ActorFailed(actor_id, ActorDiedError(
+                    f"actor {actor_id} is unknown to this runtime (it was never created here)"
+                )))
+            events.append(event)
+            self.rt._handle(events)
+        self.rt._settle_futures()
+        return future
+
+    # -- ending, restarting ----------------------------------------------------------------------
+
+    def _actor_exited(self, worker: WorkerHandle, reason: str) -> list[Event]:
+        """Events for the death of an actor's process; restarts it if it may (lock held)."""
+        assert worker.actor_id is not None
+        record = self._actor_records.get(worker.actor_id)
+        events: list[Event] = [WorkerDied(worker.id, reason)]
+        if record is None or (record.worker is not worker and record.worker is not None):
+            return events
+        record.worker = None
+        self.rt._handle(events)
+        if record.dead:
+            return []
+        if record.killed or record.restarts_left == 0:
+            self._end_actor(record, ActorDiedError(f"{record.description} died: {reason}"))
+        else:
+            if record.restarts_left > 0:
+                record.restarts_left -= 1
+            self._place_actor(record)
+        return []
+
+    def _actor_constructor_failed(
+        self, worker: WorkerHandle, error: BaseException
+    ) -> None:
+        record = self._actor_records.get(worker.actor_id) if worker.actor_id else None
+        if record is None:
+            return
+        died = ActorDiedError(
+            f"{record.description} could not be created: its constructor raised "
+            f"{type(error).__name__}: {error}"
+        )
+        died.__cause__ = error
+        self._end_actor(record, died)
+
+    def _end_actor(self, record: ActorRecord, error: BaseException) -> None:
+        """The actor is over: fail its calls, free its name and process (lock held)."""
+        record.dead = True
+        name = record.options.name
+        if name is not None and self._actor_names.get(name) == record.id:
+            del self._actor_names[name]
+        self.rt.store.delete(record.args_ref)
+        worker, record.worker = record.worker, None
+        if worker is not None and not worker.exited:
+            _kill(worker)
+        self.rt._handle(ActorFailed(record.id, error))
+
+    def kill(self, handle: ActorHandle, *, no_restart: bool = True) -> None:
+        with self.rt._locked():
+            record = self._actor_records.get(handle.actor_id)
+            if record is None or record.dead:
+                return
+            record.killed = no_restart
+            if record.worker is not None:
+                _kill(record.worker)
+            elif no_restart:
+                self._end_actor(record, ActorDiedError(f"{record.description} was killed"))
+        self.rt._settle_futures()
+
+    def get_actor(self, name: str) -> ActorHandle:
+        with self.rt._locked():
+            actor_id = self._actor_names.get(name)
+            record = self._actor_records.get(actor_id) if actor_id is not None else None
+            if record is None or record.dead:
+                raise ValueError(f"there is no live actor named {name!r}")
+            record.holds += 1
+        class_name = record.description.split()[1]
+        return ActorHandle(self.rt, record.id, class_name, record.methods)
+
+    # -- handle counting ------------------------------------------------------------------------
+
+    def lease_actor(self, actor_id: int) -> None:
+        self._actor_holds.append((actor_id, +1))
+        self._try_flush_actor_holds()
+
+    def adopt_actor_lease(self, actor_id: int) -> None:
+        # Unpickled in the driver: the lease becomes a driver handle; the count is unchanged.
+        pass
+
+    def release_actor(self, actor_id: int) -> None:
+        """From ``ActorHandle.__del__``: queue, never block."""
+        self._actor_holds.append((actor_id, -1))
+        self._try_flush_actor_holds()
+
+    def _worker_actor_hold(
+        self, worker: WorkerHandle, actor_id: int, delta: int
+    ) -> None:
+        """A worker took (+1), converted a lease into (0 net), or dropped (-1) a handle."""
+        record = self._actor_records.get(actor_id)
+        if record is None:
+            return
+        if delta == 0:
+            record.worker_holds[worker.id] += 1
+            return
+        if delta < 0:
+            if record.worker_holds[worker.id] <= 0:
+                return
+            record.worker_holds[worker.id] -= 1
+        self._change_holds(record, delta)
+
+    def _drop_worker_actor_holds(self, worker: WorkerHandle) -> None:
+        for record in list(self._actor_records.values()):
+            held = record.worker_holds.pop(worker.id, 0)
+            if held:
+                self._change_holds(record, -held)
+
+    def _try_flush_actor_holds(self) -> None:
+        if self.rt._lock.acquire(blocking=False):
+            self.rt._unlock()
+
+    def pending_holds(self) -> bool:
+        return bool(self._actor_holds)
+
+    def _flush_actor_holds(self) -> None:
+        while self._actor_holds:
+            actor_id, delta = self._actor_holds.popleft()
+            record = self._actor_records.get(actor_id)
+            if record is not None:
+                self._change_holds(record, delta)
+
+    def _change_holds(self, record: ActorRecord, delta: int) -> None:
+        record.holds += delta
+        if record.holds <= 0 and record.options.name is None and not record.dead:
+            self._end_actor(record, ActorDiedError(
+                f"{record.description} was ended: no handle to it is left"
+            ))
+
+
+def _kill(worker: WorkerHandle) -> None:
+    try:
+        os.kill(worker.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
