@@ -330,6 +330,7 @@ def test_full_shm_filesystem_raises_instead_of_sigbus(tiny_tmpfs):
         # The store is still usable after the failure.
         np.testing.assert_array_equal(owner.get(kept), np.ones(16 * MiB // 8))
         assert owner.stats()["num_objects"] == 1
+        owner.delete(kept)  # nothing left in the mapping: close() unmaps it
 
 
 def test_client_full_shm_raises_in_client(tiny_tmpfs):

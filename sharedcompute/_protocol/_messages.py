@@ -4,7 +4,7 @@ A message is a tuple whose first item is a :class:`Msg`. Bulk data never rides
 in a message: values above the inline threshold travel as store descriptors.
 
 Driver -> worker
-    RUN       (key, fn_key, fn_bytes | None, args_ref, dep_refs, name)
+    RUN       (key, fn_key, fn_bytes | None, args_ref, dep_refs, name, parent_key)
     RESOLVED  (key, ok, ref_or_error)      answer to a WAIT
     SHUTDOWN  ()
     CREATE    (actor_id, cls_key, cls_bytes, args_ref, dep_refs, max_concurrency, description)
@@ -13,7 +13,8 @@ Worker -> driver
     READY     (pid,)
     DONE      (key, ref)
     FAILED    (key, error_bytes)           pickled (exception, traceback text)
-    SUBMIT    (key, fn_key, fn_bytes, args_ref, dep_keys, options)
+    SUBMIT    (key, fn_key, fn_bytes, args_ref, dep_keys, options, parent_key)
+    RETURN    (key,)                       a blocked worker hands back a task it never started
     PUT       (key, ref)
     WAIT      (keys,)                      send me RESOLVED for these keys
     BLOCKED   (key,) / UNBLOCKED (key,)    task ``key`` waits on a future / resumes
@@ -51,3 +52,4 @@ class Msg(enum.IntEnum):
     ACTOR_RELEASE = 22
     ACTOR_LEASE = 23
     SUBMIT_CALL = 24
+    RETURN = 25

@@ -15,7 +15,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sharedcompute._runtime._args import FunctionCache, extract_dependencies
@@ -53,7 +53,7 @@ class TaskSpec:
     fn_key: bytes
     args_ref: ObjectRef
     name: str
-    dep_keys: tuple[int, ...] = field(default=())
+    parent: int | None = None
 
 
 class RuntimeBase:

@@ -53,6 +53,7 @@ from sharedcompute._scheduler import (
     StartWorker,
     TaskFailed,
     TaskFinished,
+    TaskReturned,
     TaskState,
     TaskSubmitted,
     WorkerBlocked,
@@ -69,6 +70,7 @@ from sharedcompute.errors import (
 )
 
 SCHEDULERS = ("sync", "threads", "processes")
+_SHORT_TASK_SECONDS = 0.001
 
 
 def unpack_error(data: bytes) -> BaseException:
@@ -121,6 +123,10 @@ class Runtime(RuntimeBase):
         self._futures: dict[int, Future[Any]] = {}
         self._args_refs: dict[int, ObjectRef] = {}
         self._fn_bytes: dict[bytes, bytes] = {}
+        # Functions whose last run took under _SHORT_TASK_SECONDS (they may be queued
+        # behind one another on a worker), and the function of each running task.
+        self._short_functions: set[bytes] = set()
+        self._task_functions: dict[int, bytes] = {}
         self._waiters: defaultdict[int, set[int]] = defaultdict(set)
         self._registered_local: set[int] = set()
         self._settle: deque[tuple[Future[Any], Instruction]] = deque()
@@ -275,13 +281,14 @@ class Runtime(RuntimeBase):
         deps = tuple((k, ref_to_wire(ref)) for k, ref in instruction.dependency_refs)
         outbox[instruction.worker].append((
             Msg.RUN, instruction.key, spec.fn_key, fn_bytes, ref_to_wire(spec.args_ref), deps,
-            spec.name,
+            spec.name, spec.parent,
         ))
 
     def _conclude(
         self, instruction: Resolve | Reject, outbox: dict[int, list[tuple[Any, ...]]]
     ) -> None:
         key = instruction.key
+        self._task_functions.pop(key, None)
         args_ref = self._args_refs.pop(key, None)
         if args_ref is not None:
             self.store.delete(args_ref)
@@ -350,7 +357,7 @@ class Runtime(RuntimeBase):
             resources = Resources(options.num_cpus, options.resources)
         event = TaskSubmitted(
             key, tuple(deps), resources, options.max_retries, options.retry_exceptions,
-            TaskSpec(fn_key, args_ref, name),
+            TaskSpec(fn_key, args_ref, name), short=fn_key in self._short_functions,
         )
         self._lock.acquire()
         try:
@@ -359,6 +366,7 @@ class Runtime(RuntimeBase):
                 raise RuntimeError("this runtime has been shut down")
             self._fn_bytes[fn_key] = fn_bytes
             self._futures[key] = future
+            self._task_functions[key] = fn_key
             if type(args_ref) is StoredObject:
                 self._args_refs[key] = args_ref
             if deps:
@@ -496,10 +504,12 @@ class Runtime(RuntimeBase):
             for message in messages:
                 kind = message[0]
                 if kind == Msg.DONE:
+                    self._learn_duration(message[1], message[3])
                     ref = ref_from_wire(message[2])
                     self.store.adopt(ref)
                     events.append(TaskFinished(message[1], worker.id, ref, message[3]))
                 elif kind == Msg.FAILED:
+                    self._task_functions.pop(message[1], None)
                     events.append(TaskFailed(message[1], worker.id, unpack_error(message[2])))
                 elif kind == Msg.WAIT:
                     if events:
@@ -511,6 +521,14 @@ class Runtime(RuntimeBase):
             if events:
                 self._handle(events)
         self._settle_futures()
+
+    def _learn_duration(self, key: int, duration: float) -> None:
+        fn_key = self._task_functions.pop(key, None)
+        if fn_key is not None:
+            if duration < _SHORT_TASK_SECONDS:
+                self._short_functions.add(fn_key)
+            else:
+                self._short_functions.discard(fn_key)
 
     def _on_request(
         self, worker: WorkerHandle, message: tuple[Any, ...], events: list[Event]
@@ -539,7 +557,7 @@ class Runtime(RuntimeBase):
         elif kind == Msg.ACTOR_LEASE:
             self.actors._worker_actor_hold(worker, message[1], +1)
         elif kind == Msg.SUBMIT:
-            _, key, fn_key, fn_bytes, args_wire, dep_keys, options_wire = message
+            _, key, fn_key, fn_bytes, args_wire, dep_keys, options_wire, parent = message
             args_ref = ref_from_wire(args_wire)
             options = options_from_wire(options_wire)
             if fn_bytes is not None:
@@ -549,10 +567,12 @@ class Runtime(RuntimeBase):
             if isinstance(args_ref, StoredObject):
                 self._args_refs[key] = args_ref
             worker.held_keys.add(key)
+            self._task_functions[key] = fn_key
             events.append(TaskSubmitted(
                 key, dep_keys, Resources(options.num_cpus, options.resources),
                 options.max_retries, options.retry_exceptions,
-                TaskSpec(fn_key, args_ref, options.name or str(key)),
+                TaskSpec(fn_key, args_ref, options.name or str(key), parent), parent=parent,
+                short=fn_key in self._short_functions,
             ))
         elif kind == Msg.SUBMIT_CALL:
             _, key, actor_id, class_name, method, args_wire, dep_keys = message
@@ -585,6 +605,8 @@ class Runtime(RuntimeBase):
                     events.append(KeyReleased(key))
         elif kind == Msg.CANCEL:
             events.append(CancelRequested(message[1]))
+        elif kind == Msg.RETURN:
+            events.append(TaskReturned(worker.id, message[1]))
 
     def _answer_wait(self, worker: WorkerHandle, keys: list[int]) -> None:
         replies: list[tuple[Any, ...]] = []

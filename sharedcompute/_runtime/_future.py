@@ -82,7 +82,12 @@ class Future(concurrent.futures.Future, Generic[T]):
         return self._runtime.cancel(self)
 
     def _cancel_now(self) -> bool:
-        return super().cancel()
+        if not super().cancel():
+            return False
+        # Nothing will pick this Future up later: move it to CANCELLED_AND_NOTIFIED now,
+        # which is what concurrent.futures.wait() and as_completed() count as done.
+        self.set_running_or_notify_cancel()
+        return True
 
     def __await__(self) -> Generator[Any, None, T]:
         self._runtime.watch(self)

@@ -18,23 +18,27 @@ State:
   needs it). ``holders`` counts Futures and other outside references;
   ``pending_dependents`` counts dependents that have not finished yet.
 - ``_ready``: READY keys in submission order (FIFO: fair, and what users of
-  ``concurrent.futures`` expect).
+  ``concurrent.futures`` expect). Entries go stale when a task leaves READY
+  another way (dispatched as a child, cancelled, failed); they are skipped.
+- ``_ready_children``: READY keys by the task that submitted them, so a worker
+  whose tasks all wait on Futures runs only the top task's own children nested
+  (anything else could nest without bound, and a task's children are what it
+  waits for).
 - ``_workers``: each worker's ``assigned`` keys in the order they were sent; a
   worker runs them in that order, so the started ones are always a prefix.
 - ``_available``: resources free on this node (CPU and custom).
 
 Placement policy: an idle worker first (if the node has the task's resources);
-otherwise, a task needing exactly one CPU may be queued behind unit tasks on a
-busy worker, at most ``prefetch`` deep (``max_prefetch`` deep while the moving
-average of unit-task durations is under a millisecond: queueing such tasks
-cannot hold anything back for long), so workers never wait for a round trip
-between two short tasks. Each worker holds the reservation of exactly one task,
+otherwise a short task (its function ran for under a millisecond before)
+needing one CPU may be queued, at most ``max_prefetch`` deep, on a worker
+whose tasks are all short, so workers never wait for a round trip between two
+short tasks and nothing ever waits behind a long one. Each worker holds the reservation of exactly one task,
 its first assigned task that is not blocked; when a task blocks on a future,
 that reservation passes on (or back to the node), which is how a task waiting
 on nested tasks gives its CPU back.
 
 Invariants:
-- a key is in ``_ready`` iff its state is READY;
+- a READY key is in ``_ready`` (possibly besides stale entries);
 - a RUNNING key is in exactly one worker's ``assigned`` list;
 - a record is dropped once it is terminal, has no holders and no pending
   dependents; its object is freed then (``FreeObject``).
@@ -69,6 +73,7 @@ from sharedcompute._scheduler._events import (
     TaskFailed,
     TaskFinished,
     TaskKey,
+    TaskReturned,
     TaskState,
     TaskSubmitted,
     WorkerBlocked,
@@ -100,6 +105,8 @@ class _Task:
     ref: Any = None
     error: BaseException | None = None
     actor: int | None = None
+    parent: TaskKey | None = None
+    short: bool = False
 
 
 @dataclass(slots=True)
@@ -122,27 +129,30 @@ class _Worker:
     # (kept up to date on every change, so placement never walks the lists).
     active: int = 0
     active_non_unit: int = 0
+    active_long: int = 0  # active tasks not known to be short
+    # Tasks of this worker waiting on Futures, in the order they blocked: the last one
+    # is on top of the worker's stack, and only its own children may run nested above it.
+    blocked_order: list[TaskKey] = field(default_factory=list)
 
     def count(self, task: _Task, sign: int) -> None:
         self.active += sign
         if task.resources is not UNIT and not task.resources.is_unit:
             self.active_non_unit += sign
+        if not task.short:
+            self.active_long += sign
 
 
 class SchedulerCore:
     _handlers: dict[type, Any]
 
-    def __init__(
-        self, resources: dict[str, float], *, prefetch: int = 1, max_prefetch: int = 16
-    ) -> None:
+    def __init__(self, resources: dict[str, float], *, max_prefetch: int = 16) -> None:
         self.total = dict(resources)
         self._available = dict(resources)
-        self.prefetch = prefetch
         self.max_prefetch = max_prefetch
-        # Moving average of how long unit tasks run; deep prefetch only pays for short ones.
-        self._typical_duration = 1.0
         self._tasks: dict[TaskKey, _Task] = {}
         self._ready: deque[TaskKey] = deque()
+        # READY tasks by the task that submitted them (entries may be stale: check state).
+        self._ready_children: dict[TaskKey, deque[TaskKey]] = {}
         self._workers: dict[WorkerId, _Worker] = {}
         self._actors: dict[int, _Actor] = {}
         self._actor_workers: dict[WorkerId, _Actor] = {}
@@ -202,6 +212,8 @@ class SchedulerCore:
             retry_exceptions=event.retry_exceptions,
             payload=event.payload,
             actor=event.actor,
+            parent=event.parent,
+            short=event.short,
         )
         self._tasks[event.key] = task
         if event.actor is not None:
@@ -249,8 +261,6 @@ class SchedulerCore:
             self._out.append(FreeObject(event.key, event.ref))
             return
         self._unassign(task)
-        if task.resources is UNIT:
-            self._typical_duration += (event.duration - self._typical_duration) * 0.2
         self._finish(task, event.ref)
 
     def _on_TaskFailed(self, event: TaskFailed) -> None:
@@ -316,6 +326,7 @@ class SchedulerCore:
         task.blocked = True
         worker = self._workers[event.worker]
         worker.count(task, -1)
+        worker.blocked_order.append(task.key)
         self._rebalance(worker)
 
     def _on_WorkerUnblocked(self, event: WorkerUnblocked) -> None:
@@ -327,14 +338,20 @@ class SchedulerCore:
         task.blocked = False
         worker = self._workers[event.worker]
         worker.count(task, +1)
+        worker.blocked_order.remove(task.key)
         self._rebalance(worker)
+
+    def _on_TaskReturned(self, event: TaskReturned) -> None:
+        task = self._tasks.get(event.key)
+        if task is None or task.worker != event.worker or task.state is not TaskState.RUNNING:
+            return
+        self._unassign(task)
+        self._make_ready(task, front=True)
 
     def _on_CancelRequested(self, event: CancelRequested) -> None:
         task = self._tasks.get(event.key)
         if task is None or task.state not in (TaskState.WAITING, TaskState.READY):
             return
-        if task.state is TaskState.READY and task.actor is None:
-            self._ready.remove(task.key)
         self._terminate(task, TaskState.CANCELLED, CancelledError(f"task {task.key} was cancelled"))
 
     def _on_KeyRetained(self, event: KeyRetained) -> None:
@@ -363,6 +380,8 @@ class SchedulerCore:
             self._ready.appendleft(task.key)
         else:
             self._ready.append(task.key)
+        if task.parent is not None:
+            self._ready_children.setdefault(task.parent, deque()).append(task.key)
 
     def _finish(self, task: _Task, ref: Any) -> None:
         task.state = TaskState.FINISHED
@@ -390,8 +409,6 @@ class SchedulerCore:
         for dep_key in list(task.dependents):
             dependent = self._tasks.get(dep_key)
             if dependent is not None and dependent.state in (TaskState.WAITING, TaskState.READY):
-                if dependent.state is TaskState.READY and dependent.actor is None:
-                    self._ready.remove(dependent.key)
                 self._fail_dependent(dependent, task)
         self._done_with_dependencies(task)
         if task.actor is not None:
@@ -423,6 +440,7 @@ class SchedulerCore:
     def _maybe_forget(self, task: _Task) -> None:
         if task.state in TERMINAL and task.holders <= 0 and task.pending_dependents <= 0:
             del self._tasks[task.key]
+            self._ready_children.pop(task.key, None)
             if task.state is TaskState.FINISHED:
                 self._out.append(FreeObject(task.key, task.ref))
 
@@ -492,6 +510,8 @@ class SchedulerCore:
             worker.assigned.remove(task.key)
             if not task.blocked:
                 worker.count(task, -1)
+            elif task.key in worker.blocked_order:
+                worker.blocked_order.remove(task.key)
         task.blocked = False
         task.worker = None
         if worker is not None:
@@ -499,20 +519,39 @@ class SchedulerCore:
 
     def _pick_worker(self, task: _Task) -> _Worker | None:
         best: _Worker | None = None
-        depth = self.max_prefetch if self._typical_duration < 0.001 else self.prefetch
-        best_load = 1 + depth
+        best_load = 1 + self.max_prefetch
         for worker in self._workers.values():
+            if worker.blocked_order:
+                continue  # it only takes children of its top task (_serve_blocked)
             if not worker.active:
                 return worker if self._fits(task.resources) else None
-            if worker.active < best_load and not worker.active_non_unit:
+            if worker.active < best_load and not worker.active_long:
                 best, best_load = worker, worker.active
-        return best if task.resources.is_unit else None
+        return best if task.short and task.resources.is_unit else None
+
+    def _serve_blocked(self) -> None:
+        """A worker whose tasks all wait runs the top one's ready children, nested."""
+        for worker in self._workers.values():
+            if worker.active or not worker.blocked_order:
+                continue
+            children = self._ready_children.get(worker.blocked_order[-1])
+            while children:
+                task = self._tasks.get(children.popleft())
+                if task is not None and task.state is TaskState.READY and self._fits(
+                    task.resources
+                ):
+                    self._assign(task, worker)
+                    break
 
     def _schedule(self) -> None:
+        if self._ready_children:
+            self._serve_blocked()
         skipped: list[TaskKey] = []
         while self._ready:
             key = self._ready.popleft()
-            task = self._tasks[key]
+            task = self._tasks.get(key)
+            if task is None or task.state is not TaskState.READY:
+                continue  # stale: dispatched as a child, cancelled or failed meanwhile
             worker = self._pick_worker(task)
             if worker is None:
                 skipped.append(key)
@@ -607,7 +646,7 @@ class SchedulerCore:
 SchedulerCore._handlers = {
     event_type: getattr(SchedulerCore, "_on_" + event_type.__name__)
     for event_type in (
-        ActorStarted, ActorFailed, WorkerRetired, TaskSubmitted, ExternalTask, ObjectPut,
+        ActorStarted, ActorFailed, WorkerRetired, TaskReturned, TaskSubmitted, ExternalTask, ObjectPut,
         TaskFinished, TaskFailed, WorkerJoined,
         WorkerDied, WorkerBlocked, WorkerUnblocked, CancelRequested, KeyReleased, KeyRetained,
     )

@@ -33,6 +33,7 @@ __all__ = [
     "TaskFailed",
     "TaskFinished",
     "TaskKey",
+    "TaskReturned",
     "TaskState",
     "TaskSubmitted",
     "WorkerBlocked",
@@ -89,6 +90,8 @@ class TaskSubmitted:
     retry_exceptions: bool = False
     payload: Any = None  # opaque to the scheduler: what the runtime sends to the worker
     actor: int | None = None  # an actor method call: runs on that actor's process, in order
+    parent: TaskKey | None = None  # the task that submitted this one from inside a worker
+    short: bool = False  # its function has run for under a millisecond before
 
 
 @dataclass(slots=True)
@@ -166,6 +169,14 @@ class ActorFailed:
 
 
 @dataclass(slots=True)
+class TaskReturned:
+    """A blocked worker hands back a task it was sent but has not started."""
+
+    worker: WorkerId
+    key: TaskKey
+
+
+@dataclass(slots=True)
 class CancelRequested:
     key: TaskKey
 
@@ -202,6 +213,7 @@ Event = (
     | WorkerDied
     | WorkerBlocked
     | WorkerUnblocked
+    | TaskReturned
     | CancelRequested
     | KeyReleased
     | KeyRetained

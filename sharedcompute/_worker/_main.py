@@ -180,7 +180,7 @@ class WorkerRuntime(RuntimeBase):
     # -- running a task --------------------------------------------------------------
 
     def _run(self, message: tuple[Any, ...]) -> None:
-        _, key, fn_key, fn_bytes, args_wire, dep_refs, name = message
+        _, key, fn_key, fn_bytes, args_wire, dep_refs, name, _parent = message
         self._execute(key, lambda: self._function(fn_key, fn_bytes), args_wire, dep_refs, name,
                       fn_key)
 
@@ -262,9 +262,11 @@ class WorkerRuntime(RuntimeBase):
         self._futures[key] = future
         sent = fn_key in self._functions
         self._functions.setdefault(fn_key, fn)
+        on_main = threading.current_thread() is self._main
+        parent = self._stack[-1] if on_main and self._stack else None
         self._send((
             Msg.SUBMIT, key, fn_key, None if sent else fn_bytes, ref_to_wire(args_ref),
-            tuple(deps), options_to_wire(options),
+            tuple(deps), options_to_wire(options), parent,
         ))
         return future
 
@@ -367,8 +369,9 @@ class WorkerRuntime(RuntimeBase):
                 if remaining is not None and remaining <= 0:
                     return
                 if on_main:
-                    if self._queue:
-                        self._next(self._queue.popleft())
+                    child = self._take_child(blocked_key)
+                    if child is not None:
+                        self._next(child)
                     else:
                         self._read(remaining)
                 elif self._reader.acquire(blocking=False):
@@ -380,6 +383,34 @@ class WorkerRuntime(RuntimeBase):
         finally:
             if blocked_key is not None:
                 self._send((Msg.UNBLOCKED, blocked_key))
+
+
+    def _take_child(self, parent: int | None) -> tuple[Any, ...] | None:
+        """The next queued task submitted by ``parent``; other queued tasks go back.
+
+        A waiting task may only have its own children run nested above it: anything
+        else could block in turn and pile up without bound. Tasks the driver sent
+        before this one blocked are handed back for other workers to take; actor
+        calls stay queued, to run in order once the waiting call has finished.
+        """
+        if not self._queue:
+            return None
+        kept: deque[tuple[Any, ...]] = deque()
+        child = None
+        returned = []
+        while self._queue:
+            message = self._queue.popleft()
+            if message[0] != Msg.RUN:
+                kept.append(message)
+            elif child is None and parent is not None and message[7] == parent:
+                child = message
+            else:
+                returned.append((Msg.RETURN, message[1]))
+        self._queue = kept
+        if returned:
+            self._flush()
+            self.conn.send_many(returned)
+        return child
 
 
 def _watch_driver(fd: int) -> None:
