@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import pickle
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -74,12 +75,14 @@ _SHORT_TASK_SECONDS = 0.001
 
 
 def unpack_error(data: bytes) -> BaseException:
+    """The exception a worker sent (see ``pack_error``), with its traceback as the cause."""
+    tb, type_name, text, exc_bytes = pickle.loads(data)
     try:
-        exc, tb = cloudpickle.loads(data)
+        exc: BaseException = cloudpickle.loads(exc_bytes)
     except Exception as error:
-        return SerializationError(
-            f"a task failed, and its exception could not be loaded in the driver "
-            f"({type(error).__name__}: {error})"
+        exc = SerializationError(
+            f"a task raised {type_name}: {text}, and that exception could not be loaded in "
+            f"the driver ({type(error).__name__}: {error})"
         )
     exc.__cause__ = RemoteTraceback(tb)
     return exc
@@ -693,8 +696,6 @@ def concurrent_cancelled(key: int) -> BaseException:
 
 def _portable(error: BaseException | None) -> BaseException:
     """An exception that survives pickling to a worker (the original if it can)."""
-    import pickle
-
     try:
         pickle.dumps(error)
         return error if error is not None else SharedComputeError("unknown error")

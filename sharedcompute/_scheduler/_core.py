@@ -289,6 +289,7 @@ class SchedulerCore:
         if worker is None:
             return
         started = True
+        requeue: list[_Task] = []
         for key in worker.assigned:
             task = self._tasks[key]
             if task.reserved:
@@ -302,10 +303,10 @@ class SchedulerCore:
                 started = False
             task.blocked = False
             if not was_running:
-                self._make_ready(task, front=True)
+                requeue.append(task)
             elif task.retries_left > 0:
                 task.retries_left -= 1
-                self._make_ready(task, front=True)
+                requeue.append(task)
             else:
                 self._fail(
                     task,
@@ -315,6 +316,9 @@ class SchedulerCore:
                     ),
                 )
         worker.assigned.clear()
+        # Back to the front of the queue, in the order they were submitted.
+        for task in reversed(requeue):
+            self._make_ready(task, front=True)
         self._out.append(StartWorker(replaces=event.worker))
 
     def _on_WorkerBlocked(self, event: WorkerBlocked) -> None:

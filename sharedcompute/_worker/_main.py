@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -48,16 +49,21 @@ _MAX_BATCH = 64
 
 
 def pack_error(exc: BaseException, where: str) -> bytes:
-    """Pickle an exception with its formatted traceback; never fails."""
+    """Pickle an exception with its formatted traceback; never fails.
+
+    The traceback text and the exception travel separately, so the reader keeps
+    the traceback even when it cannot load the exception itself.
+    """
     tb = f"{where}\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        return cloudpickle.dumps((exc, tb), protocol=5)
+        exc_bytes = cloudpickle.dumps(exc, protocol=5)
     except Exception as pickling_error:
         substitute = SerializationError(
             f"the task raised {type(exc).__qualname__}: {exc}, and that exception could not be "
             f"pickled to send it back ({type(pickling_error).__name__}: {pickling_error})"
         )
-        return cloudpickle.dumps((substitute, tb), protocol=5)
+        exc_bytes = cloudpickle.dumps(substitute, protocol=5)
+    return pickle.dumps((tb, type(exc).__qualname__, str(exc), exc_bytes), protocol=5)
 
 
 class WorkerRuntime(RuntimeBase):

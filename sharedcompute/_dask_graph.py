@@ -1,0 +1,156 @@
+"""What Dask hands a scheduler, turned into a plan sharedcompute can run (no runtime, no I/O).
+
+Dask gives a scheduler one of three things: an expression object (Dask >= 2025.1, with
+``__dask_graph__()``), a mapping of task-spec nodes (``Task``, ``Alias``, ``DataNode`` and
+the containers ``List`` / ``Tuple`` / ``Dict`` / ``Set``), or a legacy graph of tuples. All
+three become one ``{key: GraphNode}`` mapping through Dask's own conversion, and then a
+:class:`GraphPlan` splits the nodes by how they run:
+
+- ``DataNode``: a value the driver already holds. It is never a task: small values travel
+  inline in their dependents' arguments, large ones are put in the store once.
+- ``Alias``: another name for a key. Never a task: the alias resolves, through chains, to
+  the key that really produces the value.
+- every other node (``Task`` and its container subclasses): one sharedcompute task, called
+  in a worker as ``node(values)`` with the values of its dependencies.
+
+Only the part of the graph the requested keys need is kept (culling), so a persisted or
+reused graph does not run work nobody asked for.
+
+Private Dask names used, all guarded at import: ``dask._task_spec.convert_legacy_graph``
+(the only way to read legacy tuple graphs; ``dask.local`` uses it for the same job), and
+the task-spec classes from ``dask._task_spec`` where the public ``dask.task_spec`` module
+does not exist yet (before Dask 2025.1). Dask 2024.11.2 and 2024.12.0 store an ``Alias``
+target as a ``TaskRef``; later versions as the key itself: both are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+from dask.core import flatten
+from dask.order import order
+
+try:  # the public home of the task-spec classes (Dask >= 2025.1)
+    from dask.task_spec import Alias, DataNode, GraphNode, TaskRef
+except ImportError:  # Dask 2024.12: the same classes, only under the private name
+    from dask._task_spec import Alias, DataNode, GraphNode, TaskRef
+
+try:
+    from dask._task_spec import convert_legacy_graph
+except ImportError as error:  # pragma: no cover - only on an unsupported Dask
+    raise ImportError(
+        f"sharedcompute.dask needs Dask's task-spec graphs (Dask >= 2024.11.2); "
+        f"this is Dask {dask.__version__}"
+    ) from error
+
+Key = Hashable
+
+
+@dataclass
+class GraphPlan:
+    """A culled graph, split into what runs as tasks and what the driver resolves itself.
+
+    Invariants: every key in ``tasks``, ``data`` and ``aliases`` is needed by ``outputs``;
+    ``aliases`` map straight to a key of ``tasks`` or ``data`` (chains resolved);
+    ``producers[t]`` is the set of ``tasks`` / ``data`` keys task ``t`` reads (aliases
+    resolved), and ``readers[p]`` the tasks that read ``p`` (the same edges, reversed);
+    ``priority`` orders tasks as Dask's own schedulers would run them (lower first).
+    """
+
+    tasks: dict[Key, Any]
+    data: dict[Key, Any]
+    aliases: dict[Key, Key]
+    producers: dict[Key, frozenset[Key]]
+    readers: dict[Key, list[Key]]
+    priority: dict[Key, int]
+    outputs: list[Key] = field(default_factory=list)
+
+    def resolve(self, key: Key) -> Key:
+        """The key that really produces ``key``'s value (``key`` itself unless an alias)."""
+        return self.aliases.get(key, key)
+
+
+def to_task_graph(dsk: Any) -> dict[Key, Any]:
+    """Whatever Dask passed (expression, task-spec or legacy mapping) as ``{key: GraphNode}``."""
+    if not isinstance(dsk, Mapping):
+        graph = getattr(dsk, "__dask_graph__", None)
+        if graph is None:
+            raise TypeError(
+                f"expected a Dask graph (a mapping) or an object with __dask_graph__(), "
+                f"got {type(dsk).__name__}"
+            )
+        dsk = graph()
+    converted: dict[Key, Any] = convert_legacy_graph(dsk)
+    return converted
+
+
+def make_plan(dsk: Any, keys: Any) -> GraphPlan:
+    """Cull ``dsk`` to what ``keys`` (a key or a nested list of keys) need, and split it."""
+    graph = to_task_graph(dsk)
+    outputs = list(flatten(keys)) if isinstance(keys, list) else [keys]
+    needed = _cull(graph, outputs)
+    tasks: dict[Key, Any] = {}
+    data: dict[Key, Any] = {}
+    direct_aliases: dict[Key, Key] = {}
+    for key in needed:
+        node = graph[key]
+        if isinstance(node, Alias):
+            target = node.target  # a key; a TaskRef up to Dask 2024.12.0
+            direct_aliases[key] = target.key if isinstance(target, TaskRef) else target
+        elif isinstance(node, DataNode):
+            data[key] = node.value
+        elif isinstance(node, GraphNode):
+            tasks[key] = node
+        else:  # convert_legacy_graph wraps plain values; be safe with anything else
+            data[key] = node
+    aliases = {key: _follow(key, direct_aliases) for key in direct_aliases}
+    producers: dict[Key, frozenset[Key]] = {}
+    readers: dict[Key, list[Key]] = {key: [] for key in (*tasks, *data)}
+    for key, node in tasks.items():
+        reads = frozenset(aliases.get(dep, dep) for dep in node.dependencies)
+        producers[key] = reads
+        for producer in reads:
+            readers[producer].append(key)
+    culled: dict[Any, Any] = {key: graph[key] for key in needed}
+    ranks: dict[Any, int] = order(culled)
+    priority = {key: ranks.get(key, 0) for key in tasks}
+    return GraphPlan(tasks, data, aliases, producers, readers, priority, outputs)
+
+
+def _cull(graph: Mapping[Key, Any], outputs: Iterable[Key]) -> set[Key]:
+    needed: set[Key] = set()
+    stack: list[tuple[Key, Key | None]] = [(key, None) for key in outputs]
+    while stack:
+        key, dependent = stack.pop()
+        if key in needed:
+            continue
+        node = graph.get(key)
+        if node is None:
+            if dependent is None:
+                raise KeyError(f"requested key {key!r} is not in the Dask graph")
+            raise ValueError(f"Missing dependency {key!r} for dependent {dependent!r}")
+        needed.add(key)
+        for dep in node.dependencies if isinstance(node, GraphNode) else ():
+            stack.append((dep, key))
+    return needed
+
+
+def _follow(key: Key, aliases: Mapping[Key, Key]) -> Key:
+    seen = {key}
+    target = aliases[key]
+    while target in aliases:
+        if target in seen:
+            raise ValueError(f"the Dask graph has a cycle of aliases through {key!r}")
+        seen.add(target)
+        target = aliases[target]
+    return target
+
+
+def nested(keys: Any, values: Mapping[Key, Any]) -> Any:
+    """The result in the shape Dask's schedulers return: nested lists of keys become tuples."""
+    if isinstance(keys, list):
+        return tuple(nested(k, values) for k in keys)
+    return values[keys]
