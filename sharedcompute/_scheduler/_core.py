@@ -32,7 +32,8 @@ Placement policy: an idle worker first (if the node has the task's resources);
 otherwise a short task (its function ran for under a millisecond before)
 needing one CPU may be queued, at most ``max_prefetch`` deep, on a worker
 whose tasks are all short, so workers never wait for a round trip between two
-short tasks and nothing ever waits behind a long one. Each worker holds the reservation of exactly one task,
+short tasks and nothing ever waits behind a long one. Each worker holds the
+reservation of exactly one task,
 its first assigned task that is not blocked; when a task blocks on a future,
 that reservation passes on (or back to the node), which is how a task waiting
 on nested tasks gives its CPU back.
@@ -650,8 +651,8 @@ class SchedulerCore:
 SchedulerCore._handlers = {
     event_type: getattr(SchedulerCore, "_on_" + event_type.__name__)
     for event_type in (
-        ActorStarted, ActorFailed, WorkerRetired, TaskReturned, TaskSubmitted, ExternalTask, ObjectPut,
-        TaskFinished, TaskFailed, WorkerJoined,
-        WorkerDied, WorkerBlocked, WorkerUnblocked, CancelRequested, KeyReleased, KeyRetained,
+        ActorStarted, ActorFailed, WorkerRetired, TaskReturned, TaskSubmitted, ExternalTask,
+        ObjectPut, TaskFinished, TaskFailed, WorkerJoined, WorkerDied, WorkerBlocked,
+        WorkerUnblocked, CancelRequested, KeyReleased, KeyRetained,
     )
 }

@@ -258,3 +258,257 @@ except BaseException:
 with os.fdopen(int(sys.argv[1]), "wb") as out:
     out.write(reply)
 """
+
+
+# -- memory over time ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    """PSS and RSS summed over a process tree, in bytes (PSS falls back to RSS where unknown)."""
+
+    pss_bytes: int
+    rss_bytes: int
+    processes: int
+
+
+class TreeMemorySampler:
+    """Samples the memory of a process tree every ``interval`` seconds, from another process.
+
+    A separate process rather than a thread: a driver busy in a long C call (a 1 GiB memcpy,
+    a pickle) holds the GIL, and a sampling thread would miss exactly the peak it is there for.
+    The sampler reads ``/proc`` directly (``smaps_rollup`` for PSS), leaves itself out of the
+    tree, and refreshes the list of descendants every few samples so processes a system starts
+    later (Ray's workers) are counted. It exits when this process closes its stdin, however this
+    process ends.
+
+    ::
+
+        with TreeMemorySampler() as sampler:
+            base = sampler.reset()      # now, and the start of a new peak window
+            ...                         # the workload
+            extra = sampler.peak().pss_bytes - base.pss_bytes
+    """
+
+    def __init__(self, root_pid: int | None = None, interval: float = 0.02) -> None:
+        self.root_pid = os.getpid() if root_pid is None else root_pid
+        self.interval = interval
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> TreeMemorySampler:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _SAMPLER_CODE, str(self.root_pid), str(self.interval)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self._ask("now")  # wait until it runs
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
+
+    def reset(self) -> MemorySample:
+        """Take a sample now, and start a new peak window from it."""
+        return self._ask("reset")
+
+    def peak(self) -> MemorySample:
+        """The largest sample since the last reset (a sample is taken now too)."""
+        return self._ask("peak")
+
+    def _ask(self, command: str) -> MemorySample:
+        if self._proc is None:
+            raise RuntimeError("the sampler is not running; use it as a context manager")
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(command + "\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the memory sampler exited (code {self._proc.poll()})")
+        pss, rss, count = (int(field) for field in line.split())
+        return MemorySample(pss, rss, count)
+
+
+# Runs in the sampler process: standard library only, no psutil, so it starts in ~20 ms.
+_SAMPLER_CODE = r"""
+import os, select, sys, time
+root, interval = int(sys.argv[1]), float(sys.argv[2])
+me = os.getpid()
+
+def descendants():
+    children = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid != me:
+            found.append(pid)
+            todo.extend(children.get(pid, ()))
+    return found
+
+def memory(pid):
+    pss = rss = None
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    pss = int(line.split()[1]) * 1024
+                elif line.startswith(b"Rss:"):
+                    rss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if rss is None:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return None
+    return (rss if pss is None else pss), rss
+
+pids, since_refresh = [], 10**9
+def sample():
+    global pids, since_refresh
+    if since_refresh >= 10:
+        pids, since_refresh = descendants(), 0
+    since_refresh += 1
+    pss = rss = count = 0
+    for pid in pids:
+        got = memory(pid)
+        if got is not None:
+            pss, rss, count = pss + got[0], rss + got[1], count + 1
+    return pss, rss, count
+
+peak = sample()
+while True:
+    if select.select([sys.stdin], [], [], interval)[0]:
+        command = sys.stdin.readline().strip()
+        if not command:
+            break
+        since_refresh = 10**9  # a command marks a phase change: look for new processes
+        now = sample()
+        if command == "reset":
+            peak = now
+        elif now[0] > peak[0]:
+            peak = now
+        reply = now if command in ("reset", "now") else peak
+        sys.stdout.write("%d %d %d\n" % reply)
+        sys.stdout.flush()
+    else:
+        now = sample()
+        if now[0] > peak[0]:
+            peak = now
+"""
+
+
+def tree_cpu_seconds(pid: int | None = None) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by process ``pid`` and by each descendant."""
+    root = psutil.Process(pid)
+    used: dict[int, float] = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        used[process.pid] = times.user + times.system
+    return used
+
+
+# -- process hygiene ---------------------------------------------------------------
+
+
+def become_child_subreaper() -> bool:
+    """Adopt orphaned descendants (Linux ``PR_SET_CHILD_SUBREAPER``); False where unsupported.
+
+    A system that daemonizes helpers (Ray's raylet, a resource tracker) leaves them orphaned
+    when the process that started them exits; as a subreaper this process inherits them, so
+    :func:`end_descendants` can still find and stop them.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0)
+
+
+def end_descendants(grace: float = 5.0, settle: float = 0.0) -> list[str]:
+    """Stop every descendant of this process (SIGTERM, then SIGKILL after ``grace``) and reap it.
+
+    Descendants get ``settle`` seconds to exit by themselves first (a helper that notices its
+    parent is gone needs a moment). Returns ``"name (pid N)"`` for each process that was still
+    running after that, zombies left out: what the systems measured left behind.
+    """
+    me = psutil.Process()
+    left: list[str] = []
+    processes = me.children(recursive=True)
+    if settle > 0 and processes:
+        _, processes = psutil.wait_procs(processes, timeout=settle)
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{process.name()} (pid {process.pid})")
+                process.terminate()
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(alive, timeout=grace)
+    _reap_zombies()
+    return left
+
+
+def _reap_zombies() -> None:
+    """Collect the exit status of every child that has ended (orphans adopted included)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+# -- data ----------------------------------------------------------------------------
+
+
+def make_arrow_table(rows: int) -> Any:
+    """A pyarrow.Table of four int64/float64 columns and a string column (~43 bytes a row)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = np.arange(rows, dtype=np.int64)
+    return pa.table(
+        {
+            "id": ids,
+            "group": ids % 1000,
+            "x": ids * 0.5,
+            "y": np.sqrt(ids, dtype=np.float64),
+            "name": pc.cast(pa.array(ids), pa.string()),
+        }
+    )
