@@ -8,6 +8,7 @@ Use::
     with dask.config.set(scheduler="sharedcompute"):   # named once this module is imported
         ...
     x.compute(scheduler=sharedcompute.dask.get, executor=ex)   # on an sc.Executor's runtime
+    x.compute(scheduler=ex)   # also works: Dask's generic Executor path (see below)
 
 Data flow::
 
@@ -52,6 +53,13 @@ change, as with every other Dask scheduler: read-only numpy arrays and pandas ob
 result are copied once, in the driver (``writeable_results=False`` hands back the zero-copy
 views instead).
 
+Passing an ``sc.Executor`` itself as ``scheduler=`` takes Dask's path for any
+``concurrent.futures.Executor`` (``dask.local.get_async``): correct and parallel, but every
+intermediate comes back to the driver (as a zero-copy view) and goes out again with its
+readers (one copy an edge). ``scheduler=get, executor=ex`` keeps them in the store.
+Dask's diagnostics (``ProgressBar``, ``Profiler``, ``callbacks=``) are called as its local
+schedulers call them, with ``None`` for each task's result.
+
 Supported Dask: 2024.11.2 and later (the task-spec graph format; tested at 2024.11.2 and at
 the latest release); see ``_dask_graph`` for the private Dask names it needs and how they are
 guarded.
@@ -60,6 +68,7 @@ guarded.
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 import pickle
 import sys
@@ -89,6 +98,7 @@ def get(
     max_in_flight: int | None = None,
     num_workers: int | None = None,
     writeable_results: bool = True,
+    callbacks: Any = None,
     **kwargs: Any,
 ) -> Any:
     """Compute ``keys`` of the Dask graph ``dsk`` on sharedcompute; a Dask scheduler function.
@@ -99,15 +109,22 @@ def get(
     else on the default runtime (``sc.init``, ``with sc.Runtime()``, or one started now).
     ``max_in_flight`` caps the tasks submitted and unfinished (default ``2 * workers + 2``).
     With ``writeable_results=False`` results may be read-only views of the store (no copy).
-    Other keywords Dask forwards are accepted and ignored, as its local schedulers do.
+    Dask's local callbacks (``dask.diagnostics.ProgressBar``, ``Profiler``, or
+    ``callbacks=``) see every task start and finish; ``posttask`` gets ``None`` for the
+    result, which stays in the store. Other keywords Dask forwards are accepted and ignored,
+    as its local schedulers do.
     """
+    from dask.callbacks import local_callbacks
+
     plan = make_plan(dsk, keys)
     backend = _Backend(executor)
     workers = num_workers or backend.num_workers()
     window = max_in_flight or 2 * workers + 2
     if window < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {window}")
-    values = _GraphRun(plan, backend, window, writeable_results).run()
+    with local_callbacks(callbacks) as active:
+        hooks = _Hooks(plan, active) if active else None
+        values = _GraphRun(plan, backend, window, writeable_results, hooks).run()
     return nested(keys, values)
 
 
@@ -181,12 +198,19 @@ class _GraphRun:
     """Submits one plan's tasks in Dask's order, a window at a time; see the module docstring."""
 
     def __init__(
-        self, plan: GraphPlan, backend: _Backend, window: int, writeable_results: bool
+        self,
+        plan: GraphPlan,
+        backend: _Backend,
+        window: int,
+        writeable_results: bool,
+        hooks: _Hooks | None = None,
     ) -> None:
         self.plan = plan
         self.backend = backend
         self.window = window
         self.writeable_results = writeable_results
+        self.hooks = hooks
+        self._tie = itertools.count()
         self.handles: dict[Key, sc.Future[Any] | _Inline] = {}
         self.unsubmitted_readers = {key: len(r) for key, r in plan.readers.items()}
         self.missing = {key: len(producers) for key, producers in plan.producers.items()}
@@ -196,14 +220,21 @@ class _GraphRun:
         self.unsubmitted = len(plan.tasks)
 
     def run(self) -> dict[Key, Any]:
+        failed = True
         try:
+            if self.hooks is not None:
+                self.hooks.started()
             self._start()
             while self.unsubmitted or self.in_flight:
                 self._submit_ready()
                 self._wait_for_one()
-            return self._results()
+            results = self._results()
+            failed = False
+            return results
         finally:
             self._abandon()
+            if self.hooks is not None:
+                self.hooks.finished(failed)
 
     def _start(self) -> None:
         from dask.sizeof import sizeof
@@ -221,7 +252,9 @@ class _GraphRun:
             self._published(key)
 
     def _make_ready(self, key: Key) -> None:
-        heapq.heappush(self.ready, (self.plan.priority[key], len(self.ready), key))
+        heapq.heappush(self.ready, (self.plan.priority[key], next(self._tie), key))
+        if self.hooks is not None:
+            self.hooks.move(key, "waiting", "ready")
 
     def _published(self, key: Key) -> None:
         """``key`` has a handle now: readers waiting only on it become ready."""
@@ -235,6 +268,8 @@ class _GraphRun:
             key = heapq.heappop(self.ready)[2]
             node = self.plan.tasks[key]
             values = {dep: self._argument(dep) for dep in node.dependencies}
+            if self.hooks is not None:
+                self.hooks.running(key)
             future = self.backend.submit(key, node, values)
             self.unsubmitted -= 1
             self.handles[key] = future
@@ -255,10 +290,12 @@ class _GraphRun:
             return
         done, _ = sc.wait(list(self.in_flight), return_when=sc.FIRST_COMPLETED)
         for future in done:
-            del self.in_flight[future]  # type: ignore[arg-type]
+            key = self.in_flight.pop(future)  # type: ignore[call-overload]
             error = future.exception()
             if error is not None:
                 raise _root_error(error)
+            if self.hooks is not None:
+                self.hooks.done(key)
 
     def _results(self) -> dict[Key, Any]:
         results: dict[Key, Any] = {}
@@ -282,6 +319,61 @@ class _GraphRun:
         self.ready.clear()
 
 
+class _Hooks:
+    """Dask's local-scheduler callbacks, fed with a state shaped like ``dask.local``'s.
+
+    ``state`` holds the sets ``dask.diagnostics`` reads (waiting, ready, running, finished,
+    released) and the constant dependencies / dependents; ``cache`` stays empty, since
+    intermediate values never come to the driver.
+    """
+
+    def __init__(self, plan: GraphPlan, callbacks: Any) -> None:
+        from dask.callbacks import unpack_callbacks
+
+        self.callbacks = list(callbacks)
+        _, self._start_state, self._pretask, self._posttask, _ = unpack_callbacks(self.callbacks)
+        self.dsk = plan.tasks
+        self.state: dict[str, Any] = {
+            "dependencies": {key: set(deps) for key, deps in plan.producers.items()},
+            "dependents": {key: set(readers) for key, readers in plan.readers.items()},
+            "waiting": set(plan.tasks),
+            "ready": set(),
+            "running": set(),
+            "finished": set(),
+            "released": set(),
+            "cache": {},
+            "waiting_data": {},
+        }
+        self._started: list[Any] = []
+
+    def started(self) -> None:
+        for callback in self.callbacks:
+            if callback[0]:
+                callback[0](self.dsk)
+            self._started.append(callback)
+        for start_state in self._start_state:
+            start_state(self.dsk, self.state)
+
+    def move(self, key: Key, source: str, target: str) -> None:
+        self.state[source].discard(key)
+        self.state[target].add(key)
+
+    def running(self, key: Key) -> None:
+        self.move(key, "ready", "running")
+        for pretask in self._pretask:
+            pretask(key, self.dsk, self.state)
+
+    def done(self, key: Key) -> None:
+        self.move(key, "running", "finished")
+        for posttask in self._posttask:
+            posttask(key, None, self.dsk, self.state, None)
+
+    def finished(self, failed: bool) -> None:
+        for callback in self._started:
+            if callback[4]:
+                callback[4](self.dsk, self.state, failed)
+
+
 def _root_error(error: BaseException) -> BaseException:
     """The error that started a failure: DependencyFailedError unwrapped to its cause."""
     seen: set[int] = set()
@@ -296,24 +388,41 @@ def _root_error(error: BaseException) -> BaseException:
 def _writeable(value: Any) -> Any:
     """A task's result with every read-only numpy array and pandas object in it copied.
 
-    Walks lists, tuples and dicts (where Dask results nest); other objects are returned as
-    they are. pandas objects are always copied: their numeric columns from the store are
-    read-only views, and pandas (copy-on-write) hides which arrays are.
+    Looks inside lists, tuples and dicts (where Dask results nest), rebuilding only a
+    container that held something to copy; other objects are returned as they are. pandas
+    objects are always copied: their numeric columns from the store are read-only views, and
+    pandas (copy-on-write) hides which arrays are. A long container (a bag partition of
+    records, which unpickle writeable) is looked into only if its first item is an array.
     """
     cls = type(value)
-    if cls is list:
-        return [_writeable(item) for item in value]
-    if cls is tuple:
-        return tuple(_writeable(item) for item in value)
-    if cls is dict:
-        return {key: _writeable(item) for key, item in value.items()}
+    if cls is list or cls is tuple or cls is dict:
+        items = list(value.values()) if cls is dict else value
+        if len(items) > _SCAN_LIMIT and not _is_array_like(items[0]):
+            return value
+        copied = [_writeable(item) for item in items]
+        if all(new is old for new, old in zip(copied, items, strict=True)):
+            return value
+        if cls is dict:
+            return dict(zip(value.keys(), copied, strict=True))
+        return copied if cls is list else tuple(copied)
     flags = getattr(value, "flags", None)
     if flags is not None and getattr(flags, "writeable", True) is False:
         return value.copy()  # a read-only numpy array
-    pandas = sys.modules.get("pandas")
-    if pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
+    if _is_pandas(value):
         return value.copy(deep=True)
     return value
+
+
+_SCAN_LIMIT = 10_000
+
+
+def _is_pandas(value: Any) -> bool:
+    pandas = sys.modules.get("pandas")
+    return pandas is not None and isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index))
+
+
+def _is_array_like(value: Any) -> bool:
+    return hasattr(value, "flags") or _is_pandas(value)
 
 
 def _task_name(key: Key) -> str:

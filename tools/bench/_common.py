@@ -160,7 +160,8 @@ def format_seconds(seconds: float) -> str:
 def format_bytes(nbytes: float) -> str:
     for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if nbytes >= size:
-            return f"{nbytes / size:.3g} {unit}"
+            value = nbytes / size
+            return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
     return f"{nbytes:.0f} B"
 
 

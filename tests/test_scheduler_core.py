@@ -1,0 +1,775 @@
+"""The scheduler core as a pure state machine: events in, instructions out, no processes.
+
+Most behaviour is written as scripts: a list of steps, each a batch of events
+and the instructions the core must answer with (in order). Instructions are
+compared through :func:`show`, which turns each into a tuple (an exception
+becomes its type), so a failing script prints what the core really said.
+Checks that need more than a type (error messages, causes) are separate tests.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import CancelledError
+from typing import Any
+
+import pytest
+
+from sharedcompute._scheduler import (
+    CancelRequested,
+    Dispatch,
+    ExternalTask,
+    FreeObject,
+    KeyReleased,
+    KeyRetained,
+    ObjectPut,
+    Reject,
+    Resolve,
+    Resources,
+    SchedulerCore,
+    StartWorker,
+    TaskFailed,
+    TaskFinished,
+    TaskReturned,
+    TaskState,
+    TaskSubmitted,
+    WorkerBlocked,
+    WorkerDied,
+    WorkerJoined,
+    WorkerUnblocked,
+)
+from sharedcompute.errors import DependencyFailedError, WorkerCrashedError
+
+TWO_CPUS = Resources(cpus=2.0)
+GPU = Resources(cpus=1.0, custom=(("GPU", 1.0),))
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def show(instruction: Any) -> tuple[Any, ...]:
+    """An instruction as a comparable tuple."""
+    if isinstance(instruction, Dispatch):
+        return ("dispatch", instruction.worker, instruction.key, instruction.dependency_refs)
+    if isinstance(instruction, Resolve):
+        return ("resolve", instruction.key, instruction.ref)
+    if isinstance(instruction, Reject):
+        kind = "cancel" if instruction.cancelled else "reject"
+        return (kind, instruction.key, type(instruction.error))
+    if isinstance(instruction, FreeObject):
+        return ("free", instruction.key, instruction.ref)
+    if isinstance(instruction, StartWorker):
+        return ("start", instruction.replaces)
+    raise AssertionError(f"unknown instruction {instruction!r}")
+
+
+def submit(key: int, *deps: int, **fields: Any) -> TaskSubmitted:
+    return TaskSubmitted(key, dependencies=deps, payload=f"payload-{key}", **fields)
+
+
+def short(key: int, *deps: int, **fields: Any) -> TaskSubmitted:
+    """A task whose function is known to be short: the only kind that is prefetched."""
+    return submit(key, *deps, short=True, **fields)
+
+
+def child(key: int, parent: int, *deps: int, **fields: Any) -> TaskSubmitted:
+    """A task submitted from inside task ``parent``."""
+    return submit(key, *deps, parent=parent, **fields)
+
+
+def make_core(
+    cpus: float = 2, workers: int = 2, max_prefetch: int | None = None, **custom: float
+) -> SchedulerCore:
+    options = {} if max_prefetch is None else {"max_prefetch": max_prefetch}
+    core = SchedulerCore({"CPU": float(cpus), **custom}, **options)
+    assert core.handle([WorkerJoined(w) for w in range(workers)]) == []
+    return core
+
+
+def run_script(core: SchedulerCore, steps: list[tuple[Any, list[tuple[Any, ...]]]]) -> None:
+    for number, (events, expected) in enumerate(steps):
+        got = [show(i) for i in core.handle(events)]
+        assert got == expected, f"step {number} ({events!r})"
+
+
+def dispatch(worker: int, key: int, *refs: tuple[int, Any]) -> tuple[Any, ...]:
+    return ("dispatch", worker, key, tuple(refs))
+
+
+def reject(key: int, error: type[BaseException]) -> tuple[Any, ...]:
+    return ("reject", key, error)
+
+
+def cancelled(key: int) -> tuple[Any, ...]:
+    return ("cancel", key, CancelledError)
+
+
+def resolve(key: int, ref: Any) -> tuple[Any, ...]:
+    return ("resolve", key, ref)
+
+
+def free(key: int, ref: Any) -> tuple[Any, ...]:
+    return ("free", key, ref)
+
+
+# -- scripts ------------------------------------------------------------------------------
+# Each: (core factory kwargs, steps). Workers are 0..n-1, CPUs as given.
+
+SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[Any, list[tuple[Any, ...]]]]]] = {
+    "no deps: dispatched to an idle worker at once": (
+        {"cpus": 2, "workers": 2},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2), [dispatch(1, 2)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+        ],
+    ),
+    "dependencies wait, then go with their refs": (
+        {"cpus": 2, "workers": 2},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2), [dispatch(1, 2)]),
+            (submit(3, 1, 2), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), dispatch(0, 3, (1, "r1"), (2, "r2"))]),
+        ],
+    ),
+    "a dependency listed twice is waited on and sent once": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2, 1, 1), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 2, (1, "r1"))]),
+        ],
+    ),
+    "a dependency already finished: dispatched at submit": (
+        {"cpus": 1, "workers": 1},
+        [
+            (ObjectPut(1, "put-ref"), []),
+            (submit(2, 1), [dispatch(0, 2, (1, "put-ref"))]),
+        ],
+    ),
+    "FIFO: ready tasks leave in submission order": (
+        {"cpus": 1, "workers": 1},
+        [
+            ([submit(k) for k in (1, 2, 3, 4)], [dispatch(0, 1)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 2)]),
+            (TaskFinished(2, 0, "r2"), [resolve(2, "r2"), dispatch(0, 3)]),
+            (TaskFinished(3, 0, "r3"), [resolve(3, "r3"), dispatch(0, 4)]),
+        ],
+    ),
+    "FIFO: a task made ready by a dependency queues behind earlier ready tasks": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2, 1), []),
+            (submit(3), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 3)]),
+            (TaskFinished(3, 0, "r3"), [resolve(3, "r3"), dispatch(0, 2, (1, "r1"))]),
+        ],
+    ),
+    "num_cpus=2 on a 4-CPU node: two at a time": (
+        {"cpus": 4, "workers": 4},
+        [
+            (submit(1, resources=TWO_CPUS), [dispatch(0, 1)]),
+            (submit(2, resources=TWO_CPUS), [dispatch(1, 2)]),
+            (submit(3, resources=TWO_CPUS), []),
+            (submit(4), []),  # no CPU left even for a unit task, though workers are idle
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 3)]),
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), dispatch(1, 4)]),
+        ],
+    ),
+    "a task needing more CPUs does not hold back unit tasks that fit": (
+        {"cpus": 2, "workers": 2},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2, resources=TWO_CPUS), []),
+            (submit(3), [dispatch(1, 3)]),
+        ],
+    ),
+    "custom resources: one GPU, one GPU task at a time": (
+        {"cpus": 2, "workers": 2, "GPU": 1.0},
+        [
+            (submit(1, resources=GPU), [dispatch(0, 1)]),
+            (submit(2, resources=GPU), []),
+            (submit(3), [dispatch(1, 3)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 2)]),
+        ],
+    ),
+    "infeasible: more CPUs than the node has": (
+        {"cpus": 4, "workers": 4},
+        [(submit(1, resources=Resources(cpus=8.0)), [reject(1, ValueError)])],
+    ),
+    "infeasible: a custom resource the node lacks": (
+        {"cpus": 2, "workers": 2},
+        [(submit(1, resources=GPU), [reject(1, ValueError)])],
+    ),
+    "prefetch: one short task queued behind a busy worker, no deeper": (
+        {"cpus": 1, "workers": 1, "max_prefetch": 1},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2), [dispatch(0, 2)]),
+            (short(3), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 3)]),
+        ],
+    ),
+    "prefetch: up to max_prefetch deep": (
+        {"cpus": 1, "workers": 1, "max_prefetch": 3},
+        [
+            ([short(k) for k in (1, 2, 3, 4, 5)],
+             [dispatch(0, 1), dispatch(0, 2), dispatch(0, 3), dispatch(0, 4)]),
+        ],
+    ),
+    "prefetch: spread over workers, least loaded first": (
+        {"cpus": 2, "workers": 2, "max_prefetch": 1},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2), [dispatch(1, 2)]),
+            (short(3), [dispatch(0, 3)]),
+            (short(4), [dispatch(1, 4)]),
+            (short(5), []),
+        ],
+    ),
+    "prefetch: a task not known to be short is never queued behind a busy worker": (
+        {"cpus": 1, "workers": 1, "max_prefetch": 1},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (submit(2), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 2)]),
+        ],
+    ),
+    "prefetch: nothing is queued behind a task not known to be short": (
+        {"cpus": 1, "workers": 1, "max_prefetch": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (short(2), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 2)]),
+        ],
+    ),
+    "prefetch: a task needing 2 CPUs is never queued behind a busy worker": (
+        {"cpus": 2, "workers": 1, "max_prefetch": 1},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2, resources=TWO_CPUS), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 2)]),
+        ],
+    ),
+    "prefetch: a task handed back by its worker goes to another": (
+        {"cpus": 2, "workers": 1, "max_prefetch": 1},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2), [dispatch(0, 2)]),
+            (WorkerJoined(1), []),
+            (TaskReturned(1, 2), []),  # not that worker's task: ignored
+            (TaskReturned(0, 2), [dispatch(1, 2)]),
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2")]),
+        ],
+    ),
+    "blocked task gives its CPU back, so another task runs; unblocked takes it again": (
+        {"cpus": 1, "workers": 2},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2), []),  # an idle worker, but no CPU
+            (WorkerBlocked(0, 1), [dispatch(1, 2)]),
+            (WorkerUnblocked(0, 1), []),
+            (submit(3), []),  # the CPU is taken again: 3 waits
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2")]),  # 1 still holds it
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 3)]),
+        ],
+    ),
+    "a blocked worker runs its task's children, nested, and nothing else": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2), []),
+            (WorkerBlocked(0, 1), []),  # the CPU is free, but 2 is not 1's child
+            (WorkerBlocked(0, 1), []),  # blocking twice changes nothing
+            (child(3, 1), [dispatch(0, 3)]),
+            (child(4, 1), []),  # one at a time
+            (TaskFinished(3, 0, "r3"), [resolve(3, "r3"), dispatch(0, 4)]),
+            (TaskFinished(4, 0, "r4"), [resolve(4, "r4")]),
+            (WorkerUnblocked(0, 1), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 2)]),
+        ],
+    ),
+    "nested blocking: only the top task's children run": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (WorkerBlocked(0, 1), []),
+            (child(2, 1), [dispatch(0, 2)]),
+            (WorkerBlocked(0, 2), []),
+            (child(3, 1), []),  # 1 is not on top: its child waits
+            (child(4, 2), [dispatch(0, 4)]),
+            (TaskFinished(4, 0, "r4"), [resolve(4, "r4")]),
+            (WorkerUnblocked(0, 2), []),
+            (TaskFinished(2, 0, "r2"), [resolve(2, "r2"), dispatch(0, 3)]),
+        ],
+    ),
+    "a child may also run on an idle worker": (
+        {"cpus": 2, "workers": 2},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (child(2, 1), [dispatch(1, 2)]),
+        ],
+    ),
+    "worker death: a started task is retried, each retry used up": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1, max_retries=1), [dispatch(0, 1)]),
+            (WorkerDied(0, "pid 11 was killed by SIGKILL"), [("start", 0)]),
+            (WorkerJoined(1), [dispatch(1, 1)]),
+            (WorkerDied(1, "pid 12 was killed by SIGKILL"), [reject(1, WorkerCrashedError),
+                                                             ("start", 1)]),
+        ],
+    ),
+    "worker death: a prefetched task that never started is requeued without penalty": (
+        {"cpus": 1, "workers": 1, "max_prefetch": 1},
+        [
+            (short(1, max_retries=0), [dispatch(0, 1)]),
+            (short(2, max_retries=0), [dispatch(0, 2)]),
+            (WorkerDied(0, "pid 11 was killed by SIGKILL"), [reject(1, WorkerCrashedError),
+                                                             ("start", 0)]),
+            (WorkerJoined(1), [dispatch(1, 2)]),
+            (WorkerDied(1, "pid 12 exited with code 3"), [reject(2, WorkerCrashedError),
+                                                          ("start", 1)]),
+        ],
+    ),
+    "worker death: a blocked task and the nested task it waits for both started": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1, max_retries=0), [dispatch(0, 1)]),
+            (WorkerBlocked(0, 1), []),
+            (child(2, 1, max_retries=0), [dispatch(0, 2)]),
+            (WorkerDied(0, "pid 11 was killed by SIGSEGV"),
+             [reject(1, WorkerCrashedError), reject(2, WorkerCrashedError), ("start", 0)]),
+        ],
+    ),
+    "worker death gives its resources back": (
+        {"cpus": 2, "workers": 2},
+        [
+            (submit(1, resources=TWO_CPUS, max_retries=0), [dispatch(0, 1)]),
+            (submit(2), []),
+            (WorkerDied(0, "pid 11 exited with code 1"),
+             [reject(1, WorkerCrashedError), ("start", 0), dispatch(1, 2)]),
+        ],
+    ),
+    "late TaskFinished from a dead worker: its object is freed, not used": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (WorkerDied(0, "pid 11 was killed by SIGKILL"), [("start", 0)]),
+            (WorkerJoined(1), [dispatch(1, 1)]),
+            (TaskFinished(1, 0, "stale"), [free(1, "stale")]),
+            (TaskFinished(1, 1, "fresh"), [resolve(1, "fresh")]),
+            (TaskFinished(99, 1, "unknown"), [free(99, "unknown")]),
+        ],
+    ),
+    "a TaskFailed from a worker that no longer runs the task is ignored": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (WorkerDied(0, "pid 11 was killed by SIGKILL"), [("start", 0)]),
+            (WorkerJoined(1), [dispatch(1, 1)]),
+            (TaskFailed(1, 0, ValueError("stale")), []),
+            (TaskFinished(1, 1, "fresh"), [resolve(1, "fresh")]),
+        ],
+    ),
+    "failed dependency: dependents and theirs are rejected, never dispatched": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2, 1), []),
+            (submit(3, 2), []),
+            (submit(4), []),
+            (TaskFailed(1, 0, ValueError("boom")), [
+                reject(1, ValueError),
+                reject(2, DependencyFailedError),
+                reject(3, DependencyFailedError),
+                dispatch(0, 4),
+            ]),
+            (submit(5, 1), [reject(5, DependencyFailedError)]),
+        ],
+    ),
+    "cancelling a ready task rejects its waiting dependents": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2), []),  # READY, no CPU
+            (submit(3, 2), []),
+            (CancelRequested(2), [cancelled(2), reject(3, DependencyFailedError)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+        ],
+    ),
+    "user exception, no retry_exceptions: rejected even with retries left": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1, max_retries=3), [dispatch(0, 1)]),
+            (TaskFailed(1, 0, ValueError("no")), [reject(1, ValueError)]),
+        ],
+    ),
+    "retry_exceptions: user exceptions retried max_retries times": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1, max_retries=2, retry_exceptions=True), [dispatch(0, 1)]),
+            (TaskFailed(1, 0, ValueError("1st")), [dispatch(0, 1)]),
+            (TaskFailed(1, 0, ValueError("2nd")), [dispatch(0, 1)]),
+            (TaskFailed(1, 0, ValueError("3rd")), [reject(1, ValueError)]),
+        ],
+    ),
+    "retry_exceptions: a succeeding retry resolves": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1, max_retries=2, retry_exceptions=True), [dispatch(0, 1)]),
+            (TaskFailed(1, 0, ValueError("1st")), [dispatch(0, 1)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+        ],
+    ),
+    "setup failure (no worker) is never retried": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2, max_retries=2, retry_exceptions=True), []),
+            (TaskFailed(2, None, TypeError("cannot set up")), [reject(2, TypeError)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),  # 2 is not dispatched after all
+        ],
+    ),
+    "cancel: waiting and ready tasks, not running ones": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2, 1), []),  # WAITING
+            (submit(3), []),  # READY
+            (CancelRequested(2), [cancelled(2)]),
+            (CancelRequested(3), [cancelled(3)]),
+            (CancelRequested(1), []),  # RUNNING: not cancelled
+            (CancelRequested(1), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),  # nothing left to dispatch
+            (CancelRequested(1), []),  # finished: nothing to do
+            (CancelRequested(42), []),  # unknown
+        ],
+    ),
+    "cancel: a prefetched (sent, not started) task counts as running": (
+        {"cpus": 1, "workers": 1, "max_prefetch": 1},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2), [dispatch(0, 2)]),
+            (CancelRequested(2), []),
+        ],
+    ),
+    "cancel: dependents of a cancelled task fail": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2, 1), []),
+            (submit(3, 2), []),
+            (CancelRequested(2), [cancelled(2), reject(3, DependencyFailedError)]),
+        ],
+    ),
+    "free: released after finishing, exactly once": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+            (KeyReleased(1), [free(1, "r1")]),
+            (KeyReleased(1), []),
+        ],
+    ),
+    "free: released before finishing, freed when it finishes": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (KeyReleased(1), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), free(1, "r1")]),
+        ],
+    ),
+    "free: pending dependents keep an object until they finish": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2, 1), []),
+            (submit(3, 1), []),
+            (KeyReleased(1), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 2, (1, "r1"))]),
+            (TaskFinished(2, 0, "r2"), [resolve(2, "r2"), dispatch(0, 3, (1, "r1"))]),
+            (TaskFinished(3, 0, "r3"), [resolve(3, "r3"), free(1, "r1")]),
+            ([KeyReleased(2), KeyReleased(3)], [free(2, "r2"), free(3, "r3")]),
+        ],
+    ),
+    "free: a dependent that fails still lets go of its dependency": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2, 1), []),
+            (KeyReleased(1), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 2, (1, "r1"))]),
+            (TaskFailed(2, 0, ValueError("no")), [reject(2, ValueError), free(1, "r1")]),
+            (KeyReleased(2), []),  # an error has no object to free
+        ],
+    ),
+    "free: a cancelled dependent lets go of its dependency": (
+        {"cpus": 1, "workers": 1},
+        [
+            (ObjectPut(1, "p1"), []),
+            (submit(2), [dispatch(0, 2)]),
+            (submit(3, 1), []),  # READY, no CPU
+            (KeyReleased(1), []),
+            (CancelRequested(3), [cancelled(3), free(1, "p1")]),
+        ],
+    ),
+    "free: put objects with extra holders": (
+        {"cpus": 1, "workers": 1},
+        [
+            (ObjectPut(1, "p1"), []),
+            (KeyRetained(1), []),
+            (KeyReleased(1), []),
+            (KeyReleased(1), [free(1, "p1")]),
+            (KeyReleased(1), []),
+        ],
+    ),
+    "external task: a value produced elsewhere unblocks dependents": (
+        {"cpus": 1, "workers": 1},
+        [
+            (ExternalTask(1), []),
+            (submit(2, 1), []),
+            (ObjectPut(1, "ext"), [resolve(1, "ext"), dispatch(0, 2, (1, "ext"))]),
+        ],
+    ),
+    "external task that fails: dependents rejected": (
+        {"cpus": 1, "workers": 1},
+        [
+            (ExternalTask(1), []),
+            (submit(2, 1), []),
+            (TaskFailed(1, None, KeyError("k")), [reject(1, KeyError),
+                                                  reject(2, DependencyFailedError)]),
+        ],
+    ),
+    "unknown dependency: rejected": (
+        {"cpus": 1, "workers": 1},
+        [(submit(2, 77), [reject(2, KeyError)])],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_script(name: str) -> None:
+    factory, steps = SCRIPTS[name]
+    run_script(make_core(**factory), steps)
+
+
+# -- what the table cannot say: messages, causes, counts, states ------------------------
+
+
+def only(instructions: list[Any], kind: type) -> Any:
+    matching = [i for i in instructions if isinstance(i, kind)]
+    assert len(matching) == 1, instructions
+    return matching[0]
+
+
+def test_dispatch_carries_the_payload() -> None:
+    core = make_core(cpus=1, workers=1)
+    (instruction,) = core.handle(TaskSubmitted(1, payload={"fn": "f"}))
+    assert instruction == Dispatch(0, 1, {"fn": "f"}, ())
+    assert core.state_of(1) is TaskState.RUNNING
+
+
+def test_no_worker_no_dispatch_until_one_joins() -> None:
+    core = SchedulerCore({"CPU": 1.0})
+    assert core.handle(submit(1)) == []
+    assert core.state_of(1) is TaskState.READY
+    assert [show(i) for i in core.handle(WorkerJoined(7))] == [dispatch(7, 1)]
+
+
+@pytest.mark.parametrize(
+    ("total", "resources", "words"),
+    [
+        ({"CPU": 4.0}, Resources(cpus=8.0), ["8", "CPU", "4"]),
+        ({"CPU": 2.0}, GPU, ["1", "GPU", "0"]),
+        ({"CPU": 2.0, "GPU": 1.0}, Resources(cpus=1.0, custom=(("GPU", 2.0),)), ["2", "GPU", "1"]),
+    ],
+)
+def test_infeasible_task_is_rejected_with_a_clear_message(
+    total: dict[str, float], resources: Resources, words: list[str]
+) -> None:
+    core = SchedulerCore(total)
+    core.handle([WorkerJoined(0)])
+    reject_ = only(core.handle(TaskSubmitted(1, resources=resources)), Reject)
+    assert isinstance(reject_.error, ValueError) and not reject_.cancelled
+    message = str(reject_.error)
+    for word in words:
+        assert word in message, message
+    assert core.available == total  # nothing was reserved
+
+
+def test_resources_are_reserved_and_released() -> None:
+    core = make_core(cpus=4, workers=4, GPU=2.0)
+    core.handle(TaskSubmitted(1, resources=Resources(cpus=2.0, custom=(("GPU", 1.0),))))
+    assert core.available == {"CPU": 2.0, "GPU": 1.0}
+    core.handle(submit(2))
+    assert core.available == {"CPU": 1.0, "GPU": 1.0}
+    core.handle(TaskFinished(1, 0, "r"))
+    assert core.available == {"CPU": 3.0, "GPU": 2.0}
+    core.handle(TaskFinished(2, 1, "r"))
+    assert core.available == {"CPU": 4.0, "GPU": 2.0}
+
+
+def test_prefetch_reserves_one_cpu_per_worker() -> None:
+    core = make_core(cpus=1, workers=1, max_prefetch=1)
+    core.handle([short(1), short(2)])
+    assert core.workers() == {0: [1, 2]}
+    assert core.available == {"CPU": 0.0}
+
+
+def test_blocked_task_gives_its_cpu_back_and_takes_it_again() -> None:
+    core = make_core(cpus=1, workers=1)
+    core.handle(submit(1))
+    assert core.available == {"CPU": 0.0}
+    assert core.handle(WorkerBlocked(0, 1)) == []
+    assert core.available == {"CPU": 1.0}
+    core.handle(WorkerUnblocked(0, 1))
+    assert core.available == {"CPU": 0.0}
+    core.handle(TaskFinished(1, 0, "r"))
+    assert core.available == {"CPU": 1.0}
+
+
+def test_blocked_task_finishing_while_its_nested_task_runs_keeps_accounting_right() -> None:
+    core = make_core(cpus=1, workers=1)
+    core.handle(submit(1))
+    core.handle(WorkerBlocked(0, 1))
+    core.handle(child(2, 1))
+    core.handle(TaskFinished(2, 0, "r2"))
+    core.handle(WorkerUnblocked(0, 1))
+    core.handle(TaskFinished(1, 0, "r1"))
+    assert core.available == {"CPU": 1.0}
+    assert core.workers() == {0: []}
+
+
+def test_worker_crash_without_retries_names_the_reason() -> None:
+    core = make_core(cpus=1, workers=1)
+    core.handle(TaskSubmitted(5, max_retries=0))
+    out = core.handle(WorkerDied(0, "pid 4242 was killed by SIGKILL"))
+    error = only(out, Reject).error
+    assert isinstance(error, WorkerCrashedError)
+    assert "pid 4242 was killed by SIGKILL" in str(error)
+    assert "5" in str(error)
+    assert only(out, StartWorker) == StartWorker(replaces=0)
+    assert core.available == {"CPU": 1.0}
+
+
+def test_worker_crash_with_retries_sends_the_task_back_to_ready() -> None:
+    core = make_core(cpus=1, workers=1)
+    core.handle(TaskSubmitted(5, max_retries=3))
+    core.handle(WorkerDied(0, "pid 1 was killed by SIGKILL"))
+    assert core.state_of(5) is TaskState.READY
+    assert core.available == {"CPU": 1.0}
+    # Three retries (four attempts): the fourth death rejects it.
+    for attempt in range(2):
+        worker = 100 + attempt
+        assert [show(i) for i in core.handle(WorkerJoined(worker))] == [dispatch(worker, 5)]
+        out = core.handle(WorkerDied(worker, f"pid {worker} was killed by SIGKILL"))
+        assert [show(i) for i in out] == [("start", worker)]
+    core.handle(WorkerJoined(200))
+    out = core.handle(WorkerDied(200, "pid 200 exited with code 3"))
+    assert "pid 200 exited with code 3" in str(only(out, Reject).error)
+
+
+def test_worker_death_keeps_submission_order_of_requeued_tasks() -> None:
+    core = make_core(cpus=1, workers=1, max_prefetch=1)
+    core.handle([short(1), short(2), short(3)])  # 1 running, 2 prefetched, 3 ready
+    core.handle(WorkerDied(0, "pid 1 was killed by SIGKILL"))
+    out = core.handle(WorkerJoined(1))
+    assert [show(i) for i in out] == [dispatch(1, 1), dispatch(1, 2)]
+    core.handle(TaskFinished(1, 1, "r1"))
+    assert core.workers() == {1: [2, 3]}
+
+
+def test_dependency_failure_cause_is_the_original_error_recursively() -> None:
+    core = make_core(cpus=1, workers=1)
+    core.handle([submit(1), submit(2, 1), submit(3, 2)])
+    original = ValueError("boom")
+    out = core.handle(TaskFailed(1, 0, original))
+    errors = {i.key: i.error for i in out if isinstance(i, Reject)}
+    assert errors[1] is original
+    assert isinstance(errors[2], DependencyFailedError)
+    assert errors[2].__cause__ is original
+    assert "boom" in str(errors[2]) and "1" in str(errors[2])
+    assert isinstance(errors[3], DependencyFailedError)
+    chain = []
+    error: BaseException | None = errors[3]
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__
+    assert chain[-1] is original
+    assert all(core.state_of(k) is TaskState.ERRED for k in (1, 2, 3))
+
+
+def test_dependent_of_a_cancelled_task_has_cancelled_error_as_cause() -> None:
+    core = make_core(cpus=1, workers=1)
+    core.handle([submit(1), submit(2), submit(3, 2)])
+    out = core.handle(CancelRequested(2))
+    errors = {i.key: i for i in out if isinstance(i, Reject)}
+    assert errors[2].cancelled and isinstance(errors[2].error, CancelledError)
+    assert not errors[3].cancelled
+    assert isinstance(errors[3].error, DependencyFailedError)
+    assert isinstance(errors[3].error.__cause__, CancelledError)
+    assert "cancelled" in str(errors[3].error)
+    assert core.state_of(2) is TaskState.CANCELLED
+
+
+def test_cancelled_ready_task_leaves_the_ready_queue() -> None:
+    core = make_core(cpus=1, workers=1)
+    core.handle([submit(1), submit(2), submit(3)])
+    core.handle(CancelRequested(2))
+    out = core.handle(TaskFinished(1, 0, "r1"))
+    assert [show(i) for i in out] == [resolve(1, "r1"), dispatch(0, 3)]
+
+
+def test_records_are_dropped_once_nothing_needs_them() -> None:
+    core = make_core(cpus=1, workers=1)
+    core.handle([submit(1), submit(2, 1)])
+    core.handle(TaskFinished(1, 0, "r1"))
+    core.handle(TaskFinished(2, 0, "r2"))
+    core.handle([KeyReleased(1), KeyReleased(2)])
+    assert 1 not in core and 2 not in core
+    assert core.state_of(1) is None and core.outcome(1) is None
+    assert sum(core.counts().values()) == 0
+
+
+def test_every_object_is_freed_exactly_once_in_a_diamond() -> None:
+    core = make_core(cpus=2, workers=2)
+    out = []
+    out += core.handle([submit(1), submit(2, 1), submit(3, 1), submit(4, 2, 3)])
+    out += core.handle(KeyReleased(1))
+    out += core.handle(TaskFinished(1, 0, "r1"))
+    out += core.handle([KeyReleased(2), KeyReleased(3)])
+    out += core.handle(TaskFinished(2, 0, "r2"))
+    out += core.handle(TaskFinished(3, 1, "r3"))
+    out += core.handle(TaskFinished(4, 0, "r4"))
+    out += core.handle(KeyReleased(4))
+    out += core.handle([KeyReleased(k) for k in (1, 2, 3, 4)])  # extra releases: no effect
+    freed = sorted(show(i) for i in out if isinstance(i, FreeObject))
+    assert freed == [free(1, "r1"), free(2, "r2"), free(3, "r3"), free(4, "r4")]
+    assert sum(core.counts().values()) == 0
+
+
+def test_outcome_reports_ref_and_error() -> None:
+    core = make_core(cpus=1, workers=1)
+    core.handle([submit(1), submit(2)])
+    core.handle(TaskFinished(1, 0, "r1"))
+    error = ValueError("x")
+    core.handle(TaskFailed(2, 0, error))
+    assert core.outcome(1) == (TaskState.FINISHED, "r1", None)
+    assert core.outcome(2) == (TaskState.ERRED, None, error)
+
+
+def test_reusing_a_key_is_an_error() -> None:
+    core = make_core(cpus=1, workers=1)
+    core.handle(submit(1))
+    with pytest.raises(ValueError, match="already in use"):
+        core.handle(submit(1))
+
+
+def test_a_batch_of_events_is_placed_once_in_order() -> None:
+    core = make_core(cpus=2, workers=2)
+    out = core.handle([submit(1), submit(2), submit(3)])
+    assert [show(i) for i in out] == [dispatch(0, 1), dispatch(1, 2)]
+    assert core.state_of(3) is TaskState.READY

@@ -1,0 +1,620 @@
+"""Dask workloads on Dask's own schedulers and on sharedcompute, in one run.
+
+Usage::
+
+    python tools/bench/dask_workloads.py [--quick] [--json] [--repeats N]
+                                         [--workloads array_100mb,bag,...]
+                                         [--schedulers sync,threads,...]
+
+Every (workload, scheduler) pair runs in a fresh interpreter of its own, so no scheduler
+inherits another's warm heap, workers or page cache of results::
+
+    this process ── python dask_workloads.py --child WORKLOAD SCHEDULER PLAN OUT ──┐
+        ▲   (child subreaper: stops whatever a scheduler leaves behind)            │
+        └── OUT.json (times, peak memory), OUT.pkl (the result) ◀──────────────────┘
+
+In the child: build the collection, sample memory (baseline), start the scheduler, one
+warm-up compute, then ``repeats`` timed computes; the figure is their median. Peak memory
+is the highest PSS of the child and all its descendants (workers, nannies, the store's
+shared memory counted once) above the baseline, over the warm-up and timed runs: what
+choosing that scheduler costs in memory, its own processes included. Start-up of a
+distributed cluster or of the sharedcompute runtime is not timed; Dask's "processes"
+scheduler starts a new process pool inside every compute, as it does for its users, and
+"processes-pool" gives it one reused pool to show that start-up apart.
+
+Workloads (sizes of a full run; ``--quick`` shrinks them to run in seconds)::
+
+    array_transpose   (x + x.T).mean(axis=0), 4000x4000 float64 in 1000x1000 chunks
+    array_100mb       (x - x.mean()).std() over 16 chunks of 100 MB (12.5M float64):
+                      every chunk feeds two reductions, so it is a real intermediate
+    dataframe_groupby groupby("key").agg(sum, mean, max) on 16 x 250,000 generated rows
+    dataframe_merge   merge on "id" of 16 x 250,000 rows with 8 x 250,000 rows
+    bag               read_text("*.json").map(json.loads).pluck("name").frequencies()
+                      on 8 generated JSON-lines files of 100,000 records (pure Python)
+    delayed_tree      dask.delayed: 32 leaves of 1M float64, pairwise sums to one total
+
+Every result is compared with the "sync" scheduler's. Targets of the issue (printed PASS /
+FAIL / SKIP, never asserted): every workload on sharedcompute gives sync's result; on
+array_100mb sharedcompute is >= 3x faster than "processes", no slower than "threads", and
+peaks lower in memory than "processes"; on bag it is faster than "threads" (2 workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+if __package__:
+    from . import _common
+else:  # run as a script: this folder is sys.path[0]
+    import _common  # type: ignore[no-redef]
+
+_common.ensure_repo_on_path()
+
+WORKERS = 2
+ALL_SCHEDULERS = ("sharedcompute", "sync", "threads", "processes", "processes-pool", "distributed")
+ALL_WORKLOADS = (
+    "array_transpose",
+    "array_100mb",
+    "dataframe_groupby",
+    "dataframe_merge",
+    "bag",
+    "delayed_tree",
+)
+REFERENCE = "sync"
+BASELINE = "sharedcompute"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run; the same object reaches every child as JSON."""
+
+    quick: bool
+    repeats: int
+    transpose_side: int
+    transpose_chunk: int
+    big_chunk_items: int
+    big_chunks: int
+    frame_rows: int
+    frame_partitions: int
+    bag_files: int
+    bag_lines: int
+    delayed_leaves: int
+    delayed_items: int
+    data_dir: str = ""
+    child_timeout_s: float = 900.0
+
+
+FULL = Plan(
+    quick=False,
+    repeats=3,
+    transpose_side=4000,
+    transpose_chunk=1000,
+    big_chunk_items=12_500_000,
+    big_chunks=16,
+    frame_rows=250_000,
+    frame_partitions=16,
+    bag_files=8,
+    bag_lines=100_000,
+    delayed_leaves=32,
+    delayed_items=1_000_000,
+)
+QUICK = Plan(
+    quick=True,
+    repeats=2,
+    transpose_side=400,
+    transpose_chunk=100,
+    big_chunk_items=100_000,
+    big_chunks=4,
+    frame_rows=5_000,
+    frame_partitions=4,
+    bag_files=3,
+    bag_lines=500,
+    delayed_leaves=8,
+    delayed_items=10_000,
+    child_timeout_s=180.0,
+)
+
+
+# -- the workloads (module level: Dask's process schedulers pickle them by reference) --------
+
+
+def make_frame(partition: int, rows: int) -> Any:
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(partition)
+    return pd.DataFrame(
+        {
+            "id": np.arange(partition * rows, (partition + 1) * rows, dtype=np.int64),
+            "key": rng.integers(0, 1000, rows),
+            "value": rng.random(rows),
+        }
+    )
+
+
+def make_right_frame(partition: int, rows: int) -> Any:
+    import numpy as np
+    import pandas as pd
+
+    ids = np.arange(partition * rows, (partition + 1) * rows, dtype=np.int64) * 2
+    return pd.DataFrame({"id": ids, "weight": (ids % 97).astype(np.float64)})
+
+
+def make_leaf(seed: int, items: int) -> Any:
+    import numpy as np
+
+    return np.random.default_rng(seed).random(items)
+
+
+def add_arrays(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def total(a: Any) -> float:
+    return float(a.sum())
+
+
+def write_json_files(directory: str, files: int, lines: int) -> str:
+    """Generated JSON-lines files (the example of Dask's scheduler documentation)."""
+    names = ["Alice", "Bob", "Charlie", "Dan", "Edith", "Frank", "Grace", "Heidi"]
+    os.makedirs(directory, exist_ok=True)
+    for index in range(files):
+        with open(os.path.join(directory, f"{index}.json"), "w") as out:
+            for line in range(lines):
+                record = {
+                    "id": index * lines + line,
+                    "name": names[(line * 7 + index) % len(names)],
+                    "amount": line % 113,
+                    "tags": ["a", "b", "c"][: line % 4],
+                }
+                out.write(json.dumps(record) + "\n")
+    return os.path.join(directory, "*.json")
+
+
+def build(workload: str, plan: Plan) -> Any:
+    """The Dask collection a workload computes (built in the child, before any timing)."""
+    import dask
+    import dask.array as da
+    import dask.bag as db
+    import dask.dataframe as dd
+
+    if workload == "array_transpose":
+        side, chunk = plan.transpose_side, plan.transpose_chunk
+        x = da.random.default_rng(42).random((side, side), chunks=(chunk, chunk))
+        return (x + x.T).mean(axis=0)
+    if workload == "array_100mb":
+        items = plan.big_chunk_items
+        x = da.random.default_rng(42).random(items * plan.big_chunks, chunks=items)
+        return (x - x.mean()).std()
+    if workload == "dataframe_groupby":
+        df = dd.from_map(make_frame, range(plan.frame_partitions), rows=plan.frame_rows)
+        return df.groupby("key").agg({"value": ["sum", "mean", "max"], "id": "count"})
+    if workload == "dataframe_merge":
+        left = dd.from_map(make_frame, range(plan.frame_partitions), rows=plan.frame_rows)
+        right = dd.from_map(
+            make_right_frame, range(max(1, plan.frame_partitions // 2)), rows=plan.frame_rows
+        )
+        return left.merge(right, on="id")
+    if workload == "bag":
+        pattern = os.path.join(plan.data_dir, "*.json")
+        return db.read_text(pattern).map(json.loads).pluck("name").frequencies()
+    if workload == "delayed_tree":
+        level = [
+            dask.delayed(make_leaf)(seed, plan.delayed_items) for seed in range(plan.delayed_leaves)
+        ]
+        while len(level) > 1:
+            pairs = zip(level[0::2], level[1::2], strict=False)
+            level = [dask.delayed(add_arrays)(a, b) for a, b in pairs] + level[len(level) & ~1 :]
+        return dask.delayed(total)(level[0])
+    raise ValueError(f"unknown workload {workload!r}")
+
+
+def same_result(workload: str, ours: Any, reference: Any) -> bool:
+    """Whether a scheduler's result equals the reference (sync) one."""
+    import numpy as np
+    import pandas as pd
+
+    if workload in ("dataframe_groupby", "dataframe_merge"):
+        if workload == "dataframe_merge":
+            ours = ours.sort_values("id").reset_index(drop=True)
+            reference = reference.sort_values("id").reset_index(drop=True)
+        else:
+            ours, reference = ours.sort_index(), reference.sort_index()
+        try:
+            pd.testing.assert_frame_equal(ours, reference, check_exact=False)
+        except AssertionError:
+            return False
+        return True
+    if workload == "bag":
+        return sorted(ours) == sorted(reference)
+    return bool(np.allclose(ours, reference, rtol=1e-9, atol=0))
+
+
+# -- the schedulers --------------------------------------------------------------------------
+
+
+class Scheduler:
+    """How one scheduler is started, used for a compute, and stopped."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._close: Callable[[], None] = lambda: None
+        self.compute_kwargs: dict[str, Any] = {}
+
+    def start(self) -> None:
+        import dask
+
+        dask.config.set(num_workers=WORKERS)
+        if self.name in ("sync", "threads", "processes"):
+            self.compute_kwargs = {"scheduler": self.name}
+        elif self.name == "processes-pool":
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"))
+            self.compute_kwargs = {"scheduler": "processes", "pool": pool}
+            self._close = lambda: pool.shutdown(wait=True, cancel_futures=True)
+        elif self.name == "distributed":
+            import logging
+
+            from dask.distributed import Client, LocalCluster
+
+            cluster = LocalCluster(
+                n_workers=WORKERS,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",  # a free port: 8787 may be taken
+                silence_logs=logging.ERROR,
+            )
+            client = Client(cluster)
+            self.compute_kwargs = {"scheduler": client}
+
+            def close() -> None:
+                client.close()
+                cluster.close()
+
+            self._close = close
+        elif self.name == "sharedcompute":
+            import sharedcompute as sc
+            import sharedcompute.dask
+
+            sc.init(num_workers=WORKERS)
+            self.compute_kwargs = {"scheduler": sharedcompute.dask.get}
+            self._close = sc.shutdown
+        else:
+            raise ValueError(f"unknown scheduler {self.name!r}")
+
+    def compute(self, collection: Any) -> Any:
+        import dask
+
+        (result,) = dask.compute(collection, **self.compute_kwargs)
+        return result
+
+    def close(self) -> None:
+        self._close()
+
+
+def child_main(workload: str, scheduler_name: str, plan_json: str, out_path: str) -> int:
+    """Measure one (workload, scheduler) pair; write OUT.json and the result to OUT.pkl."""
+    plan = Plan(**json.loads(plan_json))
+    figures: dict[str, Any] = {"workload": workload, "scheduler": scheduler_name}
+    collection = build(workload, plan)
+    scheduler = Scheduler(scheduler_name)
+    try:
+        with _common.TreeMemorySampler() as sampler:
+            base = sampler.reset()
+            scheduler.start()
+            result = scheduler.compute(collection)  # warm-up: workers import, pages warm
+            del result
+            times = []
+            for _ in range(plan.repeats):
+                start = time.perf_counter()
+                result = scheduler.compute(collection)
+                times.append(time.perf_counter() - start)
+                if len(times) < plan.repeats:
+                    del result
+            peak = sampler.peak()
+        figures.update(
+            times_s=times,
+            median_s=statistics.median(times),
+            peak_extra_pss_bytes=peak.pss_bytes - base.pss_bytes,
+            peak_processes=peak.processes,
+        )
+        with open(out_path + ".pkl", "wb") as out:
+            pickle.dump(result, out, protocol=5)
+    except BaseException:
+        figures["error"] = traceback.format_exc()
+        raise
+    finally:
+        try:
+            scheduler.close()
+        finally:
+            with open(out_path, "w") as out:
+                json.dump(figures, out)
+    return 0
+
+
+# -- the parent ---------------------------------------------------------------------------
+
+
+def run_child(workload: str, scheduler: str, plan: Plan, folder: str) -> dict[str, Any]:
+    out_path = os.path.join(folder, f"{workload}-{scheduler}.json")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(_common.REPO_ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            workload,
+            scheduler,
+            json.dumps(asdict(plan)),
+            out_path,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=sys.stderr,
+        env=env,
+        cwd=_common.REPO_ROOT,
+    )
+    error = None
+    try:
+        code = child.wait(timeout=plan.child_timeout_s)
+        if code != 0:
+            error = f"exited with code {code} (traceback on stderr)"
+    except subprocess.TimeoutExpired:
+        error = f"ran past {plan.child_timeout_s:.0f} s and was killed"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+    left = _common.end_descendants()
+    figures: dict[str, Any] = {}
+    if os.path.exists(out_path):
+        with open(out_path) as written:
+            figures = json.load(written)
+    if error is not None:
+        figures["error"] = error + (
+            ": " + figures["error"].strip().splitlines()[-1] if figures.get("error") else ""
+        )
+    figures["leftover_processes"] = left
+    figures["result_path"] = out_path + ".pkl"
+    return figures
+
+
+def run(plan: Plan, workloads: list[str], schedulers: list[str]) -> dict[str, Any]:
+    _common.become_child_subreaper()
+    folder = tempfile.mkdtemp(prefix="sharedcompute-dask-bench-")
+    try:
+        plan = Plan(**{**asdict(plan), "data_dir": os.path.join(folder, "json")})
+        write_json_files(plan.data_dir, plan.bag_files, plan.bag_lines)
+        results: dict[str, dict[str, dict[str, Any]]] = {}
+        order = [REFERENCE] + [s for s in schedulers if s != REFERENCE]
+        for workload in workloads:
+            results[workload] = {}
+            for scheduler in order:
+                print(f"[{workload}] {scheduler}", file=sys.stderr, flush=True)
+                results[workload][scheduler] = run_child(workload, scheduler, plan, folder)
+            _compare(workload, results[workload])
+        return {
+            "quick": plan.quick,
+            "plan": asdict(plan),
+            "machine": {
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+                "load_average": os.getloadavg(),
+            },
+            "versions": _versions(),
+            "results": results,
+            "targets": [asdict(t) for t in evaluate_targets(results, plan)],
+        }
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _compare(workload: str, by_scheduler: dict[str, dict[str, Any]]) -> None:
+    reference = _load(by_scheduler.get(REFERENCE, {}))
+    for figures in by_scheduler.values():
+        result = _load(figures)
+        if result is None or reference is None:
+            figures["matches_sync"] = None
+        else:
+            figures["matches_sync"] = same_result(workload, result, reference)
+
+
+def _load(figures: dict[str, Any]) -> Any:
+    path = figures.get("result_path")
+    if not path or not os.path.exists(path) or "error" in figures:
+        return None
+    with open(path, "rb") as written:
+        return pickle.load(written)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("dask", "distributed", "numpy", "pandas", "pyarrow"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    status: str  # PASS, FAIL or SKIP
+    text: str
+
+
+def evaluate_targets(results: dict[str, dict[str, dict[str, Any]]], plan: Plan) -> list[Target]:
+    targets: list[Target] = []
+    ours = {w: r.get(BASELINE, {}) for w, r in results.items()}
+    matches = [f.get("matches_sync") for f in ours.values()]
+    if not matches or any(m is None for m in matches):
+        targets.append(Target("same_as_sync", "SKIP", "results vs sync: not all measured"))
+    else:
+        status = "PASS" if all(matches) else "FAIL"
+        wrong = [w for w, f in ours.items() if not f.get("matches_sync")]
+        text = "every workload on sharedcompute gives sync's result" + (
+            f" (differs: {', '.join(wrong)})" if wrong else ""
+        )
+        targets.append(Target("same_as_sync", status, text))
+
+    def figure(workload: str, scheduler: str, key: str) -> Any:
+        return results.get(workload, {}).get(scheduler, {}).get(key)
+
+    def check(name: str, values: list[Any], test: Callable[..., bool], text: str) -> None:
+        if not all(isinstance(v, (int, float)) for v in values):
+            targets.append(Target(name, "SKIP", text.split(":")[0] + ": not measured"))
+            return
+        status = "PASS" if test(*values) else "FAIL"
+        targets.append(Target(name, status, text.format(*values)))
+
+    big = "array_100mb"
+    check(
+        "array_100mb_3x_processes",
+        [figure(big, BASELINE, "median_s"), figure(big, "processes", "median_s")],
+        lambda a, b: b >= 3 * a,
+        "array_100mb >= 3x faster than processes: {0:.3f} s vs {1:.3f} s",
+    )
+    check(
+        "array_100mb_le_threads",
+        [figure(big, BASELINE, "median_s"), figure(big, "threads", "median_s")],
+        lambda a, b: a <= b,
+        "array_100mb no slower than threads: {0:.3f} s vs {1:.3f} s",
+    )
+    check(
+        "array_100mb_memory_lt_processes",
+        [
+            figure(big, BASELINE, "peak_extra_pss_bytes"),
+            figure(big, "processes", "peak_extra_pss_bytes"),
+        ],
+        lambda a, b: a < b,
+        "array_100mb peak memory lower than processes: {0:,} vs {1:,} bytes",
+    )
+    check(
+        "bag_faster_than_threads",
+        [figure("bag", BASELINE, "median_s"), figure("bag", "threads", "median_s")],
+        lambda a, b: a < b,
+        "bag faster than threads (2 workers): {0:.3f} s vs {1:.3f} s",
+    )
+    if plan.quick:
+        targets = [
+            Target(t.name, t.status, t.text + " (quick sizes)") if t.name != "same_as_sync" else t
+            for t in targets
+        ]
+    return targets
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    results = report["results"]
+    lines = []
+    if report["quick"]:
+        lines += ["**--quick: small sizes; timings say little.**", ""]
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    machine = report["machine"]
+    lines += [
+        f"{WORKERS} workers; median of {report['plan']['repeats']} computes after one warm-up; "
+        f"Python {machine['python']}, {machine['cpus']} CPUs, load average at the end "
+        f"{machine['load_average'][0]:.1f}; {versions}.",
+        "",
+    ]
+    headers = [
+        "workload",
+        "scheduler",
+        "time",
+        "sharedcompute faster by",
+        "peak memory",
+        "sharedcompute smaller by",
+        "same as sync",
+    ]
+    rows = []
+    for workload, by_scheduler in results.items():
+        ours = by_scheduler.get(BASELINE, {})
+        for scheduler, figures in by_scheduler.items():
+            if "error" in figures:
+                rows.append([workload, scheduler, "ERROR", "", "", "", ""])
+                continue
+            rows.append(
+                [
+                    workload,
+                    scheduler,
+                    _common.format_seconds(figures["median_s"]),
+                    _ratio(figures.get("median_s"), ours.get("median_s")),
+                    _common.format_bytes(max(0, figures["peak_extra_pss_bytes"])),
+                    _ratio(figures.get("peak_extra_pss_bytes"), ours.get("peak_extra_pss_bytes")),
+                    {True: "yes", False: "NO", None: "?"}[figures.get("matches_sync")],
+                ]
+            )
+    lines += [_common.markdown_table(headers, rows), ""]
+    lines += ["Targets:", ""] + [f"- {t['status']}: {t['text']}" for t in report["targets"]]
+    problems = []
+    for workload, by_scheduler in results.items():
+        for scheduler, figures in by_scheduler.items():
+            if "error" in figures:
+                problems.append(f"- ERROR {workload} / {scheduler}: {figures['error']}")
+            if figures.get("leftover_processes"):
+                left = ", ".join(figures["leftover_processes"])
+                problems.append(f"- {workload} / {scheduler} left processes: {left}")
+    if problems:
+        lines += ["", "Problems:", "", *problems]
+    return "\n".join(lines)
+
+
+def _ratio(theirs: Any, ours: Any) -> str:
+    if not isinstance(theirs, (int, float)) or not isinstance(ours, (int, float)) or ours <= 0:
+        return ""
+    return f"{theirs / ours:.2f}x"
+
+
+def parse_list(text: str | None, allowed: tuple[str, ...], what: str) -> list[str]:
+    if not text:
+        return list(allowed)
+    chosen = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = sorted(set(chosen) - set(allowed))
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; known: {', '.join(allowed)}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--repeats", type=int, help="timed computes per pair")
+    parser.add_argument("--workloads", help=f"comma-separated, of {', '.join(ALL_WORKLOADS)}")
+    parser.add_argument("--schedulers", help=f"comma-separated, of {', '.join(ALL_SCHEDULERS)}")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child_main(*args.child)
+    plan = QUICK if args.quick else FULL
+    if args.repeats:
+        plan = Plan(**{**asdict(plan), "repeats": args.repeats})
+    workloads = parse_list(args.workloads, ALL_WORKLOADS, "workloads")
+    schedulers = parse_list(args.schedulers, ALL_SCHEDULERS, "schedulers")
+    report = run(plan, workloads, schedulers)
+    print(json.dumps(report, indent=2) if args.json else render_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
