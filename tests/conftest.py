@@ -16,8 +16,10 @@ GRACE_SECONDS = 10.0
 
 
 def _shm_entries() -> set[str]:
+    # POSIX semaphores ("sem.*") belong to other libraries (multiprocessing, loky) that the
+    # benchmarks start; sharedcompute itself never names anything in /dev/shm.
     try:
-        return set(os.listdir(SHM_DIR))
+        return {name for name in os.listdir(SHM_DIR) if not name.startswith("sem.")}
     except FileNotFoundError:
         return set()
 

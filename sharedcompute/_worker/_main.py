@@ -54,16 +54,29 @@ def pack_error(exc: BaseException, where: str) -> bytes:
     The traceback text and the exception travel separately, so the reader keeps
     the traceback even when it cannot load the exception itself.
     """
-    tb = f"{where}\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    text = _safe_str(exc)
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:  # a broken __str__ or __repr__ must not lose the error
+        tb = "".join(traceback.format_tb(exc.__traceback__)) + f"{type(exc).__qualname__}: {text}"
+    tb = f"{where}\n{tb}"
     try:
         exc_bytes = cloudpickle.dumps(exc, protocol=5)
     except Exception as pickling_error:
         substitute = SerializationError(
-            f"the task raised {type(exc).__qualname__}: {exc}, and that exception could not be "
-            f"pickled to send it back ({type(pickling_error).__name__}: {pickling_error})"
+            f"the task raised {type(exc).__qualname__}: {text}, and that exception could not be "
+            f"pickled to send it back ({type(pickling_error).__name__}: "
+            f"{_safe_str(pickling_error)})"
         )
         exc_bytes = cloudpickle.dumps(substitute, protocol=5)
-    return pickle.dumps((tb, type(exc).__qualname__, str(exc), exc_bytes), protocol=5)
+    return pickle.dumps((tb, type(exc).__qualname__, text, exc_bytes), protocol=5)
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__qualname__} whose str() failed>"
 
 
 class WorkerRuntime(RuntimeBase):
@@ -268,8 +281,8 @@ class WorkerRuntime(RuntimeBase):
         self._futures[key] = future
         sent = fn_key in self._functions
         self._functions.setdefault(fn_key, fn)
-        on_main = threading.current_thread() is self._main
-        parent = self._stack[-1] if on_main and self._stack else None
+        # From any thread of the task: its children are what it may wait for.
+        parent = self._stack[-1] if self._stack else None
         self._send((
             Msg.SUBMIT, key, fn_key, None if sent else fn_bytes, ref_to_wire(args_ref),
             tuple(deps), options_to_wire(options), parent,
