@@ -82,5 +82,8 @@ class RemoteTraceback(Exception):
 class DependencyFailedError(SharedComputeError):
     """A task never ran because a Future it depends on failed or was cancelled.
 
-    The dependency's own error is this error's ``__cause__``.
+    The dependency's own error is this error's ``__cause__``; ``reason`` names the
+    failure at the root of the chain.
     """
+
+    reason: str = ""

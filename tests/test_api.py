@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +25,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 import pytest
+from _helpers import wait_until
 
 import sharedcompute as sc
 from sharedcompute.errors import DependencyFailedError, SerializationError
@@ -42,14 +43,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def rt() -> Iterator[sc.Runtime]:
     with sc.Runtime(num_workers=2) as runtime:
         yield runtime
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.02)
 
 
 # -- task functions (module level: workers import this module to find them) ---------------

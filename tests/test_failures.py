@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+from _helpers import wait_until
 
 import sharedcompute as sc
 from sharedcompute.errors import RemoteTraceback, SerializationError, WorkerCrashedError
@@ -39,14 +40,6 @@ NUM_WORKERS = 2
 def rt() -> Iterator[sc.Runtime]:
     with sc.Runtime(num_workers=NUM_WORKERS) as runtime:
         yield runtime
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(0.02)
 
 
 # -- task functions ------------------------------------------------------------------------

@@ -14,7 +14,6 @@ runtime to pump messages (and run other tasks) until the Future is done.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -90,6 +89,8 @@ class Future(concurrent.futures.Future, Generic[T]):
         return True
 
     def __await__(self) -> Generator[Any, None, T]:
+        import asyncio  # only code that awaits pays for importing asyncio
+
         self._runtime.watch(self)
         return asyncio.wrap_future(self).__await__()
 

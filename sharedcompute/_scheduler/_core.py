@@ -407,30 +407,46 @@ class SchedulerCore:
         self._terminate(task, TaskState.ERRED, error)
 
     def _terminate(self, task: _Task, state: TaskState, error: BaseException) -> None:
-        task.state = state
-        task.error = error
-        task.payload = None
-        self._out.append(Reject(task.key, error, cancelled=state is TaskState.CANCELLED))
-        for dep_key in list(task.dependents):
-            dependent = self._tasks.get(dep_key)
-            if dependent is not None and dependent.state in (TaskState.WAITING, TaskState.READY):
-                self._fail_dependent(dependent, task)
-        self._done_with_dependencies(task)
-        if task.actor is not None:
-            actor = self._actors[task.actor]
-            if task.key in actor.queue:
-                actor.queue.remove(task.key)
-                self._pump_actor(actor)
-        self._maybe_forget(task)
+        # A worklist, not recursion: a failure may run down a chain thousands long.
+        pending = [(task, state, error)]
+        while pending:
+            task, state, error = pending.pop()
+            if task.state in TERMINAL:
+                continue
+            task.state = state
+            task.error = error
+            task.payload = None
+            self._out.append(Reject(task.key, error, cancelled=state is TaskState.CANCELLED))
+            for dep_key in list(task.dependents):
+                dependent = self._tasks.get(dep_key)
+                if dependent is not None and dependent.state in (
+                    TaskState.WAITING, TaskState.READY
+                ):
+                    failure = self._dependency_error(dependent, task)
+                    pending.append((dependent, TaskState.ERRED, failure))
+            self._done_with_dependencies(task)
+            if task.actor is not None:
+                actor = self._actors[task.actor]
+                if task.key in actor.queue:
+                    actor.queue.remove(task.key)
+                    self._pump_actor(actor)
+            self._maybe_forget(task)
 
     def _fail_dependent(self, task: _Task, failed: _Task) -> None:
+        self._fail(task, self._dependency_error(task, failed))
+
+    @staticmethod
+    def _dependency_error(task: _Task, failed: _Task) -> DependencyFailedError:
+        cause = failed.error
+        # Name the root failure, not the whole chain of "did not run" messages before it.
+        reason = getattr(cause, "reason", None) or f"{type(cause).__name__}: {cause}"
+        verb = "was cancelled" if failed.state is TaskState.CANCELLED else "failed"
         error = DependencyFailedError(
-            f"task {task.key} did not run: its dependency {failed.key} "
-            f"{'was cancelled' if failed.state is TaskState.CANCELLED else 'failed'} "
-            f"({type(failed.error).__name__}: {failed.error})"
+            f"task {task.key} did not run: its dependency {failed.key} {verb} ({reason})"
         )
-        error.__cause__ = failed.error
-        self._fail(task, error)
+        error.reason = reason
+        error.__cause__ = cause
+        return error
 
     def _done_with_dependencies(self, task: _Task) -> None:
         """``task`` no longer needs its dependencies' values."""

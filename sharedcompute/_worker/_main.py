@@ -29,7 +29,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
@@ -39,8 +39,10 @@ from sharedcompute._runtime._base import RuntimeBase, TaskOptions, options_to_wi
 from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._serialization import serialize
 from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
-from sharedcompute._worker._actor_host import ActorHost
 from sharedcompute.errors import SerializationError, SharedComputeError
+
+if TYPE_CHECKING:
+    from sharedcompute._worker._actor_host import ActorHost
 
 ENV_VAR = "SHAREDCOMPUTE_WORKER"
 # A task shorter than this is "short": its result may wait for the next short task's.
@@ -125,6 +127,8 @@ class WorkerRuntime(RuntimeBase):
             assert self._actor is not None
             self._actor.call_here(message)
         elif kind == Msg.CREATE:
+            from sharedcompute._worker._actor_host import ActorHost  # only actors pay for it
+
             self._actor = ActorHost(self, message)
 
     def _send(self, message: tuple[Any, ...]) -> None:

@@ -247,8 +247,10 @@ def measure_system(system: str, plan: _systems.Plan) -> SystemRun:
 
 
 def _shm_entries() -> set[str]:
+    # POSIX semaphores ("sem.*") left out: multiprocessing names one and unlinks it at once, so
+    # on a shared machine any process's pool shows up in the window; named segments stay.
     try:
-        return set(os.listdir(SHM_DIR))
+        return {name for name in os.listdir(SHM_DIR) if not name.startswith("sem.")}
     except FileNotFoundError:
         return set()
 
@@ -481,7 +483,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             cell = format_value(metric, results[name].get(metric.key))
             ratio = report["ratios"].get(name, {}).get(metric.key)
             if ratio is not None:
-                cell += f" ({ratio:.2g}x)"
+                cell += f" ({ratio:.2g}x)" if ratio < 100 else f" ({ratio:,.0f}x)"
             row.append(cell)
         rows.append(row)
     lines = []
@@ -532,8 +534,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         if report["shm_entries_left"][name]:
             left = ", ".join(report["shm_entries_left"][name])
             lines.append(
-                f"- new /dev/shm entries while {name} ran (other processes on the machine "
-                f"may have made them): {left}"
+                f"- new /dev/shm entries (semaphores aside) while {name} ran (other "
+                f"processes on the machine may have made them): {left}"
             )
     for name, reason in report["skipped"].items():
         lines.append(f"- skipped {name}: {reason}")
