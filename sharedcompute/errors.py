@@ -10,7 +10,7 @@ Everything the runtime itself raises derives from :class:`SharedComputeError`::
           ├── ActorDiedError
           ├── DependencyFailedError   (cause: the dependency's error)
           ├── ObjectLostError
-          ├── ObjectStoreFullError    (also MemoryError)
+          ├── ObjectStoreFullError
           ├── SerializationError      (also TypeError)
           └── AuthenticationError     (also PermissionError)
 
@@ -52,8 +52,12 @@ class ObjectLostError(SharedComputeError):
     """An object's only copy is gone and it cannot be recomputed."""
 
 
-class ObjectStoreFullError(SharedComputeError, MemoryError):
-    """The shared-memory store cannot hold a value: it names the size asked for and the capacity."""
+class ObjectStoreFullError(SharedComputeError):
+    """The shared-memory store cannot hold a value: it names the size asked for and the capacity.
+
+    Not a MemoryError: the process has memory, the store is full; and MemoryError
+    subclasses cannot be rebuilt by tblib, which Dask's distributed installs globally.
+    """
 
 
 class SerializationError(SharedComputeError, TypeError):

@@ -100,7 +100,7 @@ HIERARCHY = [
     ("ActorDiedError", (errors.SharedComputeError,)),
     ("DependencyFailedError", (errors.SharedComputeError,)),
     ("ObjectLostError", (errors.SharedComputeError,)),
-    ("ObjectStoreFullError", (errors.SharedComputeError, MemoryError)),
+    ("ObjectStoreFullError", (errors.SharedComputeError,)),
     ("SerializationError", (errors.SharedComputeError, TypeError)),
     ("AuthenticationError", (errors.SharedComputeError, PermissionError)),
 ]
