@@ -38,6 +38,14 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             "four tasks summed the same stored array: 49999995000000.0",
         ],
     ),
+    "actors.py": (
+        [],
+        [
+            "updates applied: [1, 2, 3, 4, 5, 6, 7, 8]",
+            "read-only view: True",
+            "word counts: [4, 2, 3, 3]",
+        ],
+    ),
     "dask_on_sharedcompute.py": (
         ["--small"],
         ["(x + x.T).mean(axis=0)", "results are the same as Dask's sync scheduler's"],
