@@ -331,6 +331,9 @@ class ActorManager:
     def pending_holds(self) -> bool:
         return bool(self._actor_holds)
 
+    def clear_holds(self) -> None:
+        self._actor_holds.clear()
+
     def _flush_actor_holds(self) -> None:
         while self._actor_holds:
             actor_id, delta = self._actor_holds.popleft()

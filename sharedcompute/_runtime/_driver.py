@@ -234,17 +234,19 @@ class Runtime(RuntimeBase):
 
     def _flush_releases(self) -> None:
         """Turn queued Future and handle finalizations into events (lock held)."""
-        if self.actors.pending_holds() and not self._closed:
+        if self._closed:  # nothing left to release; drop them so _unlock stops looping
+            self._released.clear()
+            self.actors.clear_holds()
+            return
+        if self.actors.pending_holds():
             self.actors._flush_actor_holds()
-        if self._released and not self._closed:
+        if self._released:
             events: list[Event] = []
             while self._released:
                 key = self._released.popleft()
                 self._registered_local.discard(key)
                 events.append(KeyReleased(key))
             self._handle(events)
-        else:
-            self._released.clear()
 
     def _handle(self, events: Event | list[Event]) -> None:
         """Feed the core and carry out its instructions (lock held)."""
