@@ -80,6 +80,8 @@ class ActorManager:
         self._actor_names: dict[str, int] = {}
         # Handle finalizations, queued lock-free and applied under the runtime's lock.
         self._actor_holds: deque[tuple[int, int]] = deque()
+        # Unnamed actors with no handle left, ending once their pending calls are done.
+        self.ending: set[int] = set()
 
     def record(self, actor_id: int) -> ActorRecord | None:
         return self._actor_records.get(actor_id)
@@ -344,9 +346,20 @@ class ActorManager:
     def _change_holds(self, record: ActorRecord, delta: int) -> None:
         record.holds += delta
         if record.holds <= 0 and record.options.name is None and not record.dead:
-            self._end_actor(record, ActorDiedError(
-                f"{record.description} was ended: no handle to it is left"
-            ))
+            self.ending.add(record.id)
+            self.check_ending()
+
+    def check_ending(self) -> None:
+        """End handle-less actors whose calls have all finished (lock held)."""
+        for actor_id in list(self.ending):
+            record = self._actor_records.get(actor_id)
+            if record is None or record.dead or record.holds > 0:
+                self.ending.discard(actor_id)
+            elif not self.rt.core.actor_busy(actor_id):
+                self.ending.discard(actor_id)
+                self._end_actor(record, ActorDiedError(
+                    f"{record.description} was ended: no handle to it is left"
+                ))
 
 
 def _kill(worker: WorkerHandle) -> None:

@@ -260,6 +260,8 @@ class Runtime(RuntimeBase):
                 self.store.delete(instruction.ref)
             elif type(instruction) is StartWorker and self._pool is not None and not self._closed:
                 self._pool.spawn(self._next_worker_id())
+        if self.actors.ending:
+            self.actors.check_ending()
         if outbox and self._pool is not None:
             for worker_id, messages in outbox.items():
                 worker = self._pool.workers.get(worker_id)

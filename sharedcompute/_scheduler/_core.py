@@ -584,6 +584,11 @@ class SchedulerCore:
 
     # -- actors ------------------------------------------------------------------------------
 
+    def actor_busy(self, actor_id: int) -> bool:
+        """Whether the actor has calls queued or running."""
+        actor = self._actors.get(actor_id)
+        return actor is not None and bool(actor.queue or actor.assigned)
+
     def idle_workers(self) -> list[WorkerId]:
         return [w.id for w in self._workers.values() if not w.assigned]
 
