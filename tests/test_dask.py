@@ -435,7 +435,7 @@ def test_results_are_writeable_and_views_on_request(runtime: sc.Runtime) -> None
 
 
 def test_small_window_still_finishes(runtime: sc.Runtime) -> None:
-    x = da.random.default_rng(4).random((600, 600), chunks=(100, 100))
+    x = da.random.default_rng(4).random((300, 300), chunks=(100, 100))
     y = (x @ x.T).sum()
     assert ours(y, max_in_flight=1) == pytest.approx(sync(y), rel=1e-9)
 

@@ -217,10 +217,14 @@ class ActorPool:
         if not self._order:
             raise StopIteration("no more results to get")
         future = self._order[0]
-        value = future.result(timeout)
+        from sharedcompute._api import wait
+
+        if not wait([future], timeout=timeout).done:
+            raise TimeoutError("the next result was not ready in time")
+        # Off the queue and its actor free before the result, which may raise.
         self._order.pop(0)
         self._done(future)
-        return value
+        return future.result()
 
     def get_next_unordered(self, timeout: float | None = None) -> Any:
         """Whichever result finishes first."""

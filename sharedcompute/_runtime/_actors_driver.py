@@ -55,6 +55,9 @@ class ActorRecord:
     dep_keys: tuple[int, ...]
     methods: dict[str, bool]
     restarts_left: int
+    # The constructor's Future arguments, held so their values outlive the caller's
+    # Futures: every (re)start of the actor needs them.
+    dep_futures: tuple[Future[Any], ...] = ()
     worker: WorkerHandle | None = None
     holds: int = 0
     worker_holds: Counter[int] = field(default_factory=Counter)
@@ -105,6 +108,7 @@ class ActorManager:
             cls_key=cls_key,
             args_ref=args_ref,
             dep_keys=tuple(deps),
+            dep_futures=tuple(deps.values()),
             methods=public_methods(cls),
             restarts_left=options.max_restarts,
         )

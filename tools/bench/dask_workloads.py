@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/bench/dask_workloads.py [--quick] [--json] [--repeats N]
+    python tools/bench/dask_workloads.py [--quick] [--json] [--repeats N] [--rounds N]
                                          [--workloads array_100mb,bag,...]
                                          [--schedulers sync,threads,...]
 
@@ -13,11 +13,12 @@ inherits another's warm heap, workers or page cache of results::
         ▲   (child subreaper: stops whatever a scheduler leaves behind)            │
         └── OUT.json (times, peak memory), OUT.pkl (the result) ◀──────────────────┘
 
-In the child: build the collection, sample memory (baseline), start the scheduler, one
-warm-up compute, then ``repeats`` timed computes; the figure is their median. Peak memory
-is the highest PSS of the child and all its descendants (workers, nannies, the store's
-shared memory counted once) above the baseline, over the warm-up and timed runs: what
-choosing that scheduler costs in memory, its own processes included. Start-up of a
+In the child: build the collection, measure memory (baseline), start the scheduler, one
+warm-up compute, then ``repeats`` timed computes; the figure is their median. Then one more
+compute under a memory sampler (sampling costs CPU, so it never overlaps a timed run): peak
+memory is the highest PSS of the child and all its descendants (workers, nannies, the
+store's shared memory counted once) above the baseline, what choosing that scheduler costs
+in memory, its own processes included. Start-up of a
 distributed cluster or of the sharedcompute runtime is not timed; Dask's "processes"
 scheduler starts a new process pool inside every compute, as it does for its users, and
 "processes-pool" gives it one reused pool to show that start-up apart.
@@ -96,6 +97,7 @@ class Plan:
     delayed_items: int
     data_dir: str = ""
     child_timeout_s: float = 900.0
+    rounds: int = 1
 
 
 FULL = Plan(
@@ -302,10 +304,46 @@ class Scheduler:
         import dask
 
         (result,) = dask.compute(collection, **self.compute_kwargs)
+        if self.name == "distributed":
+            self._wait_until_released()
         return result
+
+    def _wait_until_released(self, timeout: float = 30.0) -> None:
+        """Let the cluster forget the last compute's keys (it releases them asynchronously):
+        otherwise the next compute of the same graph finds its results still in memory."""
+        client = self.compute_kwargs["scheduler"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not client.run_on_scheduler(_scheduler_task_count):
+                return
+            time.sleep(0.01)
 
     def close(self) -> None:
         self._close()
+
+
+def _scheduler_task_count(dask_scheduler: Any) -> int:
+    return len(dask_scheduler.tasks)
+
+
+def _tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process, its descendants and the children they reaped
+    (Dask's "processes" pool exits after each compute; its CPU is counted once reaped)."""
+    import resource
+
+    import psutil
+
+    used = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        used += usage.ru_utime + usage.ru_stime
+    for process in psutil.Process().children(recursive=True):
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        used += times.user + times.system + times.children_user + times.children_system
+    return used
 
 
 def child_main(workload: str, scheduler_name: str, plan_json: str, out_path: str) -> int:
@@ -315,23 +353,28 @@ def child_main(workload: str, scheduler_name: str, plan_json: str, out_path: str
     collection = build(workload, plan)
     scheduler = Scheduler(scheduler_name)
     try:
-        with _common.TreeMemorySampler() as sampler:
-            base = sampler.reset()
-            scheduler.start()
-            result = scheduler.compute(collection)  # warm-up: workers import, pages warm
+        base = _common.tree_memory()  # before the scheduler starts: its processes count
+        scheduler.start()
+        result = scheduler.compute(collection)  # warm-up: workers import, pages warm
+        del result
+        times = []
+        cpu_before = _tree_cpu_seconds()
+        for _ in range(plan.repeats):
+            start = time.perf_counter()
+            result = scheduler.compute(collection)
+            times.append(time.perf_counter() - start)
             del result
-            times = []
-            for _ in range(plan.repeats):
-                start = time.perf_counter()
-                result = scheduler.compute(collection)
-                times.append(time.perf_counter() - start)
-                if len(times) < plan.repeats:
-                    del result
+        cpu_per_compute = (_tree_cpu_seconds() - cpu_before) / plan.repeats
+        # Memory is sampled in a run of its own: reading smaps of processes that map
+        # gigabytes costs the sampler a good part of a CPU, which must not be timed.
+        with _common.TreeMemorySampler() as sampler:
+            sampler.reset()
+            result = scheduler.compute(collection)
             peak = sampler.peak()
         figures.update(
             times_s=times,
-            median_s=statistics.median(times),
-            peak_extra_pss_bytes=peak.pss_bytes - base.pss_bytes,
+            cpu_s=[cpu_per_compute],
+            peak_extra_pss_bytes=[peak.pss_bytes - (base.pss_bytes or base.rss_bytes)],
             peak_processes=peak.processes,
         )
         with open(out_path + ".pkl", "wb") as out:
@@ -403,14 +446,20 @@ def run(plan: Plan, workloads: list[str], schedulers: list[str]) -> dict[str, An
     try:
         plan = Plan(**{**asdict(plan), "data_dir": os.path.join(folder, "json")})
         write_json_files(plan.data_dir, plan.bag_files, plan.bag_lines)
-        results: dict[str, dict[str, dict[str, Any]]] = {}
+        results: dict[str, dict[str, dict[str, Any]]] = {w: {} for w in workloads}
         order = [REFERENCE] + [s for s in schedulers if s != REFERENCE]
-        for workload in workloads:
-            results[workload] = {}
-            for scheduler in order:
-                print(f"[{workload}] {scheduler}", file=sys.stderr, flush=True)
-                results[workload][scheduler] = run_child(workload, scheduler, plan, folder)
-            _compare(workload, results[workload])
+        # Rounds spread a busy machine's drift over every scheduler instead of one.
+        for round_index in range(plan.rounds):
+            for workload in workloads:
+                for scheduler in order:
+                    print(f"[{round_index + 1}/{plan.rounds}] [{workload}] {scheduler}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    load = os.getloadavg()[0]
+                    figures = run_child(workload, scheduler, plan, folder)
+                    figures["load_1min"] = [load]
+                    _merge(results[workload], scheduler, figures)
+                if round_index == plan.rounds - 1:
+                    _compare(workload, results[workload])
         return {
             "quick": plan.quick,
             "plan": asdict(plan),
@@ -425,6 +474,20 @@ def run(plan: Plan, workloads: list[str], schedulers: list[str]) -> dict[str, An
         }
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _merge(by_scheduler: dict[str, dict[str, Any]], scheduler: str, new: dict[str, Any]) -> None:
+    """Add one child's figures to those of earlier rounds; medians over all of them."""
+    figures = by_scheduler.setdefault(scheduler, {})
+    for key in ("times_s", "cpu_s", "peak_extra_pss_bytes", "load_1min", "leftover_processes"):
+        figures[key] = figures.get(key, []) + new.get(key, [])
+    for key in ("workload", "scheduler", "result_path", "error"):
+        if key in new:
+            figures[key] = new[key]
+    for key in ("times_s", "cpu_s", "peak_extra_pss_bytes"):
+        if figures[key]:
+            name = {"times_s": "median_s", "cpu_s": "cpu_median_s"}.get(key, key + "_median")
+            figures[name] = statistics.median(figures[key])
 
 
 def _compare(workload: str, by_scheduler: dict[str, dict[str, Any]]) -> None:
@@ -504,8 +567,8 @@ def evaluate_targets(results: dict[str, dict[str, dict[str, Any]]], plan: Plan) 
     check(
         "array_100mb_memory_lt_processes",
         [
-            figure(big, BASELINE, "peak_extra_pss_bytes"),
-            figure(big, "processes", "peak_extra_pss_bytes"),
+            figure(big, BASELINE, "peak_extra_pss_bytes_median"),
+            figure(big, "processes", "peak_extra_pss_bytes_median"),
         ],
         lambda a, b: a < b,
         "array_100mb peak memory lower than processes: {0:,} vs {1:,} bytes",
@@ -526,22 +589,29 @@ def evaluate_targets(results: dict[str, dict[str, dict[str, Any]]], plan: Plan) 
 
 def render_markdown(report: dict[str, Any]) -> str:
     results = report["results"]
+    plan = report["plan"]
     lines = []
     if report["quick"]:
         lines += ["**--quick: small sizes; timings say little.**", ""]
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     machine = report["machine"]
+    loads = [
+        load for by in results.values() for f in by.values() for load in f.get("load_1min", [])
+    ]
+    load_text = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?"
     lines += [
-        f"{WORKERS} workers; median of {report['plan']['repeats']} computes after one warm-up; "
-        f"Python {machine['python']}, {machine['cpus']} CPUs, load average at the end "
-        f"{machine['load_average'][0]:.1f}; {versions}.",
+        f"{WORKERS} workers; {plan['rounds']} round(s) of one warm-up and {plan['repeats']} "
+        f"timed computes per scheduler, each in a fresh process; time, CPU and peak memory are "
+        f"medians over the rounds. Python {machine['python']}, {machine['cpus']} CPUs, 1-minute "
+        f"load average before each child {load_text}; {versions}.",
         "",
     ]
     headers = [
         "workload",
         "scheduler",
-        "time",
+        "time (min-max)",
         "sharedcompute faster by",
+        "CPU s / compute",
         "peak memory",
         "sharedcompute smaller by",
         "same as sync",
@@ -550,22 +620,35 @@ def render_markdown(report: dict[str, Any]) -> str:
     for workload, by_scheduler in results.items():
         ours = by_scheduler.get(BASELINE, {})
         for scheduler, figures in by_scheduler.items():
-            if "error" in figures:
-                rows.append([workload, scheduler, "ERROR", "", "", "", ""])
+            if "median_s" not in figures:
+                rows.append([workload, scheduler, "ERROR", "", "", "", "", ""])
                 continue
+            times = figures["times_s"]
+            peak = figures.get("peak_extra_pss_bytes_median", 0)
             rows.append(
                 [
                     workload,
                     scheduler,
-                    _common.format_seconds(figures["median_s"]),
+                    f"{_common.format_seconds(figures['median_s'])} "
+                    f"({min(times):.2f}-{max(times):.2f})",
                     _ratio(figures.get("median_s"), ours.get("median_s")),
-                    _common.format_bytes(max(0, figures["peak_extra_pss_bytes"])),
-                    _ratio(figures.get("peak_extra_pss_bytes"), ours.get("peak_extra_pss_bytes")),
+                    f"{figures.get('cpu_median_s', float('nan')):.2f}",
+                    _common.format_bytes(max(0, peak)),
+                    _ratio(peak, ours.get("peak_extra_pss_bytes_median")),
                     {True: "yes", False: "NO", None: "?"}[figures.get("matches_sync")],
                 ]
             )
     lines += [_common.markdown_table(headers, rows), ""]
-    lines += ["Targets:", ""] + [f"- {t['status']}: {t['text']}" for t in report["targets"]]
+    lines += [
+        "faster / smaller by: the scheduler's figure over sharedcompute's (> 1: sharedcompute "
+        "is faster or smaller). CPU: seconds of CPU the whole process tree used per timed "
+        "compute. Peak memory: PSS of the process tree above its level before the scheduler "
+        "started, in a separate sampled compute.",
+        "",
+        "Targets:",
+        "",
+    ]
+    lines += [f"- {t['status']}: {t['text']}" for t in report["targets"]]
     problems = []
     for workload, by_scheduler in results.items():
         for scheduler, figures in by_scheduler.items():
@@ -599,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--repeats", type=int, help="timed computes per pair")
+    parser.add_argument("--repeats", type=int, help="timed computes per pair and round")
+    parser.add_argument("--rounds", type=int, help="times over every pair (default 1)")
     parser.add_argument("--workloads", help=f"comma-separated, of {', '.join(ALL_WORKLOADS)}")
     parser.add_argument("--schedulers", help=f"comma-separated, of {', '.join(ALL_SCHEDULERS)}")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -609,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.repeats:
         plan = Plan(**{**asdict(plan), "repeats": args.repeats})
+    if args.rounds:
+        plan = Plan(**{**asdict(plan), "rounds": args.rounds})
     workloads = parse_list(args.workloads, ALL_WORKLOADS, "workloads")
     schedulers = parse_list(args.schedulers, ALL_SCHEDULERS, "schedulers")
     report = run(plan, workloads, schedulers)
