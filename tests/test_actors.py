@@ -418,18 +418,21 @@ def test_constructor_future_arguments_the_caller_does_not_keep(rt: sc.Runtime) -
     assert got == 5
 
 
-def test_restart_after_the_constructor_future_was_dropped(rt: sc.Runtime) -> None:
+def test_restart_after_the_constructor_future_was_dropped(
+    rt: sc.Runtime, tmp_path: Path
+) -> None:
     start = sc.put(5)
     counter = Counter.options(max_restarts=1).remote(start)
     assert counter.value.remote().result(timeout=TIMEOUT) == 5
     del start
     gc.collect()
     pid = counter.pid.remote().result(timeout=TIMEOUT)
+    blocked = counter.wait_for.remote(str(tmp_path / "never"))
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not process_alive(pid), TIMEOUT, "the actor's process to end")
-    after = outcome(counter.value.remote(), timeout=5)
-    del counter
-    assert after == 5, repr(after)
+    with pytest.raises(ActorDiedError, match="SIGKILL"):  # the driver has seen the death
+        blocked.result(timeout=TIMEOUT)
+    assert counter.value.remote().result(timeout=TIMEOUT) == 5  # restarted with its argument
+    assert counter.pid.remote().result(timeout=TIMEOUT) != pid
 
 
 def test_constructor_with_a_failed_dependency(rt: sc.Runtime) -> None:
