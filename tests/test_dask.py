@@ -453,3 +453,31 @@ def test_example_runs() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "same as Dask's sync scheduler" in proc.stdout
+
+
+def test_benchmark_quick_run() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tools" / "bench" / "dask_workloads.py"),
+            "--quick",
+            "--json",
+            "--workloads",
+            "bag,delayed_tree",
+            "--schedulers",
+            "sharedcompute,threads",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 2,
+        cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    for workload in ("bag", "delayed_tree"):
+        for scheduler in ("sync", "sharedcompute", "threads"):
+            figures = report["results"][workload][scheduler]
+            assert "error" not in figures, figures["error"]
+            assert figures["matches_sync"] is True
+            assert figures["median_s"] > 0 and len(figures["times_s"]) == 2
+    assert {t["name"] for t in report["targets"]} >= {"same_as_sync", "bag_faster_than_threads"}

@@ -31,6 +31,9 @@ What is measured, on one actor of class :class:`Echo` (each figure after a warm-
     big_arg_direct_s             the same call with the array itself as the argument
     big_put_s                    the put itself (sc.put / ray.put / client.scatter)
 
+:class:`Echo` travels by value, as a script's own classes do, so a fresh actor process imports
+nothing to find it: creation figures are the system's own cost.
+
 ``--quick`` shrinks the counts tenfold and the array to 10 MB; keys keep their names and the JSON
 says ``"quick": true`` and gives the real sizes. Dask actor calls do not resolve futures given
 as arguments, so Dask has no big_arg_put figures.

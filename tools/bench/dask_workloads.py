@@ -6,22 +6,31 @@ Usage::
                                          [--workloads array_100mb,bag,...]
                                          [--schedulers sync,threads,...]
 
-Every (workload, scheduler) pair runs in a fresh interpreter of its own, so no scheduler
-inherits another's warm heap, workers or page cache of results::
+Measurements run in fresh interpreters, never in this one::
 
-    this process ── python dask_workloads.py --child WORKLOAD SCHEDULER PLAN OUT ──┐
-        ▲   (child subreaper: stops whatever a scheduler leaves behind)            │
-        └── OUT.json (times, peak memory), OUT.pkl (the result) ◀──────────────────┘
+    this process ── python dask_workloads.py --child MODE WORKLOAD SCHEDULERS PLAN OUT ──┐
+        ▲   (child subreaper: stops whatever a scheduler leaves behind)                  │
+        └── OUT.json (figures per scheduler), OUT.pkl (the result) ◀─────────────────────┘
 
-In the child: build the collection, measure memory (baseline), start the scheduler, one
-warm-up compute, then ``repeats`` timed computes; the figure is their median. Then one more
-compute under a memory sampler (sampling costs CPU, so it never overlaps a timed run): peak
-memory is the highest PSS of the child and all its descendants (workers, nannies, the
-store's shared memory counted once) above the baseline, what choosing that scheduler costs
-in memory, its own processes included. Start-up of a
-distributed cluster or of the sharedcompute runtime is not timed; Dask's "processes"
-scheduler starts a new process pool inside every compute, as it does for its users, and
-"processes-pool" gives it one reused pool to show that start-up apart.
+``memory`` children, one per (workload, scheduler), so no scheduler inherits another's heap,
+workers or pages: measure the process tree (baseline), start the scheduler, one warm-up
+compute, then one compute under a memory sampler. Peak memory is the highest PSS of the child
+and all its descendants (workers, nannies, the store's shared memory counted once) above the
+baseline: what choosing that scheduler costs in memory, its own processes included. That
+compute's result is compared with the "sync" scheduler's.
+
+``time`` children, one per workload and round: every scheduler is started and warmed up in
+the same process, then they take turns, compute by compute, ``repeats`` times (who goes
+first rotates). On a machine whose other load comes and goes, turns spread it over every
+scheduler alike, where back-to-back blocks would hand it to whichever ran at the wrong
+minute. Time is the median over all turns and rounds; CPU is what the whole process tree
+used during the compute. The sampler never runs during a timed compute (reading the smaps
+of processes mapping gigabytes costs it a good part of a CPU). "distributed" is timed in a
+process of its own: while a Client exists Dask builds some graphs differently (a dataframe
+shuffle becomes its "p2p" kind). Start-up of a distributed cluster or of the sharedcompute
+runtime is not timed; Dask's "processes" scheduler starts a new process pool inside every
+compute, as it does for its users, and "processes-pool" gives it one reused pool to show
+that start-up apart.
 
 Workloads (sizes of a full run; ``--quick`` shrinks them to run in seconds)::
 
@@ -346,74 +355,99 @@ def _tree_cpu_seconds() -> float:
     return used
 
 
-def child_main(workload: str, scheduler_name: str, plan_json: str, out_path: str) -> int:
-    """Measure one (workload, scheduler) pair; write OUT.json and the result to OUT.pkl."""
+def child_main(mode: str, workload: str, schedulers: str, plan_json: str, out_path: str) -> int:
+    """One measuring child: ``memory`` (one scheduler) or ``time`` (several, interleaved)."""
     plan = Plan(**json.loads(plan_json))
-    figures: dict[str, Any] = {"workload": workload, "scheduler": scheduler_name}
-    collection = build(workload, plan)
-    scheduler = Scheduler(scheduler_name)
+    names = schedulers.split(",")
+    figures: dict[str, Any] = {}
     try:
-        base = _common.tree_memory()  # before the scheduler starts: its processes count
-        scheduler.start()
-        result = scheduler.compute(collection)  # warm-up: workers import, pages warm
-        del result
-        times = []
-        cpu_before = _tree_cpu_seconds()
-        for _ in range(plan.repeats):
-            start = time.perf_counter()
-            result = scheduler.compute(collection)
-            times.append(time.perf_counter() - start)
-            del result
-        cpu_per_compute = (_tree_cpu_seconds() - cpu_before) / plan.repeats
-        # Memory is sampled in a run of its own: reading smaps of processes that map
-        # gigabytes costs the sampler a good part of a CPU, which must not be timed.
-        with _common.TreeMemorySampler() as sampler:
-            sampler.reset()
-            result = scheduler.compute(collection)
-            peak = sampler.peak()
-        figures.update(
-            times_s=times,
-            cpu_s=[cpu_per_compute],
-            peak_extra_pss_bytes=[peak.pss_bytes - (base.pss_bytes or base.rss_bytes)],
-            peak_processes=peak.processes,
-        )
-        with open(out_path + ".pkl", "wb") as out:
-            pickle.dump(result, out, protocol=5)
+        if mode == "memory":
+            (name,) = names
+            figures[name], result = _measure_memory(workload, name, plan)
+            with open(out_path + ".pkl", "wb") as out:
+                pickle.dump(result, out, protocol=5)
+        elif mode == "time":
+            figures.update(_measure_time(workload, names, plan))
+        else:
+            raise ValueError(f"unknown child mode {mode!r}")
     except BaseException:
         figures["error"] = traceback.format_exc()
         raise
     finally:
-        try:
-            scheduler.close()
-        finally:
-            with open(out_path, "w") as out:
-                json.dump(figures, out)
+        with open(out_path, "w") as out:
+            json.dump(figures, out)
     return 0
+
+
+def _measure_memory(workload: str, name: str, plan: Plan) -> tuple[dict[str, Any], Any]:
+    """Peak PSS of one compute above the level before the scheduler started; the result."""
+    collection = build(workload, plan)
+    scheduler = Scheduler(name)
+    try:
+        base = _common.tree_memory()  # before the scheduler starts: its processes count
+        scheduler.start()
+        del_result = scheduler.compute(collection)  # warm-up: workers import, pages warm
+        del del_result
+        with _common.TreeMemorySampler() as sampler:
+            sampler.reset()
+            result = scheduler.compute(collection)
+            peak = sampler.peak()
+    finally:
+        scheduler.close()
+    extra = peak.pss_bytes - (base.pss_bytes or base.rss_bytes)
+    return {"peak_extra_pss_bytes": [extra], "peak_processes": peak.processes}, result
+
+
+def _measure_time(workload: str, names: list[str], plan: Plan) -> dict[str, Any]:
+    """Wall and CPU seconds of each compute, the schedulers taking turns compute by compute
+    (rotating who goes first), so a busy machine's load drifts over all of them alike."""
+    collection = build(workload, plan)
+    schedulers = [Scheduler(name) for name in names]
+    figures: dict[str, dict[str, list[float]]] = {n: {"times_s": [], "cpu_s": []} for n in names}
+    try:
+        for scheduler in schedulers:
+            scheduler.start()
+            del_result = scheduler.compute(collection)  # warm-up
+            del del_result
+        for repeat in range(plan.repeats):
+            turn = repeat % len(schedulers)
+            for scheduler in schedulers[turn:] + schedulers[:turn]:
+                cpu = _tree_cpu_seconds()
+                start = time.perf_counter()
+                result = scheduler.compute(collection)
+                figures[scheduler.name]["times_s"].append(time.perf_counter() - start)
+                figures[scheduler.name]["cpu_s"].append(_tree_cpu_seconds() - cpu)
+                del result
+    finally:
+        for scheduler in schedulers:
+            try:
+                scheduler.close()
+            except Exception:
+                traceback.print_exc()
+    return figures
 
 
 # -- the parent ---------------------------------------------------------------------------
 
+# Timed together in one process, taking turns. A distributed Client changes what Dask
+# builds while it exists (a dataframe shuffle becomes its own "p2p" kind), so "distributed"
+# is timed in a process of its own.
+SEPARATE_TIMING = ("distributed",)
 
-def run_child(workload: str, scheduler: str, plan: Plan, folder: str) -> dict[str, Any]:
-    out_path = os.path.join(folder, f"{workload}-{scheduler}.json")
+
+def run_child(
+    mode: str, workload: str, schedulers: list[str], plan: Plan, folder: str
+) -> dict[str, Any]:
+    """Run one measuring child; return what it wrote, keyed by scheduler."""
+    out_path = os.path.join(folder, f"{mode}-{workload}-{'-'.join(schedulers)}.json")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(_common.REPO_ROOT), env.get("PYTHONPATH", "")) if p
     )
+    argv = [sys.executable, os.path.abspath(__file__), "--child", mode, workload]
+    argv += [",".join(schedulers), json.dumps(asdict(plan)), out_path]
     child = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--child",
-            workload,
-            scheduler,
-            json.dumps(asdict(plan)),
-            out_path,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=sys.stderr,
-        env=env,
-        cwd=_common.REPO_ROOT,
+        argv, stdin=subprocess.DEVNULL, stdout=sys.stderr, env=env, cwd=_common.REPO_ROOT
     )
     error = None
     try:
@@ -427,16 +461,22 @@ def run_child(workload: str, scheduler: str, plan: Plan, folder: str) -> dict[st
             child.kill()
             child.wait(timeout=10)
     left = _common.end_descendants()
-    figures: dict[str, Any] = {}
+    written: dict[str, Any] = {}
     if os.path.exists(out_path):
-        with open(out_path) as written:
-            figures = json.load(written)
-    if error is not None:
-        figures["error"] = error + (
-            ": " + figures["error"].strip().splitlines()[-1] if figures.get("error") else ""
-        )
-    figures["leftover_processes"] = left
-    figures["result_path"] = out_path + ".pkl"
+        with open(out_path) as file:
+            written = json.load(file)
+    child_error = written.pop("error", None)
+    if child_error and error is None:
+        error = "failed"
+    if error is not None and child_error:
+        error += ": " + child_error.strip().splitlines()[-1]
+    figures = {name: written.get(name, {}) for name in schedulers}
+    for name in schedulers:
+        if error is not None:
+            figures[name]["error"] = f"{mode} child {error}"
+        figures[name]["leftover_processes"] = left
+        if mode == "memory":
+            figures[name]["result_path"] = out_path + ".pkl"
     return figures
 
 
@@ -447,19 +487,23 @@ def run(plan: Plan, workloads: list[str], schedulers: list[str]) -> dict[str, An
         plan = Plan(**{**asdict(plan), "data_dir": os.path.join(folder, "json")})
         write_json_files(plan.data_dir, plan.bag_files, plan.bag_lines)
         results: dict[str, dict[str, dict[str, Any]]] = {w: {} for w in workloads}
-        order = [REFERENCE] + [s for s in schedulers if s != REFERENCE]
-        # Rounds spread a busy machine's drift over every scheduler instead of one.
-        for round_index in range(plan.rounds):
-            for workload in workloads:
-                for scheduler in order:
-                    print(f"[{round_index + 1}/{plan.rounds}] [{workload}] {scheduler}",
-                          file=sys.stderr, flush=True)  # fmt: skip
+        ordered = [REFERENCE] + [s for s in schedulers if s != REFERENCE]
+        together = [s for s in ordered if s not in SEPARATE_TIMING]
+        timing_groups = [together] + [[s] for s in ordered if s in SEPARATE_TIMING]
+        for workload in workloads:
+            for scheduler in ordered:
+                _log(f"[{workload}] memory and result: {scheduler}")
+                figures = run_child("memory", workload, [scheduler], plan, folder)
+                _merge(results[workload], figures)
+            _compare(workload, results[workload])
+            for round_index in range(plan.rounds):
+                for group in (g for g in timing_groups if g):
+                    _log(f"[{workload}] time, round {round_index + 1}: {', '.join(group)}")
                     load = os.getloadavg()[0]
-                    figures = run_child(workload, scheduler, plan, folder)
-                    figures["load_1min"] = [load]
-                    _merge(results[workload], scheduler, figures)
-                if round_index == plan.rounds - 1:
-                    _compare(workload, results[workload])
+                    figures = run_child("time", workload, group, plan, folder)
+                    for name in group:
+                        figures[name]["load_1min"] = [load]
+                    _merge(results[workload], figures)
         return {
             "quick": plan.quick,
             "plan": asdict(plan),
@@ -476,18 +520,28 @@ def run(plan: Plan, workloads: list[str], schedulers: list[str]) -> dict[str, An
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _merge(by_scheduler: dict[str, dict[str, Any]], scheduler: str, new: dict[str, Any]) -> None:
-    """Add one child's figures to those of earlier rounds; medians over all of them."""
-    figures = by_scheduler.setdefault(scheduler, {})
-    for key in ("times_s", "cpu_s", "peak_extra_pss_bytes", "load_1min", "leftover_processes"):
-        figures[key] = figures.get(key, []) + new.get(key, [])
-    for key in ("workload", "scheduler", "result_path", "error"):
-        if key in new:
-            figures[key] = new[key]
-    for key in ("times_s", "cpu_s", "peak_extra_pss_bytes"):
-        if figures[key]:
-            name = {"times_s": "median_s", "cpu_s": "cpu_median_s"}.get(key, key + "_median")
-            figures[name] = statistics.median(figures[key])
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _merge(by_scheduler: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> None:
+    """Add one child's figures to what is known; medians over all of them."""
+    for scheduler, figures_new in new.items():
+        figures = by_scheduler.setdefault(scheduler, {})
+        for key in ("times_s", "cpu_s", "peak_extra_pss_bytes", "load_1min"):
+            figures[key] = figures.get(key, []) + figures_new.get(key, [])
+        for key in ("result_path", "error", "peak_processes"):
+            if key in figures_new:
+                figures[key] = figures_new[key]
+        left = figures.get("leftover_processes", []) + figures_new.get("leftover_processes", [])
+        figures["leftover_processes"] = left
+        for key, name in (
+            ("times_s", "median_s"),
+            ("cpu_s", "cpu_median_s"),
+            ("peak_extra_pss_bytes", "peak_extra_pss_bytes_median"),
+        ):
+            if figures[key]:
+                figures[name] = statistics.median(figures[key])
 
 
 def _compare(workload: str, by_scheduler: dict[str, dict[str, Any]]) -> None:
@@ -600,10 +654,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     load_text = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?"
     lines += [
-        f"{WORKERS} workers; {plan['rounds']} round(s) of one warm-up and {plan['repeats']} "
-        f"timed computes per scheduler, each in a fresh process; time, CPU and peak memory are "
-        f"medians over the rounds. Python {machine['python']}, {machine['cpus']} CPUs, 1-minute "
-        f"load average before each child {load_text}; {versions}.",
+        f"{WORKERS} workers; {plan['rounds']} round(s) of {plan['repeats']} turns per "
+        f"scheduler after a warm-up (schedulers alternate compute by compute); time and CPU "
+        f"are medians over all turns, memory from a separate, isolated compute. Python "
+        f"{machine['python']}, {machine['cpus']} CPUs, 1-minute load average before each "
+        f"timing child {load_text}; {versions}.",
         "",
     ]
     headers = [
@@ -686,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="times over every pair (default 1)")
     parser.add_argument("--workloads", help=f"comma-separated, of {', '.join(ALL_WORKLOADS)}")
     parser.add_argument("--schedulers", help=f"comma-separated, of {', '.join(ALL_SCHEDULERS)}")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child_main(*args.child)
