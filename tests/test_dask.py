@@ -37,13 +37,8 @@ try:  # the public module (Dask >= 2025.1); the private one before
     from dask.task_spec import Alias, DataNode, Task, TaskRef
 except ImportError:
     from dask._task_spec import Alias, DataNode, Task, TaskRef
-try:  # containers as graph nodes (Dask >= 2024.12.0)
-    from dask.task_spec import List
-except ImportError:
-    try:
-        from dask._task_spec import List
-    except ImportError:
-        List = None
+# Containers as graph nodes (Dask >= 2024.12.0); None where Dask has none.
+List: Any = getattr(sys.modules.get("dask.task_spec") or dask._task_spec, "List", None)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 60

@@ -706,12 +706,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [f"- {t['status']}: {t['text']}" for t in report["targets"]]
     problems = []
     for workload, by_scheduler in results.items():
+        left_by: dict[str, list[str]] = {}  # a timing child's leftovers show under each member
         for scheduler, figures in by_scheduler.items():
             if "error" in figures:
                 problems.append(f"- ERROR {workload} / {scheduler}: {figures['error']}")
-            if figures.get("leftover_processes"):
-                left = ", ".join(figures["leftover_processes"])
-                problems.append(f"- {workload} / {scheduler} left processes: {left}")
+            for process in dict.fromkeys(figures.get("leftover_processes", [])):
+                left_by.setdefault(process, []).append(scheduler)
+        for process, names in left_by.items():
+            problems.append(
+                f"- {workload}: {process} was still running after the child measuring "
+                f"{', '.join(names)} (stopped by the benchmark)"
+            )
     if problems:
         lines += ["", "Problems:", "", *problems]
     return "\n".join(lines)
