@@ -18,6 +18,9 @@ from typing import Any
 
 _HEADER = struct.Struct("!I")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+# Reads go into one reused buffer: ``sock.recv(n)`` allocates n bytes per call, and a
+# large n means an mmap and munmap (tens of microseconds) for every small message.
+_READ_CHUNK = 256 * 1024
 
 
 class ConnectionClosed(EOFError):
@@ -29,6 +32,7 @@ class Connection:
         self.sock = sock
         self.max_frame = max_frame
         self._buffer = bytearray()
+        self._scratch = bytearray(_READ_CHUNK)
         self._send_lock = threading.Lock()
 
     def fileno(self) -> int:
@@ -56,15 +60,21 @@ class Connection:
     def recv_available(self, *, block: bool = True) -> list[tuple[Any, ...]]:
         """Read what the socket has (waiting for at least one byte if ``block``)."""
         try:
-            data = self.sock.recv(1 << 20, 0 if block else socket.MSG_DONTWAIT)
+            size = self.sock.recv_into(self._scratch, 0, 0 if block else socket.MSG_DONTWAIT)
         except BlockingIOError:
             return []
         except OSError as exc:
             raise ConnectionClosed(str(exc)) from exc
-        if not data:
+        if not size:
             raise ConnectionClosed("connection closed by peer")
-        self._buffer += data
+        self._take(size)
         return self._frames()
+
+    def _take(self, size: int) -> None:
+        if self._buffer:
+            self._buffer += memoryview(self._scratch)[:size]
+        else:
+            self._buffer = self._scratch[:size]
 
     def recv_one(self) -> tuple[Any, ...]:
         """Block until one whole message is here (others stay buffered)."""
@@ -72,16 +82,13 @@ class Connection:
             frames = self._frames(limit=1)
             if frames:
                 return frames[0]
-            self._buffer += self._recv_some()
-
-    def _recv_some(self) -> bytes:
-        try:
-            data = self.sock.recv(1 << 20)
-        except OSError as exc:
-            raise ConnectionClosed(str(exc)) from exc
-        if not data:
-            raise ConnectionClosed("connection closed by peer")
-        return data
+            try:
+                size = self.sock.recv_into(self._scratch)
+            except OSError as exc:
+                raise ConnectionClosed(str(exc)) from exc
+            if not size:
+                raise ConnectionClosed("connection closed by peer")
+            self._take(size)
 
     def _frames(self, limit: int | None = None) -> list[tuple[Any, ...]]:
         frames: list[tuple[Any, ...]] = []

@@ -341,6 +341,8 @@ class ClientStore(ObjectStore):
     def __init__(self, address: str) -> None:
         super().__init__()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        # Replies land in one reused buffer (recv(n) would allocate n bytes every time).
+        self._reply_buffer = bytearray(_MAX_MESSAGE)
         try:
             self._sock.connect("\0" + address)
             hello, fds, _flags, _addr = socket.recv_fds(self._sock, 256, 1)
@@ -359,12 +361,12 @@ class ClientStore(ObjectStore):
     def _request(self, *message: object) -> Any:
         try:
             self._sock.send(pickle.dumps(message, protocol=5))
-            reply = self._sock.recv(_MAX_MESSAGE)
+            size = self._sock.recv_into(self._reply_buffer)
         except OSError as exc:
             raise SharedComputeError(f"lost the connection to the object store: {exc}") from exc
-        if not reply:
+        if not size:
             raise SharedComputeError("the object store's owner has exited")
-        status, value = pickle.loads(reply)
+        status, value = pickle.loads(memoryview(self._reply_buffer)[:size])
         if status == "err":
             raise value
         return value
@@ -423,6 +425,7 @@ class _StoreServer:
         self._selector.register(self._listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._clients: dict[socket.socket, int] = {}
+        self._request_buffer = bytearray(_MAX_MESSAGE)
         self._next_client = _OWNER + 1
         self._uid = os.getuid()
         self._stopping = False
@@ -464,13 +467,13 @@ class _StoreServer:
     def _serve(self, conn: socket.socket) -> None:
         client = self._clients[conn]
         try:
-            data = conn.recv(_MAX_MESSAGE)
+            size = conn.recv_into(self._request_buffer)
         except OSError:
-            data = b""
-        if not data:
+            size = 0
+        if not size:
             self._drop(conn)
             return
-        op, *args = pickle.loads(data)
+        op, *args = pickle.loads(memoryview(self._request_buffer)[:size])
         try:
             with self._owner._locked():
                 result = self._dispatch(client, op, args)
