@@ -396,6 +396,12 @@ def test_futures_inside_containers_are_resolved(rt: sc.Runtime) -> None:
     )
 
 
+def test_future_beside_a_large_argument(rt: sc.Runtime) -> None:
+    text = "x" * 200_000  # too large to travel inline: the arguments go to the store
+    nine = sc.submit(square, 3)
+    assert sc.submit(echo, text, nine).result(timeout=TIMEOUT) == ((text, 9), {})
+
+
 def test_future_inside_another_object_is_refused_at_submit(rt: sc.Runtime) -> None:
     future = sc.submit(square, 2)
     with pytest.raises(SerializationError, match="Future"):
@@ -433,6 +439,43 @@ def test_submit_after_dependency_failed(rt: sc.Runtime, tmp_path: Path) -> None:
         dependent.result(timeout=TIMEOUT)
     assert isinstance(info.value.__cause__, ValueError)
     assert not marker.exists()
+
+
+def step(x: int, fail_at: int, directory: str) -> int:
+    """One link of a chain: short, leaves a trace, fails at ``fail_at``."""
+    if x == fail_at:
+        raise ValueError(f"step {x} fails")
+    Path(directory, str(x)).touch()
+    return x + 1
+
+
+def test_chain_of_short_tasks(rt: sc.Runtime, tmp_path: Path) -> None:
+    # Once step is known to be short, each link is queued on the worker running the link
+    # before it, and takes that value there.
+    assert sc.submit(step, 0, -1, str(tmp_path)).result(timeout=TIMEOUT) == 1
+    futures = [sc.submit(step, 0, -1, str(tmp_path))]
+    for _ in range(299):
+        futures.append(sc.submit(step, futures[-1], -1, str(tmp_path)))
+    assert sc.gather(futures, timeout=TIMEOUT) == list(range(1, 301))
+
+
+def test_chain_failure_stops_the_chain(rt: sc.Runtime, tmp_path: Path) -> None:
+    assert sc.submit(step, 0, -1, str(tmp_path)).result(timeout=TIMEOUT) == 1
+    (tmp_path / "0").unlink()
+    futures = [sc.submit(step, 0, 20, str(tmp_path))]
+    for _ in range(39):
+        futures.append(sc.submit(step, futures[-1], 20, str(tmp_path)))
+    assert sc.gather(futures[:20], timeout=TIMEOUT) == list(range(1, 21))
+    with pytest.raises(ValueError, match="step 20 fails"):
+        futures[20].result(timeout=TIMEOUT)
+    for future in futures[21:]:
+        with pytest.raises(DependencyFailedError):
+            future.result(timeout=TIMEOUT)
+    assert sorted(int(p.name) for p in tmp_path.iterdir()) == list(range(20)), (
+        "links after the failed one must never run"
+    )
+    # The pool goes on as before.
+    assert sc.submit(step, 5, -1, str(tmp_path)).result(timeout=TIMEOUT) == 6
 
 
 # -- large values and the store ---------------------------------------------------------------

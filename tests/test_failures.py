@@ -351,6 +351,25 @@ def test_crash_does_not_touch_other_tasks(rt: sc.Runtime, tmp_path: Path) -> Non
     assert sc.gather(others, timeout=TIMEOUT) == [i * i for i in range(20)]
 
 
+def link_dies_once(x: int, die_at: int, workdir: str) -> int:
+    """A short chain link; at ``die_at`` its worker is killed, the first time only."""
+    if x == die_at and first_time(workdir):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x + 1
+
+
+def test_worker_killed_in_the_middle_of_a_chain(rt: sc.Runtime, tmp_path: Path) -> None:
+    # The links queued behind the running one on the dead worker never started: they wait
+    # again for the retried link, and the chain completes with every value right.
+    assert sc.submit(link_dies_once, 0, -1, str(tmp_path)).result(timeout=TIMEOUT) == 1
+    futures = [sc.submit(link_dies_once, 0, 30, str(tmp_path))]
+    for _ in range(99):
+        futures.append(sc.submit(link_dies_once, futures[-1], 30, str(tmp_path)))
+    assert sc.gather(futures, timeout=TIMEOUT) == list(range(1, 101))
+    assert (tmp_path / "attempted").exists()
+    wait_until(lambda: len(rt.worker_pids()) == NUM_WORKERS, timeout=TIMEOUT)
+
+
 def test_worker_killed_while_idle_is_replaced(rt: sc.Runtime) -> None:
     wait_until(lambda: len(rt.worker_pids()) == NUM_WORKERS, what="a full pool")
     assert sc.submit(square, 2).result(timeout=TIMEOUT) == 4

@@ -322,6 +322,122 @@ SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[Any, list[tuple[Any, ...]]]]
                                                              ("start", 1)]),
         ],
     ),
+    "chain: a short task waiting only for a running short task is queued behind it": (
+        {"cpus": 2, "workers": 2},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2, 1), [dispatch(0, 2, (1, None))]),  # None: the worker has the value
+            (short(3, 2), [dispatch(0, 3, (2, None))]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+            (TaskFinished(2, 0, "r2"), [resolve(2, "r2")]),
+            (TaskFinished(3, 0, "r3"), [resolve(3, "r3")]),
+        ],
+    ),
+    "chain: nothing is queued behind a task not known to be short": (
+        {"cpus": 2, "workers": 2},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (short(2, 1), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 2, (1, "r1"))]),
+        ],
+    ),
+    "chain: a task not known to be short is not queued behind its dependency": (
+        {"cpus": 2, "workers": 2},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (submit(2, 1), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 2, (1, "r1"))]),
+        ],
+    ),
+    "chain: a task with another unfinished dependency waits": (
+        {"cpus": 2, "workers": 2},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (submit(2), [dispatch(1, 2)]),
+            (short(3, 1, 2), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), dispatch(0, 3, (1, "r1"), (2, "r2"))]),
+        ],
+    ),
+    "chain: grows as room frees on the worker, never past max_prefetch": (
+        {"cpus": 1, "workers": 1, "max_prefetch": 1},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2, 1), [dispatch(0, 2, (1, None))]),
+            (short(3, 2), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 3, (2, None))]),
+            (TaskFinished(2, 0, "r2"), [resolve(2, "r2")]),
+        ],
+    ),
+    "chain: a task taken from the ready queue brings its waiting dependent along": (
+        {"cpus": 1, "workers": 1, "max_prefetch": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (short(2), []),
+            (short(3, 2), []),
+            (TaskFinished(1, 0, "r1"),
+             [resolve(1, "r1"), dispatch(0, 2), dispatch(0, 3, (2, None))]),
+        ],
+    ),
+    "chain: a fan-out queues one dependent behind the task; the others wait for its value": (
+        {"cpus": 2, "workers": 2},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2, 1), [dispatch(0, 2, (1, None))]),
+            (short(3, 1), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(1, 3, (1, "r1"))]),
+        ],
+    ),
+    "chain: a failed dependency fails the queued task, which its worker hands back unrun": (
+        {"cpus": 1, "workers": 1},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2, 1), [dispatch(0, 2, (1, None))]),
+            (TaskFailed(1, 0, ValueError("x")), [reject(1, ValueError),
+                                                 reject(2, DependencyFailedError)]),
+            (short(3), [dispatch(0, 3)]),  # the worker is free again
+            (TaskReturned(0, 2), []),  # the worker skipped it: nothing left to do
+        ],
+    ),
+    "chain: a dependency retried after an exception; the queued task waits for it again": (
+        {"cpus": 2, "workers": 2},
+        [
+            (short(1, retry_exceptions=True, max_retries=1), [dispatch(0, 1)]),
+            (short(2, 1), [dispatch(0, 2, (1, None))]),
+            (TaskFailed(1, 0, ValueError("x")), [dispatch(1, 1)]),
+            (TaskReturned(0, 2), []),
+            (TaskFinished(1, 1, "r1"), [resolve(1, "r1"), dispatch(0, 2, (1, "r1"))]),
+        ],
+    ),
+    "chain: worker death sends the queued task back to waiting behind its retried dependency": (
+        {"cpus": 1, "workers": 1},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2, 1), [dispatch(0, 2, (1, None))]),
+            (WorkerDied(0, "pid 11 was killed by SIGKILL"), [("start", 0)]),
+            (WorkerJoined(1), [dispatch(1, 1)]),
+            (TaskFinished(1, 1, "r1"), [resolve(1, "r1"), dispatch(1, 2, (1, "r1"))]),
+        ],
+    ),
+    "chain: worker death with no retries left fails the dependency and the queued task": (
+        {"cpus": 1, "workers": 1},
+        [
+            (short(1, max_retries=0), [dispatch(0, 1)]),
+            (short(2, 1), [dispatch(0, 2, (1, None))]),
+            (WorkerDied(0, "pid 11 was killed by SIGKILL"),
+             [reject(1, WorkerCrashedError), reject(2, DependencyFailedError), ("start", 0)]),
+            (WorkerJoined(1), []),
+        ],
+    ),
+    "chain: a queued task handed back while its dependency has finished becomes ready": (
+        {"cpus": 1, "workers": 1},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2, 1), [dispatch(0, 2, (1, None))]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+            (TaskReturned(0, 2), [dispatch(0, 2, (1, "r1"))]),
+        ],
+    ),
     "worker death: a prefetched task that never started is requeued without penalty": (
         {"cpus": 1, "workers": 1, "max_prefetch": 1},
         [

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from sharedcompute._runtime._args import FunctionCache, extract_dependencies
+from sharedcompute._runtime._args import DepMarker, FunctionCache, extract_dependencies
 from sharedcompute._runtime._future import Future
 from sharedcompute._serialization import deserialize, serialize
 from sharedcompute._serialization._pickled import PICKLE_HEADER
@@ -89,14 +89,21 @@ class RuntimeBase:
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[ObjectRef, dict[int, Future[Any]]]:
         if not kwargs:
+            # The common cases (a few numbers or strings, and Futures) skip the walk and
+            # the codec: plain pickle suffices, DepMarker included.
+            futures = 0
             for arg in args:
-                if type(arg) not in _SCALARS:
+                cls = type(arg)
+                if cls is Future:
+                    futures += 1
+                elif cls not in _SCALARS:
                     break
             else:
-                # The common case (a few numbers or strings) skips the walk and the codec.
-                data = pickle.dumps((args, kwargs), 5)
+                markers: dict[int, Future[Any]] = {} if futures else _NO_DEPS
+                plain = tuple(_marker(arg, markers) for arg in args) if futures else args
+                data = pickle.dumps((plain, kwargs), 5)
                 if len(data) < INLINE_THRESHOLD:
-                    return InlineObject(PICKLE_HEADER, data), _NO_DEPS
+                    return InlineObject(PICKLE_HEADER, data), markers
         found: dict[int, Future[Any]] = {}
         packed = extract_dependencies((args, kwargs), _is_future, found)
         return self.store_value(packed), found
@@ -139,6 +146,13 @@ class RuntimeBase:
 
 _SCALARS = frozenset({type(None), bool, int, float, str, bytes})
 _NO_DEPS: dict[int, Any] = {}
+
+
+def _marker(arg: Any, found: dict[int, Future[Any]]) -> Any:
+    if type(arg) is Future:
+        found[arg.key] = arg
+        return DepMarker(arg.key)
+    return arg
 
 
 def _is_future(value: Any) -> bool:

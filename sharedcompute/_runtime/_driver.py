@@ -275,8 +275,11 @@ class Runtime(RuntimeBase):
         if worker is None:
             return  # it just died; WorkerDied will send the task back to READY
         spec = instruction.payload
+        # None: a dependency still running ahead of this task on that worker (a chain).
+        deps = tuple(
+            (k, None if ref is None else ref_to_wire(ref)) for k, ref in instruction.dependency_refs
+        )
         if type(spec) is ActorCallSpec:
-            deps = tuple((k, ref_to_wire(ref)) for k, ref in instruction.dependency_refs)
             outbox[instruction.worker].append((
                 Msg.CALL, instruction.key, spec.method, ref_to_wire(spec.args_ref), deps, spec.name,
             ))
@@ -285,7 +288,6 @@ class Runtime(RuntimeBase):
         if spec.fn_key not in worker.known_functions:
             fn_bytes = self._fn_bytes[spec.fn_key]
             worker.known_functions.add(spec.fn_key)
-        deps = tuple((k, ref_to_wire(ref)) for k, ref in instruction.dependency_refs)
         outbox[instruction.worker].append((
             Msg.RUN, instruction.key, spec.fn_key, fn_bytes, ref_to_wire(spec.args_ref), deps,
             spec.name, spec.parent,

@@ -32,9 +32,19 @@ Placement policy: an idle worker first (if the node has the task's resources);
 otherwise a short task (its function ran for under a millisecond before)
 needing one CPU may be queued, at most ``max_prefetch`` deep, on a worker
 whose tasks are all short, so workers never wait for a round trip between two
-short tasks and nothing ever waits behind a long one. Each worker holds the
-reservation of exactly one task,
-its first assigned task that is not blocked; when a task blocks on a future,
+short tasks and nothing ever waits behind a long one.
+
+Chains: a short task waiting for exactly one unfinished dependency that runs
+(or is queued) on a worker of short tasks is queued right behind it on that
+worker, still unresolved: its ``Dispatch`` carries ``None`` for that
+dependency's ref, and the worker takes the value it has just produced itself.
+Such a task is RUNNING with a non-empty ``waiting_on`` ("speculative"). If
+the dependency fails, the task fails with it and the worker, lacking the
+value, hands it back unrun (``TaskReturned``); a speculative task handed back
+or orphaned by a dead worker goes back to WAITING until its dependency is done.
+
+Each worker holds the reservation of exactly one task, its first assigned
+task that is not blocked; when a task blocks on a future,
 that reservation passes on (or back to the node), which is how a task waiting
 on nested tasks gives its CPU back.
 
@@ -108,6 +118,7 @@ class _Task:
     actor: int | None = None
     parent: TaskKey | None = None
     short: bool = False
+    followed: bool = False  # a dependent was once queued behind it (see Chains)
 
 
 @dataclass(slots=True)
@@ -244,6 +255,8 @@ class SchedulerCore:
                 task.waiting_on.add(dep_key)
         if not task.waiting_on:
             self._make_ready(task)
+        elif task.short and len(task.waiting_on) == 1:
+            self._follow(self._tasks[next(iter(task.waiting_on))])
 
     def _on_ExternalTask(self, event: ExternalTask) -> None:
         self._tasks[event.key] = _Task(key=event.key, state=TaskState.RUNNING)
@@ -261,8 +274,14 @@ class SchedulerCore:
             # A late answer from a worker we gave up on; its result is not ours.
             self._out.append(FreeObject(event.key, event.ref))
             return
+        worker = self._workers.get(event.worker)
         self._unassign(task)
         self._finish(task, event.ref)
+        if worker is not None and worker.assigned:
+            # Room freed on this worker: the chain queued on it may grow.
+            last = self._tasks.get(worker.assigned[-1])
+            if last is not None:
+                self._follow(last)
 
     def _on_TaskFailed(self, event: TaskFailed) -> None:
         task = self._tasks.get(event.key)
@@ -292,7 +311,9 @@ class SchedulerCore:
         started = True
         requeue: list[_Task] = []
         for key in worker.assigned:
-            task = self._tasks[key]
+            task = self._tasks.get(key)
+            if task is None or task.state in TERMINAL:
+                continue  # a speculative task that failed with a dependency just now
             if task.reserved:
                 self._release(task.resources)
                 task.reserved = False
@@ -319,7 +340,7 @@ class SchedulerCore:
         worker.assigned.clear()
         # Back to the front of the queue, in the order they were submitted.
         for task in reversed(requeue):
-            self._make_ready(task, front=True)
+            self._requeue(task)
         self._out.append(StartWorker(replaces=event.worker))
 
     def _on_WorkerBlocked(self, event: WorkerBlocked) -> None:
@@ -351,7 +372,7 @@ class SchedulerCore:
         if task is None or task.worker != event.worker or task.state is not TaskState.RUNNING:
             return
         self._unassign(task)
-        self._make_ready(task, front=True)
+        self._requeue(task)
 
     def _on_CancelRequested(self, event: CancelRequested) -> None:
         task = self._tasks.get(event.key)
@@ -388,6 +409,18 @@ class SchedulerCore:
         if task.parent is not None:
             self._ready_children.setdefault(task.parent, deque()).append(task.key)
 
+    def _requeue(self, task: _Task) -> None:
+        """A task that was sent but never ran goes back: READY, or WAITING if speculative."""
+        task.waiting_on = {
+            key for key in task.dependencies
+            if (dependency := self._tasks.get(key)) is not None
+            and dependency.state is not TaskState.FINISHED
+        }
+        if task.waiting_on:
+            task.state = TaskState.WAITING
+        else:
+            self._make_ready(task, front=True)
+
     def _finish(self, task: _Task, ref: Any) -> None:
         task.state = TaskState.FINISHED
         task.ref = ref
@@ -395,10 +428,10 @@ class SchedulerCore:
         self._out.append(Resolve(task.key, ref))
         for dep_key in task.dependents:
             dependent = self._tasks.get(dep_key)
-            if dependent is None or dependent.state is not TaskState.WAITING:
+            if dependent is None:
                 continue
-            dependent.waiting_on.discard(task.key)
-            if not dependent.waiting_on:
+            dependent.waiting_on.discard(task.key)  # also for a speculative dependent
+            if dependent.state is TaskState.WAITING and not dependent.waiting_on:
                 self._make_ready(dependent)
         self._done_with_dependencies(task)
         self._maybe_forget(task)
@@ -419,11 +452,14 @@ class SchedulerCore:
             self._out.append(Reject(task.key, error, cancelled=state is TaskState.CANCELLED))
             for dep_key in list(task.dependents):
                 dependent = self._tasks.get(dep_key)
-                if dependent is not None and dependent.state in (
-                    TaskState.WAITING, TaskState.READY
-                ):
-                    failure = self._dependency_error(dependent, task)
-                    pending.append((dependent, TaskState.ERRED, failure))
+                if dependent is None:
+                    continue
+                if dependent.state is TaskState.RUNNING and dependent.waiting_on:
+                    self._unassign(dependent)  # speculative: its worker will hand it back
+                elif dependent.state not in (TaskState.WAITING, TaskState.READY):
+                    continue
+                failure = self._dependency_error(dependent, task)
+                pending.append((dependent, TaskState.ERRED, failure))
             self._done_with_dependencies(task)
             if task.actor is not None:
                 actor = self._actors[task.actor]
@@ -580,7 +616,36 @@ class SchedulerCore:
                     break  # no unit task can be placed now, and other tasks need more
                 continue
             self._assign(task, worker)
+            if task.dependents and task.short:
+                self._follow(task)
         self._ready.extendleft(reversed(skipped))
+
+    def _follow(self, first: _Task) -> None:
+        """Queue the short task waiting only for ``first`` right behind it (see Chains)."""
+        dependency: _Task | None = first
+        while dependency is not None:
+            task, dependency = dependency, None
+            if task.state is not TaskState.RUNNING or task.worker is None or task.blocked:
+                return
+            if task.actor is not None or not task.short or task.followed:
+                return
+            worker = self._workers.get(task.worker)
+            if (
+                worker is None or worker.blocked_order or worker.active_long
+                or worker.active > self.max_prefetch
+            ):
+                return
+            for key in sorted(task.dependents):
+                dependent = self._tasks.get(key)
+                if (
+                    dependent is not None and dependent.state is TaskState.WAITING
+                    and dependent.short and dependent.actor is None
+                    and dependent.resources is UNIT and dependent.waiting_on == {task.key}
+                ):
+                    task.followed = True
+                    self._assign(dependent, worker)
+                    dependency = dependent  # one per task: a fan-out spreads once it is done
+                    break
 
     # -- actors ------------------------------------------------------------------------------
 

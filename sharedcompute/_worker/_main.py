@@ -48,6 +48,12 @@ ENV_VAR = "SHAREDCOMPUTE_WORKER"
 # A task shorter than this is "short": its result may wait for the next short task's.
 _SHORT_TASK_SECONDS = 0.001
 _MAX_BATCH = 64
+# Batched results go out when this many short tasks remain queued (and when none do):
+# the driver then refills the queue while those run, instead of after.
+_REFILL_AT = 4
+# Results of this many recent tasks stay known here, for a task the driver queued right
+# behind its dependency (a chain) without waiting for the result to reach it.
+_RECENT_RESULTS = 64
 
 
 def pack_error(exc: BaseException, where: str) -> bytes:
@@ -107,6 +113,7 @@ class WorkerRuntime(RuntimeBase):
         self._short: set[bytes | str] = set()
         self._actor: ActorHost | None = None
         self._control: deque[tuple[Any, ...]] = deque()
+        self._recent: dict[int, tuple[Any, ...]] = {}
 
     # -- the loop -------------------------------------------------------------------
 
@@ -155,7 +162,7 @@ class WorkerRuntime(RuntimeBase):
             upcoming is None
             or upcoming[2] not in self._short
             or fn_key not in self._short
-            or len(self._outbox) >= _MAX_BATCH
+            or len(self._queue) == _REFILL_AT or len(self._outbox) >= _MAX_BATCH
         ):
             self._flush()
 
@@ -204,6 +211,13 @@ class WorkerRuntime(RuntimeBase):
 
     def _run(self, message: tuple[Any, ...]) -> None:
         _, key, fn_key, fn_bytes, args_wire, dep_refs, name, _parent = message
+        if dep_refs and any(wire is None for _, wire in dep_refs):
+            local = tuple((k, self._recent.get(k) if w is None else w) for k, w in dep_refs)
+            if any(wire is None for _, wire in local):
+                # The dependency failed here (or is long forgotten): the driver decides.
+                self._send((Msg.RETURN, key))
+                return
+            dep_refs = local
         self._execute(key, lambda: self._function(fn_key, fn_bytes), args_wire, dep_refs, name,
                       fn_key)
 
@@ -252,8 +266,13 @@ class WorkerRuntime(RuntimeBase):
             return
         del result
         duration = time.perf_counter() - started
-        message = (Msg.DONE, key, ref_to_wire(ref), duration)
+        wire = ref_to_wire(ref)
+        message = (Msg.DONE, key, wire, duration)
         if on_main:
+            recent = self._recent
+            recent[key] = wire
+            if len(recent) > _RECENT_RESULTS:
+                del recent[next(iter(recent))]
             self._emit(message, batch_key, duration)
         else:
             send(message)
