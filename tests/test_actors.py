@@ -352,6 +352,20 @@ def test_pipelined_calls_run_in_submission_order(rt: sc.Runtime) -> None:
     assert counter.get_log.remote().result(timeout=TIMEOUT) == list(range(1000))
 
 
+def test_calls_to_a_busy_actor_never_block_the_caller(rt: sc.Runtime, tmp_path: Path) -> None:
+    # The actor's process does not read while a call runs: calls sent meanwhile (6 MB of
+    # inline arguments, far beyond a socket's buffer) must wait in the driver, not block it.
+    gate = tmp_path / "gate"
+    counter = Counter.remote()
+    busy = counter.wait_for.remote(str(gate))
+    payload = b"x" * 60_000
+    calls = [counter.record.remote(payload) for _ in range(100)]
+    assert sc.submit(len, payload).result(timeout=TIMEOUT) == 60_000  # the driver is alive
+    gate.touch()
+    assert busy.result(timeout=TIMEOUT) == "opened"
+    assert [len(value) for value in sc.get(calls, timeout=TIMEOUT)] == [60_000] * 100
+
+
 def test_calls_from_a_task_run_in_its_order(rt: sc.Runtime) -> None:
     counter = Counter.remote()
     values = list(range(200))

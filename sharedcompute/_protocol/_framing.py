@@ -5,6 +5,12 @@ one message tuple. Writers batch several frames into one ``sendall``; readers
 pull whatever the socket has and return every complete frame, so one wake-up
 drains a burst. A frame longer than ``max_frame`` is a protocol error: the peer
 is broken or hostile, and the connection is closed rather than trusted.
+
+A connection made with ``on_backlog`` never blocks a sender: what the socket
+cannot take now is kept in order in a backlog, ``on_backlog(conn)`` is called
+once, and the owner's I/O loop calls ``flush_backlog`` when the socket is
+writable. The driver uses this: it sends while holding its lock, and a worker
+busy in a long call (so not reading) must never stall it.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import pickle
 import socket
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 _HEADER = struct.Struct("!I")
@@ -28,9 +34,14 @@ class ConnectionClosed(EOFError):
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME,
+        on_backlog: Callable[[Connection], None] | None = None,
+    ) -> None:
         self.sock = sock
         self.max_frame = max_frame
+        self._on_backlog = on_backlog
+        self._backlog = bytearray()
         self._buffer = bytearray()
         self._scratch = bytearray(_READ_CHUNK)
         self._send_lock = threading.Lock()
@@ -53,9 +64,34 @@ class Connection:
     def send_raw(self, data: bytes) -> None:
         try:
             with self._send_lock:
-                self.sock.sendall(data)
+                if self._on_backlog is None:
+                    self.sock.sendall(data)
+                elif self._backlog:
+                    self._backlog += data
+                else:
+                    try:
+                        sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent < len(data):
+                        self._backlog += memoryview(data)[sent:]
+                        self._on_backlog(self)
         except OSError as exc:
             raise ConnectionClosed(str(exc)) from exc
+
+    def flush_backlog(self) -> bool:
+        """Send what the backlog holds, as far as the socket takes it; True once empty."""
+        with self._send_lock:
+            while self._backlog:
+                try:
+                    sent = self.sock.send(self._backlog, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return False
+                except OSError as exc:
+                    self._backlog.clear()
+                    raise ConnectionClosed(str(exc)) from exc
+                del self._backlog[:sent]
+            return True
 
     def recv_available(self, *, block: bool = True) -> list[tuple[Any, ...]]:
         """Read what the socket has (waiting for at least one byte if ``block``)."""

@@ -122,6 +122,7 @@ class ProcessPool:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._new: list[WorkerHandle] = []
+        self._backlogged: list[Connection] = []  # need EVENT_WRITE until their backlog is out
         self._new_lock = threading.Lock()
         self.workers: dict[int, WorkerHandle] = {}
         self._stopping = False
@@ -159,11 +160,18 @@ class ProcessPool:
         finally:
             child_sock.close()
             os.close(watch_r)
-        worker = WorkerHandle(worker_id, proc, Connection(parent_sock), watch_w)
+        conn = Connection(parent_sock, on_backlog=self._on_backlog)
+        worker = WorkerHandle(worker_id, proc, conn, watch_w)
         with self._new_lock:
             self._new.append(worker)
         self._wake()
         return worker
+
+    def _on_backlog(self, conn: Connection) -> None:
+        """A send did not fit in the socket: whoever polls next watches it for writing."""
+        with self._new_lock:
+            self._backlogged.append(conn)
+        self._wake()
 
     def _wake(self) -> None:
         try:
@@ -200,7 +208,7 @@ class ProcessPool:
         """One select over every source, and the handling of what it reports (token held)."""
         ready = self._selector.select(timeout)
         registered = self._selector.get_map()
-        for key, _ in ready:
+        for key, mask in ready:
             if key.data is None:
                 self._drain_wake()
                 continue
@@ -208,7 +216,10 @@ class ProcessPool:
                 continue  # unregistered by a nested poll since this select
             kind, worker, extra = key.data
             if kind == "conn":
-                self._read_conn(worker)
+                if mask & selectors.EVENT_WRITE:
+                    self._write_conn(worker, key)
+                if mask & selectors.EVENT_READ:
+                    self._read_conn(worker)
             else:
                 self._read_output(key.fileobj, extra)
 
@@ -258,6 +269,7 @@ class ProcessPool:
             pass
         with self._new_lock:
             new, self._new = self._new, []
+            backlogged, self._backlogged = self._backlogged, []
         for worker in new:
             self.workers[worker.id] = worker
             self._selector.register(worker.conn.sock, selectors.EVENT_READ, ("conn", worker, None))
@@ -271,6 +283,21 @@ class ProcessPool:
                 self._selector.register(
                     pipe, selectors.EVENT_READ, ("out", worker, _OutputForwarder(prefix, target))
                 )
+        registered = self._selector.get_map()
+        for conn in backlogged:
+            if conn.sock in registered:
+                key = self._selector.get_key(conn.sock)
+                self._selector.modify(
+                    conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, key.data
+                )
+
+    def _write_conn(self, worker: WorkerHandle, key: selectors.SelectorKey) -> None:
+        try:
+            flushed = worker.conn.flush_backlog()
+        except ConnectionClosed:
+            flushed = True  # the read side sees the end and reports the worker gone
+        if flushed:
+            self._selector.modify(worker.conn.sock, selectors.EVENT_READ, key.data)
 
     def _read_conn(self, worker: WorkerHandle) -> None:
         try:
