@@ -177,6 +177,9 @@ class ActorManager:
     def _start_actor_on(self, record: ActorRecord, worker: WorkerHandle) -> None:
         """Send the constructor; calls may follow at once, on the same ordered connection."""
         record.worker = worker
+        worker.serial_calls = record.options.max_concurrency in (None, 1) and not any(
+            record.methods.values()
+        )
         cls_bytes = None
         if record.cls_key not in worker.known_functions:
             cls_bytes = self.rt._fn_bytes[record.cls_key]

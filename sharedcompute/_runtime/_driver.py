@@ -266,8 +266,15 @@ class Runtime(RuntimeBase):
             for worker_id, messages in outbox.items():
                 worker = self._pool.workers.get(worker_id)
                 if worker is not None:
-                    with contextlib.suppress(ConnectionClosed):
-                        worker.conn.send_many(messages)
+                    self._send_to(worker, messages)
+
+    @staticmethod
+    def _send_to(worker: WorkerHandle, messages: list[tuple[Any, ...]]) -> None:
+        if worker.serial_calls:
+            messages = worker.hold_calls(messages)
+        if messages:
+            with contextlib.suppress(ConnectionClosed):
+                worker.conn.send_many(messages)
 
     def _dispatch(self, instruction: Dispatch, outbox: dict[int, list[tuple[Any, ...]]]) -> None:
         assert self._pool is not None
@@ -507,6 +514,7 @@ class Runtime(RuntimeBase):
 
     def _on_messages(self, worker: WorkerHandle, messages: list[tuple[Any, ...]]) -> None:
         events: list[Event] = []
+        answered = 0
         with self._locked():
             if self._closed:
                 return
@@ -517,7 +525,9 @@ class Runtime(RuntimeBase):
                     ref = ref_from_wire(message[2])
                     self.store.adopt(ref)
                     events.append(TaskFinished(message[1], worker.id, ref, message[3]))
+                    answered += 1
                 elif kind == Msg.FAILED:
+                    answered += 1
                     self._task_functions.pop(message[1], None)
                     events.append(TaskFailed(message[1], worker.id, unpack_error(message[2])))
                 elif kind == Msg.WAIT:
@@ -527,6 +537,11 @@ class Runtime(RuntimeBase):
                     self._answer_wait(worker, message[1])
                 else:
                     self._on_request(worker, message, events)
+            if answered and worker.serial_calls:
+                held = worker.release_calls(answered)
+                if held:
+                    with contextlib.suppress(ConnectionClosed):
+                        worker.conn.send_many(held)
             if events:
                 self._handle(events)
         self._settle_futures()

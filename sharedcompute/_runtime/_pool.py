@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from sharedcompute._protocol import Connection, ConnectionClosed
+from sharedcompute._protocol import Connection, ConnectionClosed, Msg
 from sharedcompute._worker._main import ENV_VAR
 
 # After a thread stops leading, the I/O thread waits this long before it reads again.
@@ -57,6 +57,31 @@ class WorkerHandle:
     ready: bool = False
     exited: bool = False
     actor_id: int | None = None  # set when this process hosts an actor
+    # An actor that runs one call at a time: calls sent while one is in flight would only
+    # wait in its queue, so they wait here instead and go out together when an answer
+    # comes back (fewer, larger messages both ways, and the order is the same).
+    serial_calls: bool = False
+    calls_in_flight: int = 0
+    held_calls: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def hold_calls(self, messages: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The messages to send now; the other calls are held (see ``serial_calls``)."""
+        now = []
+        for message in messages:
+            if message[0] == Msg.CALL:
+                if self.calls_in_flight or self.held_calls:
+                    self.held_calls.append(message)
+                    continue
+                self.calls_in_flight += 1
+            now.append(message)
+        return now
+
+    def release_calls(self, answered: int) -> list[tuple[Any, ...]]:
+        """Calls to send now that ``answered`` calls came back."""
+        self.calls_in_flight = max(0, self.calls_in_flight - answered)
+        held, self.held_calls = self.held_calls, []
+        self.calls_in_flight += len(held)
+        return held
 
     @property
     def pid(self) -> int:
