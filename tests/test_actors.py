@@ -658,9 +658,7 @@ def test_kill_ends_the_actor_and_frees_its_name(rt: sc.Runtime) -> None:
 
 
 def test_kill_without_no_restart_restarts_the_actor(rt: sc.Runtime) -> None:
-    # max_task_retries: the call made right after kill() may reach the dying process (see
-    # the xfail below); a retry carries it over to the restarted one.
-    counter = Counter.options(max_restarts=1, max_task_retries=1).remote(5)
+    counter = Counter.options(max_restarts=1).remote(5)
     pid = counter.pid.remote().result(timeout=TIMEOUT)
     assert counter.incr.remote(1).result(timeout=TIMEOUT) == 6
     sc.kill(counter, no_restart=False)
@@ -671,11 +669,6 @@ def test_kill_without_no_restart_restarts_the_actor(rt: sc.Runtime) -> None:
         counter.value.remote().result(timeout=TIMEOUT)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="bug: kill(no_restart=False) only signals the process; a call made right after "
-    "is still sent to the dying process and fails instead of waiting for the restart",
-)
 def test_call_right_after_kill_with_restart_runs_on_the_new_process(rt: sc.Runtime) -> None:
     counter = Counter.options(max_restarts=1).remote(5)
     counter.pid.remote().result(timeout=TIMEOUT)
@@ -683,6 +676,18 @@ def test_call_right_after_kill_with_restart_runs_on_the_new_process(rt: sc.Runti
     got = outcome(counter.value.remote())
     del counter
     assert got == 5
+
+
+def test_call_in_flight_at_kill_with_restart_fails_and_the_actor_goes_on(
+    rt: sc.Runtime, tmp_path: Path
+) -> None:
+    counter = Counter.options(max_restarts=1).remote(5)
+    assert counter.incr.remote(1).result(timeout=TIMEOUT) == 6
+    busy = counter.wait_for.remote(str(tmp_path / "never"))
+    sc.kill(counter, no_restart=False)
+    with pytest.raises(ActorDiedError, match=r"killed by sharedcompute\.kill\(\)"):
+        busy.result(timeout=TIMEOUT)
+    assert counter.value.remote().result(timeout=TIMEOUT) == 5
 
 
 # -- lifetime ----------------------------------------------------------------------------------

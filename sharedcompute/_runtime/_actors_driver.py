@@ -234,9 +234,14 @@ class ActorManager:
         """Events for the death of an actor's process; restarts it if it may (lock held)."""
         assert worker.actor_id is not None
         record = self._actor_records.get(worker.actor_id)
-        events: list[Event] = [WorkerDied(worker.id, reason)]
         if record is None or (record.worker is not worker and record.worker is not None):
-            return events
+            return [WorkerDied(worker.id, reason)]
+        return self._actor_exited_as(record, worker, reason)
+
+    def _actor_exited_as(
+        self, record: ActorRecord, worker: WorkerHandle, reason: str
+    ) -> list[Event]:
+        events: list[Event] = [WorkerDied(worker.id, reason)]
         record.worker = None
         self.rt._handle(events)
         if record.dead:
@@ -280,8 +285,16 @@ class ActorManager:
             if record is None or record.dead:
                 return
             record.killed = no_restart
-            if record.worker is not None:
-                _kill(record.worker)
+            worker = record.worker
+            if worker is not None:
+                _kill(worker)
+                if not no_restart:
+                    # Restart now, not when the exit is noticed: a call made right after
+                    # kill() must wait for the new process, never reach the dying one.
+                    worker.actor_id = None  # its exit is then a plain worker's, ignored
+                    self.rt._handle(self._actor_exited_as(
+                        record, worker, f"pid {worker.pid} was killed by sharedcompute.kill()"
+                    ))
             elif no_restart:
                 self._end_actor(record, ActorDiedError(f"{record.description} was killed"))
         self.rt._settle_futures()
