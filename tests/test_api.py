@@ -515,6 +515,36 @@ def test_large_argument_passed_directly(rt: sc.Runtime) -> None:
     assert not writeable
 
 
+def allocate_and_free(nbytes: int) -> tuple[int, bool]:
+    from sharedcompute._runtime import _context
+
+    array = np.ones(nbytes // 8)
+    del array
+    return os.getpid(), _context.current().heap.tuned  # type: ignore[union-attr]
+
+
+def test_idle_worker_gives_back_its_freed_heap(rt: sc.Runtime) -> None:
+    # Workers keep freed blocks for reuse while busy (fewer page faults), and return
+    # them once idle: the 400 MB a task freed must not stay with its process.
+    import platform
+
+    import psutil
+
+    results = sc.gather([sc.submit(allocate_and_free, 1) for _ in range(4)], timeout=TIMEOUT)
+    assert all(tuned for _, tuned in results) or platform.libc_ver()[0] != "glibc"
+    processes = [psutil.Process(pid) for pid in rt.worker_pids()]
+    before = [process.memory_info().rss for process in processes]
+    ran = sc.gather([sc.submit(allocate_and_free, 400 * MB) for _ in range(4)], timeout=TIMEOUT)
+    assert {pid for pid, _ in ran} <= {process.pid for process in processes}
+    wait_until(
+        lambda: all(
+            process.memory_info().rss < rss + 50 * MB
+            for process, rss in zip(processes, before, strict=True)
+        ),
+        timeout=TIMEOUT,
+    )
+
+
 def test_store_objects_are_freed_when_futures_are_dropped(rt: sc.Runtime) -> None:
     ref = sc.put(np.ones(MB))
     futures = [sc.submit(np.add, ref, i) for i in range(3)]

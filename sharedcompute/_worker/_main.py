@@ -39,6 +39,7 @@ from sharedcompute._runtime._base import RuntimeBase, TaskOptions, options_to_wi
 from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._serialization import serialize
 from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
+from sharedcompute._worker._heap import IDLE_TRIM_SECONDS, Heap
 from sharedcompute.errors import SerializationError, SharedComputeError
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ class WorkerRuntime(RuntimeBase):
         self._actor: ActorHost | None = None
         self._control: deque[tuple[Any, ...]] = deque()
         self._recent: dict[int, tuple[Any, ...]] = {}
+        self.heap = Heap()
 
     # -- the loop -------------------------------------------------------------------
 
@@ -122,6 +124,10 @@ class WorkerRuntime(RuntimeBase):
         while not self.shutting_down:
             if self._queue:
                 self._next(self._queue.popleft())
+            elif self.heap.dirty:
+                self._read(IDLE_TRIM_SECONDS)
+                if not self._queue:
+                    self.heap.trim()
             else:
                 self._read(None)
         self._flush()
@@ -228,6 +234,7 @@ class WorkerRuntime(RuntimeBase):
     ) -> None:
         """Run one task or actor call and report it (``on_main``: this is the main thread)."""
         send = self._send if on_main else self.conn.send
+        self.heap.dirty = True
         if on_main:
             self._stack.append(key)
         started = time.perf_counter()
