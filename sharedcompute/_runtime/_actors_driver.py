@@ -113,7 +113,7 @@ class ActorManager:
             restarts_left=options.max_restarts,
         )
         handle = ActorHandle(self.rt, actor_id, cls.__qualname__, record.methods)
-        with self.rt._locked():
+        with self.rt._lock:
             if options.name is not None:
                 if options.name in self._actor_names:
                     raise ValueError(
@@ -145,7 +145,7 @@ class ActorManager:
         return handle
 
     def _launch_actor(self, record: ActorRecord) -> None:
-        with self.rt._locked():
+        with self.rt._lock:
             if record.dead or self.rt._closed:
                 return
             failed = [k for k in record.dep_keys if (o := self.rt.core.outcome(k)) and o[2]]
@@ -214,7 +214,7 @@ class ActorManager:
             key, tuple(deps), UNIT, retries if retries >= 0 else 1 << 30, False,
             ActorCallSpec(method, args_ref, name), actor=actor_id,
         )
-        with self.rt._locked():
+        with self.rt._lock:
             self.rt._futures[key] = future
             if type(args_ref) is StoredObject:
                 self.rt._args_refs[key] = args_ref
@@ -280,7 +280,7 @@ class ActorManager:
         self.rt._handle(ActorFailed(record.id, error))
 
     def kill(self, handle: ActorHandle, *, no_restart: bool = True) -> None:
-        with self.rt._locked():
+        with self.rt._lock:
             record = self._actor_records.get(handle.actor_id)
             if record is None or record.dead:
                 return
@@ -300,7 +300,7 @@ class ActorManager:
         self.rt._settle_futures()
 
     def get_actor(self, name: str) -> ActorHandle:
-        with self.rt._locked():
+        with self.rt._lock:
             actor_id = self._actor_names.get(name)
             record = self._actor_records.get(actor_id) if actor_id is not None else None
             if record is None or record.dead:
@@ -347,8 +347,7 @@ class ActorManager:
                 self._change_holds(record, -held)
 
     def _try_flush_actor_holds(self) -> None:
-        if self.rt._lock.acquire(blocking=False):
-            self.rt._unlock()
+        self.rt._lock.try_drain()
 
     def pending_holds(self) -> bool:
         return bool(self._actor_holds)

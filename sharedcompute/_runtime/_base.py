@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import pickle
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -23,6 +22,7 @@ from sharedcompute._runtime._future import Future
 from sharedcompute._serialization import deserialize, serialize
 from sharedcompute._serialization._pickled import PICKLE_HEADER
 from sharedcompute._store import INLINE_THRESHOLD, InlineObject, ObjectRef, ObjectStore
+from sharedcompute._sync import DrainingLock
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ class RuntimeBase:
     def __init__(self) -> None:
         self.functions = FunctionCache()
         self._released: deque[int] = deque()
-        self._release_lock = threading.Lock()
+        self._release_lock = DrainingLock(self._flush_releases, self._releases_pending)
 
     # -- keys and release --------------------------------------------------------
 
@@ -74,14 +74,14 @@ class RuntimeBase:
     def release_key(self, key: int) -> None:
         """Called from ``Future.__del__``: queue, never block."""
         self._released.append(key)
-        if self._release_lock.acquire(blocking=False):
-            try:
-                self._flush_releases()
-            finally:
-                self._release_lock.release()
+        self._release_lock.try_drain()
 
     def _flush_releases(self) -> None:
+        """Send the queued releases on (``_release_lock`` held)."""
         raise NotImplementedError
+
+    def _releases_pending(self) -> bool:
+        return bool(self._released)
 
     # -- arguments and values --------------------------------------------------------
 

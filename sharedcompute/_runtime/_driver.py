@@ -118,8 +118,9 @@ class Runtime(RuntimeBase):
         self.spill_dir = spill_dir
         self._store_capacity = store_capacity
         self._resources = {"CPU": float(self.num_workers), **(resources or {})}
-        self._lock = threading.Lock()
-        self._release_lock = self._lock
+        # One lock for all of it; releasing it also turns queued Future and handle
+        # finalizations into events (see _sync.DrainingLock).
+        self._lock = self._release_lock
         self._next_key = self._key_counter(1)
         self._next_worker_id = self._key_counter(0)
         self.core = SchedulerCore(self._resources)
@@ -158,7 +159,7 @@ class Runtime(RuntimeBase):
             if self._closed:
                 raise RuntimeError("this runtime has been shut down")
         store = self.store
-        with self._locked():
+        with self._lock:
             if self._pool is not None:
                 return
             self._pool = ProcessPool(store.address, self._on_messages, self._on_exit)
@@ -184,7 +185,7 @@ class Runtime(RuntimeBase):
             threads.close()
         if pool is not None:
             pool.close()
-        with self._locked():
+        with self._lock:
             pending = list(self._futures.values())
             self._futures.clear()
             self._waiters.clear()
@@ -214,27 +215,12 @@ class Runtime(RuntimeBase):
 
     # -- the lock and the core -----------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self._lock.acquire()
-        try:
-            yield
-        finally:
-            self._unlock()
-
-    def _unlock(self) -> None:
-        while True:
-            try:
-                self._flush_releases()
-            finally:
-                self._lock.release()
-            more = self._released or self.actors.pending_holds()
-            if not more or not self._lock.acquire(blocking=False):
-                return
+    def _releases_pending(self) -> bool:
+        return bool(self._released) or self.actors.pending_holds()
 
     def _flush_releases(self) -> None:
         """Turn queued Future and handle finalizations into events (lock held)."""
-        if self._closed:  # nothing left to release; drop them so _unlock stops looping
+        if self._closed:  # nothing left to release; drop them so the lock stops draining
             self._released.clear()
             self.actors.clear_holds()
             return
@@ -392,7 +378,7 @@ class Runtime(RuntimeBase):
             else:
                 self._handle(event)
         finally:
-            self._unlock()
+            self._lock.release()
         if self._settle:
             self._settle_futures()
         return future
@@ -424,7 +410,7 @@ class Runtime(RuntimeBase):
                 event = ObjectPut(future.key, self.store_value(future.result()))
             except BaseException as exc:
                 event = TaskFailed(future.key, None, exc)
-        with self._locked():
+        with self._lock:
             if not self._closed:
                 self._handle([event])
         self._settle_futures()
@@ -497,12 +483,12 @@ class Runtime(RuntimeBase):
         key = self._next_key()
         future: Future[Any] = Future(self, key, "put")
         future.set_result(ValueRef(ref))
-        with self._locked():
+        with self._lock:
             self._handle([ObjectPut(key, ref)])
         return future
 
     def cancel(self, future: Future[Any]) -> bool:
-        with self._locked():
+        with self._lock:
             if future.key in self.core:
                 self._handle([CancelRequested(future.key)])
         self._settle_futures()
@@ -515,7 +501,7 @@ class Runtime(RuntimeBase):
     def _on_messages(self, worker: WorkerHandle, messages: list[tuple[Any, ...]]) -> None:
         events: list[Event] = []
         answered = 0
-        with self._locked():
+        with self._lock:
             if self._closed:
                 return
             for message in messages:
@@ -650,7 +636,7 @@ class Runtime(RuntimeBase):
                 worker.conn.send_many(replies)
 
     def _on_exit(self, worker: WorkerHandle, reason: str) -> None:
-        with self._locked():
+        with self._lock:
             if self._closed:
                 return
             if worker.actor_id is not None:

@@ -41,8 +41,6 @@ import selectors
 import socket
 import struct
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +52,7 @@ from sharedcompute._store._segment import (
     default_capacity,
 )
 from sharedcompute._store._table import ObjectTable, StoredObject
+from sharedcompute._sync import DrainingLock
 from sharedcompute.errors import SharedComputeError
 
 # Values whose serialized form is smaller than this travel inline in messages.
@@ -111,9 +110,9 @@ class ObjectStore:
     segment: MappedSegment
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._local: collections.Counter[int] = collections.Counter()
         self._pending: collections.deque[int] = collections.deque()
+        self._lock = DrainingLock(self._drain, lambda: self._pending)
         self._closed = False
 
     # -- public API -------------------------------------------------------
@@ -136,17 +135,17 @@ class ObjectStore:
         if serialized.nbytes < INLINE_THRESHOLD:
             return InlineObject(serialized.header, serialized.to_bytes())
         hand_over = for_owner and not isinstance(self, OwnerStore)
-        with self._locked():
+        with self._lock:
             object_id, offset = self._create(serialized.nbytes, for_owner=hand_over)
             if not hand_over:
                 self._local[object_id] += 1
         try:
             serialized.write_into(self.segment.writable(offset, serialized.nbytes))
-            with self._locked():
+            with self._lock:
                 return self._seal(object_id, serialized.header)
         except BaseException:
             if hand_over:
-                with self._locked():
+                with self._lock:
                     self._abort(object_id)
             else:
                 self._queue_release(object_id)
@@ -168,7 +167,7 @@ class ObjectStore:
 
     def locate(self, object_id: int) -> StoredObject:
         """Look an object up by id and take a reference to it (released by ``delete``)."""
-        with self._locked():
+        with self._lock:
             ref = self._incref(object_id) if not self._local[object_id] else None
             self._local[object_id] += 1
         return ref if ref is not None else self._describe(object_id)
@@ -189,13 +188,13 @@ class ObjectStore:
 
     def held(self) -> dict[int, int]:
         """Objects this process holds, with how many local holders each has."""
-        with self._locked():
+        with self._lock:
             return dict(self._local)
 
     # -- reference counting ----------------------------------------------
 
     def _hold(self, object_id: int) -> None:
-        with self._locked():
+        with self._lock:
             if not self._local[object_id]:
                 self._incref(object_id)
             self._local[object_id] += 1
@@ -203,25 +202,7 @@ class ObjectStore:
     def _queue_release(self, object_id: int) -> None:
         # Runs from finalizers: must not block on a lock this thread may hold.
         self._pending.append(object_id)
-        if self._lock.acquire(blocking=False):
-            self._unlock()
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self._lock.acquire()
-        try:
-            yield
-        finally:
-            self._unlock()
-
-    def _unlock(self) -> None:
-        while True:
-            try:
-                self._drain()
-            finally:
-                self._lock.release()
-            if not self._pending or not self._lock.acquire(blocking=False):
-                return
+        self._lock.try_drain()
 
     def _drain(self) -> None:
         released: collections.Counter[int] = collections.Counter()
@@ -290,7 +271,7 @@ class OwnerStore(ObjectStore):
     def adopt(self, ref: ObjectRef) -> None:
         """Take the reference a client handed over with ``put_serialized(for_owner=True)``."""
         if isinstance(ref, StoredObject):
-            with self._locked():
+            with self._lock:
                 self._local[ref.object_id] += 1
 
     def _create_for(self, client: int, nbytes: int) -> tuple[int, int]:
@@ -310,7 +291,7 @@ class OwnerStore(ObjectStore):
         return self._table.incref(_OWNER, object_id)
 
     def _describe(self, object_id: int) -> StoredObject:
-        with self._locked():
+        with self._lock:
             ref = self._table.incref(_OWNER, object_id)
             self._table.decref(_OWNER, object_id)
         return ref
@@ -320,7 +301,7 @@ class OwnerStore(ObjectStore):
             self._table.decref(_OWNER, object_id, count)
 
     def stats(self) -> dict[str, int]:
-        with self._locked():
+        with self._lock:
             stats = self._table.stats()
         stats["reserved_bytes"] = self.segment.reserved
         return stats
@@ -329,7 +310,7 @@ class OwnerStore(ObjectStore):
         if self._closed:
             return
         self._server.close()
-        with self._locked():
+        with self._lock:
             self._closed = True
             views_alive = bool(self._local)
         self.segment.close(unmap=not views_alive)
@@ -387,7 +368,7 @@ class ClientStore(ObjectStore):
         return result
 
     def _describe(self, object_id: int) -> StoredObject:
-        with self._locked():
+        with self._lock:
             result: StoredObject = self._request("describe", object_id)
         return result
 
@@ -398,14 +379,14 @@ class ClientStore(ObjectStore):
             pass  # the owner is gone, and with it every reference
 
     def stats(self) -> dict[str, int]:
-        with self._locked():
+        with self._lock:
             result: dict[str, int] = self._request("stats")
         return result
 
     def close(self) -> None:
         if self._closed:
             return
-        with self._locked():
+        with self._lock:
             self._closed = True
             self._sock.close()
             views_alive = bool(self._local)
@@ -475,7 +456,7 @@ class _StoreServer:
             return
         op, *args = pickle.loads(memoryview(self._request_buffer)[:size])
         try:
-            with self._owner._locked():
+            with self._owner._lock:
                 result = self._dispatch(client, op, args)
         except Exception as exc:
             self._reply(conn, ("err", exc))
@@ -520,7 +501,7 @@ class _StoreServer:
             return
         self._selector.unregister(conn)
         conn.close()
-        with self._owner._locked():
+        with self._owner._lock:
             self._owner._table.drop_client(client)
 
     def close(self) -> None:

@@ -357,11 +357,7 @@ class WorkerRuntime(RuntimeBase):
     def _queue_control(self, message: tuple[Any, ...]) -> None:
         # May run in a finalizer or mid-pickling: never send from here directly.
         self._control.append(message)
-        if self._release_lock.acquire(blocking=False):
-            try:
-                self._flush_releases()
-            finally:
-                self._release_lock.release()
+        self._release_lock.try_drain()
 
     def watch(self, future: Future[Any]) -> None:
         if not future.done() and future.key not in self._waited:
@@ -372,6 +368,9 @@ class WorkerRuntime(RuntimeBase):
     def cancel(self, future: Future[Any]) -> bool:
         self._send((Msg.CANCEL, future.key))
         return False
+
+    def _releases_pending(self) -> bool:
+        return bool(self._released or self._control)
 
     def _flush_releases(self) -> None:
         keys = []
