@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -225,6 +226,10 @@ class ProcessPool:
                     self._io_selecting = True
                 try:
                     self._poll(None)
+                except Exception:
+                    # A bug in handling one message must not end the only thread that
+                    # reads the workers: every caller would then wait forever.
+                    traceback.print_exc()
                 finally:
                     with self._handoff:
                         self._io_selecting = False
