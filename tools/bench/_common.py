@@ -1,5 +1,5 @@
 """Helpers every benchmark shares: timing, medians, memory of a process tree, Markdown tables,
-and running a function in a fresh interpreter.
+running a function in a fresh interpreter, what a system's turn left behind, and a Dask cluster.
 
 Benchmarks run as scripts (``python tools/bench/NAME.py``), where neither the repository root
 nor this folder's parent is importable; :func:`ensure_repo_on_path` fixes that before a
@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -492,6 +492,87 @@ def _reap_zombies() -> None:
             return
         if pid == 0:
             return
+
+
+# -- one system's turn -------------------------------------------------------------
+
+SHM_DIR = "/dev/shm"
+LEFTOVER_SETTLE_S = 3.0  # how long a system's helpers may take to exit after its driver
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr: stdout is the report's (``--json``)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def shm_entries() -> set[str]:
+    """The names in /dev/shm, POSIX semaphores ("sem.*") left out.
+
+    multiprocessing (and loky) name a semaphore and unlink it at once, so on a shared machine
+    any process's pool shows up in the window; the systems' own named segments stay.
+    """
+    try:
+        return {name for name in os.listdir(SHM_DIR) if not name.startswith("sem.")}
+    except FileNotFoundError:
+        return set()
+
+
+@dataclass
+class SystemRun:
+    """Everything measured for one system, and what went wrong."""
+
+    name: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    leftover_processes: list[str] = field(default_factory=list)
+    shm_entries_left: list[str] = field(default_factory=list)
+
+    def stop_leftovers(self, step: str | None = None) -> None:
+        """Stop what the system left running and note it (under ``step``, where given)."""
+        left = end_descendants(settle=LEFTOVER_SETTLE_S)
+        self.leftover_processes += [p if step is None else f"{step}: {p}" for p in left]
+
+
+@contextmanager
+def system_run(name: str) -> Iterator[SystemRun]:
+    """A :class:`SystemRun` to fill; when the block ends it gets the /dev/shm entries that
+    appeared meanwhile and the 1-minute load average before and after (``load_average_1min``).
+    """
+    run = SystemRun(name)
+    shm_before = shm_entries()
+    load_before = os.getloadavg()[0]
+    yield run
+    run.shm_entries_left = sorted(shm_entries() - shm_before)
+    run.figures["load_average_1min"] = [load_before, os.getloadavg()[0]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of a benchmark's issue, checked against the figures (never asserted)."""
+
+    name: str
+    status: str  # PASS, FAIL or SKIP
+    text: str
+
+
+def start_dask_cluster(workers: int, *, dashboard_address: str | None = None) -> tuple[Any, Any]:
+    """A Dask ``LocalCluster`` of ``workers`` processes with one thread each, and a ``Client``
+    on it: ``(cluster, client)``. Close the client, then the cluster.
+
+    ``dashboard_address=None`` starts no dashboard.
+    """
+    import logging
+
+    from dask.distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        processes=True,
+        n_workers=workers,
+        threads_per_worker=1,
+        dashboard_address=dashboard_address,
+        silence_logs=logging.ERROR,
+    )
+    return cluster, Client(cluster)
 
 
 # -- data ----------------------------------------------------------------------------

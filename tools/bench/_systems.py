@@ -167,6 +167,8 @@ class Dask(System):
     stores_values = True
 
     def start(self, workers: int) -> None:
+        # The same cluster as _common.start_dask_cluster, spelled out: start-up is timed here,
+        # and loading _common (about 10 ms) would count in Dask's figure.
         import logging
 
         from dask.distributed import Client, LocalCluster

@@ -61,17 +61,16 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from ._common import SystemRun
 
 ALL_SYSTEMS = ("sharedcompute", "ray", "dask")
 BASELINE = "sharedcompute"
 RESULT_TIMEOUT = 300.0  # seconds for any one result; a hang shows up as a TimeoutError
-LEFTOVER_SETTLE_S = 3.0  # how long a system's helpers may take to exit after its driver
-CHILD_CODE = (
-    "import sys; import tools.bench.actors as a; sys.exit(a.child_main(*sys.argv[1:]))"
-)
+CHILD_CODE = "import sys; import tools.bench.actors as a; sys.exit(a.child_main(*sys.argv[1:]))"
 MiB = 1024 * 1024
-SHM_DIR = "/dev/shm"
 
 
 # -- the actor ----------------------------------------------------------------------------
@@ -150,19 +149,15 @@ class ActorSystem:
         return str(getattr(sys.modules[self.module], "__version__", "?"))
 
 
-class SharedCompute(ActorSystem):
-    name = "sharedcompute"
-    module = "sharedcompute"
+class RayStyleSystem(ActorSystem):
+    """A system used the Ray way: ``remote(Cls).remote()`` makes an actor,
+    ``actor.method.remote()`` calls it, and its module has ``put``, ``kill`` and ``shutdown``.
 
-    def start(self, workers: int) -> None:
-        import sharedcompute
+    ``start`` sets ``_api`` (the module) and ``_echo`` (:class:`Echo` made remote).
+    """
 
-        self._sc = sharedcompute
-        self._echo = sharedcompute.remote(Echo)
-        sharedcompute.init(num_workers=workers)
-
-    def warm_up(self) -> None:
-        self._sc.submit(noop).result(timeout=RESULT_TIMEOUT)
+    _api: Any
+    _echo: Any
 
     def create(self) -> Any:
         return self._echo.remote()
@@ -173,23 +168,38 @@ class SharedCompute(ActorSystem):
     def shape(self, actor: Any, array: Any) -> Any:
         return actor.shape.remote(array)
 
+    def put(self, value: Any) -> Any:
+        return self._api.put(value)
+
+    def kill(self, actor: Any) -> None:
+        self._api.kill(actor)
+
+    def close(self) -> None:
+        self._api.shutdown()
+
+
+class SharedCompute(RayStyleSystem):
+    name = "sharedcompute"
+    module = "sharedcompute"
+
+    def start(self, workers: int) -> None:
+        import sharedcompute
+
+        self._api = sharedcompute
+        self._echo = sharedcompute.remote(Echo)
+        sharedcompute.init(num_workers=workers)
+
+    def warm_up(self) -> None:
+        self._api.submit(noop).result(timeout=RESULT_TIMEOUT)
+
     def result(self, handle: Any) -> Any:
         return handle.result(timeout=RESULT_TIMEOUT)
 
     def gather(self, handles: Sequence[Any]) -> list[Any]:
-        return self._sc.gather(handles, timeout=RESULT_TIMEOUT)
-
-    def put(self, value: Any) -> Any:
-        return self._sc.put(value)
-
-    def kill(self, actor: Any) -> None:
-        self._sc.kill(actor)
-
-    def close(self) -> None:
-        self._sc.shutdown()
+        return self._api.gather(handles, timeout=RESULT_TIMEOUT)
 
 
-class Ray(ActorSystem):
+class Ray(RayStyleSystem):
     name = "ray"
     module = "ray"
 
@@ -198,7 +208,7 @@ class Ray(ActorSystem):
 
         import ray
 
-        self._ray = ray
+        self._api = ray
         self._echo = ray.remote(Echo)
         self._noop = ray.remote(noop)
         ray.init(
@@ -209,34 +219,16 @@ class Ray(ActorSystem):
         )
 
     def warm_up(self) -> None:
-        self._ray.get(self._noop.remote(), timeout=RESULT_TIMEOUT)
+        self._api.get(self._noop.remote(), timeout=RESULT_TIMEOUT)
 
     def pickle_by_value(self, module: Any) -> None:
-        self._ray.cloudpickle.register_pickle_by_value(module)
-
-    def create(self) -> Any:
-        return self._echo.remote()
-
-    def ping(self, actor: Any) -> Any:
-        return actor.ping.remote()
-
-    def shape(self, actor: Any, array: Any) -> Any:
-        return actor.shape.remote(array)
+        self._api.cloudpickle.register_pickle_by_value(module)
 
     def result(self, handle: Any) -> Any:
-        return self._ray.get(handle, timeout=RESULT_TIMEOUT)
+        return self._api.get(handle, timeout=RESULT_TIMEOUT)
 
     def gather(self, handles: Sequence[Any]) -> list[Any]:
-        return list(self._ray.get(list(handles), timeout=RESULT_TIMEOUT))
-
-    def put(self, value: Any) -> Any:
-        return self._ray.put(value)
-
-    def kill(self, actor: Any) -> None:
-        self._ray.kill(actor)
-
-    def close(self) -> None:
-        self._ray.shutdown()
+        return list(self._api.get(list(handles), timeout=RESULT_TIMEOUT))
 
 
 class Dask(ActorSystem):
@@ -247,18 +239,7 @@ class Dask(ActorSystem):
     resolves_refs = False
 
     def start(self, workers: int) -> None:
-        import logging
-
-        from dask.distributed import Client, LocalCluster
-
-        self._cluster = LocalCluster(
-            processes=True,
-            n_workers=workers,
-            threads_per_worker=1,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
-        self._client = Client(self._cluster)
+        self._cluster, self._client = _common().start_dask_cluster(workers)
 
     def warm_up(self) -> None:
         self._client.submit(noop, pure=False).result(timeout=RESULT_TIMEOUT)
@@ -317,13 +298,29 @@ class Plan:
 
 
 FULL = Plan(
-    quick=False, workers=2, warmup_calls=200, sequential_calls=2000, pipelined_calls=5000,
-    pipelined_repeats=3, creations=5, big_bytes=100 * MiB, big_calls=7, settle_s=1.0,
+    quick=False,
+    workers=2,
+    warmup_calls=200,
+    sequential_calls=2000,
+    pipelined_calls=5000,
+    pipelined_repeats=3,
+    creations=5,
+    big_bytes=100 * MiB,
+    big_calls=7,
+    settle_s=1.0,
     child_timeout_s=600.0,
 )
 QUICK = Plan(
-    quick=True, workers=2, warmup_calls=20, sequential_calls=200, pipelined_calls=500,
-    pipelined_repeats=3, creations=3, big_bytes=10 * MiB, big_calls=3, settle_s=0.3,
+    quick=True,
+    workers=2,
+    warmup_calls=20,
+    sequential_calls=200,
+    pipelined_calls=500,
+    pipelined_repeats=3,
+    creations=3,
+    big_bytes=10 * MiB,
+    big_calls=3,
+    settle_s=0.3,
     child_timeout_s=120.0,
 )
 
@@ -462,15 +459,6 @@ def _common() -> Any:
     return common
 
 
-@dataclass
-class SystemRun:
-    name: str
-    figures: dict[str, Any]
-    errors: dict[str, str]
-    leftover_processes: list[str]
-    shm_entries_left: list[str]
-
-
 def child_env() -> dict[str, str]:
     """The environment of every child: the repository importable, for the systems' workers too."""
     env = dict(os.environ)
@@ -483,50 +471,33 @@ def child_env() -> dict[str, str]:
 
 def measure_system(name: str, plan: Plan) -> SystemRun:
     common = _common()
-    run = SystemRun(name, {}, {}, [], [])
-    shm_before = _shm_entries()
-    load_before = os.getloadavg()[0]
-    _log(f"[{name}] starting")
-    with tempfile.TemporaryDirectory(prefix="sharedcompute-bench-actors-") as folder:
-        out_path = os.path.join(folder, "out.json")
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD_CODE, name, plan.to_json(), out_path],
-            stdin=subprocess.DEVNULL,
-            stdout=sys.stderr,  # stdout is the report's (--json)
-            env=child_env(),
-            cwd=common.REPO_ROOT,
-        )
-        try:
-            code = child.wait(timeout=plan.child_timeout_s)
-            if code != 0:
-                run.errors["child"] = f"exited with code {code} (its traceback is on stderr)"
-        except subprocess.TimeoutExpired:
-            run.errors["child"] = f"ran past {plan.child_timeout_s:.0f} s and was killed"
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait(timeout=10)
-        if os.path.exists(out_path):
-            with open(out_path) as written:
-                run.figures = json.load(written)
-    run.errors.update(run.figures.pop("errors", {}))
-    run.leftover_processes = common.end_descendants(settle=LEFTOVER_SETTLE_S)
-    run.shm_entries_left = sorted(_shm_entries() - shm_before)
-    run.figures["load_average_1min"] = [load_before, os.getloadavg()[0]]
+    with common.system_run(name) as run:
+        common.log(f"[{name}] starting")
+        with tempfile.TemporaryDirectory(prefix="sharedcompute-bench-actors-") as folder:
+            out_path = os.path.join(folder, "out.json")
+            child = subprocess.Popen(
+                [sys.executable, "-c", CHILD_CODE, name, plan.to_json(), out_path],
+                stdin=subprocess.DEVNULL,
+                stdout=sys.stderr,  # stdout is the report's (--json)
+                env=child_env(),
+                cwd=common.REPO_ROOT,
+            )
+            try:
+                code = child.wait(timeout=plan.child_timeout_s)
+                if code != 0:
+                    run.errors["child"] = f"exited with code {code} (its traceback is on stderr)"
+            except subprocess.TimeoutExpired:
+                run.errors["child"] = f"ran past {plan.child_timeout_s:.0f} s and was killed"
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait(timeout=10)
+            if os.path.exists(out_path):
+                with open(out_path) as written:
+                    run.figures = json.load(written)
+        run.errors.update(run.figures.pop("errors", {}))
+        run.stop_leftovers()
     return run
-
-
-def _shm_entries() -> set[str]:
-    # POSIX semaphores ("sem.*") belong to multiprocessing and loky, used by any process on
-    # the machine; the systems' own segments are what counts.
-    try:
-        return {name for name in os.listdir(SHM_DIR) if not name.startswith("sem.")}
-    except FileNotFoundError:
-        return set()
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def available(name: str) -> bool:
@@ -546,10 +517,14 @@ class Metric:
 def metrics(plan: Plan) -> list[Metric]:
     size = f"{plan.big_bytes // MiB} MiB"
     return [
-        Metric("sequential_calls_per_s", f"sequential: {plan.sequential_calls} calls, "
-               "result each", "rate"),
-        Metric("pipelined_calls_per_s", f"pipelined: {plan.pipelined_calls} calls, "
-               "then gather", "rate"),
+        Metric(
+            "sequential_calls_per_s",
+            f"sequential: {plan.sequential_calls} calls, result each",
+            "rate",
+        ),
+        Metric(
+            "pipelined_calls_per_s", f"pipelined: {plan.pipelined_calls} calls, then gather", "rate"
+        ),
         Metric("create_first_call_s", "actor creation + first call (median)", "s"),
         Metric("create_first_call_cold_s", "the same, first actor of the run", "s"),
         Metric("big_arg_put_s", f"{size} argument, put once, handle passed (median)", "s"),
@@ -632,8 +607,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         row = [metric.label, *(format_value(metric, systems[n].get(metric.key)) for n in names)]
         if BASELINE in systems:
             for peer in peers:
-                value = ratio(metric, systems[BASELINE].get(metric.key), systems[peer].get(
-                    metric.key))
+                value = ratio(
+                    metric, systems[BASELINE].get(metric.key), systems[peer].get(metric.key)
+                )
                 row.append("—" if value is None else f"{value:.3g}x")
             rows.append(row)
         else:
@@ -662,19 +638,26 @@ def render_markdown(report: dict[str, Any]) -> str:
         for where, error in figures.get("errors", {}).items():
             problems.append(f"- {name} {where}: {error.strip().splitlines()[-1]}")
         if figures.get("leftover_processes"):
-            problems.append(f"- {name} left processes running (stopped by the benchmark): "
-                            f"{', '.join(figures['leftover_processes'])}")
+            problems.append(
+                f"- {name} left processes running (stopped by the benchmark): "
+                f"{', '.join(figures['leftover_processes'])}"
+            )
         if figures.get("shm_entries_left"):
-            problems.append(f"- {name} left /dev/shm entries: "
-                            f"{', '.join(figures['shm_entries_left'])}")
+            problems.append(
+                f"- {name} left /dev/shm entries: {', '.join(figures['shm_entries_left'])}"
+            )
     for name in report.get("not_installed", []):
         problems.append(f"- {name}: not installed, skipped")
     loads = ", ".join(
         "{} {:.1f}-{:.1f}".format(name, *systems[name]["load_average_1min"])
-        for name in names if "load_average_1min" in systems[name]
+        for name in names
+        if "load_average_1min" in systems[name]
     )
-    lines += ["", f"1-minute load average before-after each system ({machine['cpus']} CPUs): "
-              f"{loads}; figures from a loaded machine are noisier."]
+    lines += [
+        "",
+        f"1-minute load average before-after each system ({machine['cpus']} CPUs): "
+        f"{loads}; figures from a loaded machine are noisier.",
+    ]
     if problems:
         lines += ["", "Problems:", "", *problems]
     return "\n".join(lines)
@@ -684,8 +667,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts and sizes")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--systems", default=",".join(ALL_SYSTEMS),
-                        help=f"comma-separated, from {','.join(ALL_SYSTEMS)}")
+    parser.add_argument(
+        "--systems",
+        default=",".join(ALL_SYSTEMS),
+        help=f"comma-separated, from {','.join(ALL_SYSTEMS)}",
+    )
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
@@ -701,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     missing = []
     for name in names:
         if not available(name):
-            _log(f"[{name}] not installed: skipped")
+            common.log(f"[{name}] not installed: skipped")
             missing.append(name)
             continue
         runs[name] = measure_system(name, plan)

@@ -280,18 +280,10 @@ class Scheduler:
             self.compute_kwargs = {"scheduler": "processes", "pool": pool}
             self._close = lambda: pool.shutdown(wait=True, cancel_futures=True)
         elif self.name == "distributed":
-            import logging
-
-            from dask.distributed import Client, LocalCluster
-
-            cluster = LocalCluster(
-                n_workers=WORKERS,
-                threads_per_worker=1,
-                processes=True,
+            cluster, client = _common.start_dask_cluster(
+                WORKERS,
                 dashboard_address=":0",  # a free port: 8787 may be taken
-                silence_logs=logging.ERROR,
             )
-            client = Client(cluster)
             self.compute_kwargs = {"scheduler": client}
 
             def close() -> None:
@@ -492,13 +484,13 @@ def run(plan: Plan, workloads: list[str], schedulers: list[str]) -> dict[str, An
         timing_groups = [together] + [[s] for s in ordered if s in SEPARATE_TIMING]
         for workload in workloads:
             for scheduler in ordered:
-                _log(f"[{workload}] memory and result: {scheduler}")
+                _common.log(f"[{workload}] memory and result: {scheduler}")
                 figures = run_child("memory", workload, [scheduler], plan, folder)
                 _merge(results[workload], figures)
             _compare(workload, results[workload])
             for round_index in range(plan.rounds):
                 for group in (g for g in timing_groups if g):
-                    _log(f"[{workload}] time, round {round_index + 1}: {', '.join(group)}")
+                    _common.log(f"[{workload}] time, round {round_index + 1}: {', '.join(group)}")
                     load = os.getloadavg()[0]
                     figures = run_child("time", workload, group, plan, folder)
                     for name in group:
@@ -518,10 +510,6 @@ def run(plan: Plan, workloads: list[str], schedulers: list[str]) -> dict[str, An
         }
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _merge(by_scheduler: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]) -> None:
@@ -574,36 +562,31 @@ def _versions() -> dict[str, str]:
     return found
 
 
-@dataclass(frozen=True)
-class Target:
-    name: str
-    status: str  # PASS, FAIL or SKIP
-    text: str
-
-
-def evaluate_targets(results: dict[str, dict[str, dict[str, Any]]], plan: Plan) -> list[Target]:
-    targets: list[Target] = []
+def evaluate_targets(
+    results: dict[str, dict[str, dict[str, Any]]], plan: Plan
+) -> list[_common.Target]:
+    targets: list[_common.Target] = []
     ours = {w: r.get(BASELINE, {}) for w, r in results.items()}
     matches = [f.get("matches_sync") for f in ours.values()]
     if not matches or any(m is None for m in matches):
-        targets.append(Target("same_as_sync", "SKIP", "results vs sync: not all measured"))
+        targets.append(_common.Target("same_as_sync", "SKIP", "results vs sync: not all measured"))
     else:
         status = "PASS" if all(matches) else "FAIL"
         wrong = [w for w, f in ours.items() if not f.get("matches_sync")]
         text = "every workload on sharedcompute gives sync's result" + (
             f" (differs: {', '.join(wrong)})" if wrong else ""
         )
-        targets.append(Target("same_as_sync", status, text))
+        targets.append(_common.Target("same_as_sync", status, text))
 
     def figure(workload: str, scheduler: str, key: str) -> Any:
         return results.get(workload, {}).get(scheduler, {}).get(key)
 
     def check(name: str, values: list[Any], test: Callable[..., bool], text: str) -> None:
         if not all(isinstance(v, (int, float)) for v in values):
-            targets.append(Target(name, "SKIP", text.split(":")[0] + ": not measured"))
+            targets.append(_common.Target(name, "SKIP", text.split(":")[0] + ": not measured"))
             return
         status = "PASS" if test(*values) else "FAIL"
-        targets.append(Target(name, status, text.format(*values)))
+        targets.append(_common.Target(name, status, text.format(*values)))
 
     big = "array_100mb"
     check(
@@ -635,7 +618,9 @@ def evaluate_targets(results: dict[str, dict[str, dict[str, Any]]], plan: Plan) 
     )
     if plan.quick:
         targets = [
-            Target(t.name, t.status, t.text + " (quick sizes)") if t.name != "same_as_sync" else t
+            _common.Target(t.name, t.status, t.text + " (quick sizes)")
+            if t.name != "same_as_sync"
+            else t
             for t in targets
         ]
     return targets

@@ -79,7 +79,6 @@ else:  # run as a script: this folder is sys.path[0]
 
 MiB = _common.MiB
 GiB = _common.GiB
-SHM_DIR = "/dev/shm"
 ALL_SYSTEMS = ("sharedcompute", "ppe", "loky", "dask", "ray")
 QUICK_SYSTEMS = ("sharedcompute", "ppe")
 BASELINE = "sharedcompute"
@@ -129,21 +128,9 @@ QUICK = _systems.Plan(
     child_timeout_s=120.0,
 )
 IMPORT_REPEATS = {False: 5, True: 3}
-LEFTOVER_SETTLE_S = 3.0  # how long a system's helpers may take to exit after its driver
 
 
 # -- running the children ----------------------------------------------------------------
-
-
-@dataclass
-class SystemRun:
-    """Everything measured for one system, and what went wrong."""
-
-    name: str
-    figures: dict[str, Any]
-    errors: dict[str, str]
-    leftover_processes: list[str]
-    shm_entries_left: list[str]
 
 
 def child_env() -> dict[str, str]:
@@ -220,43 +207,25 @@ def measure_import(system: str, repeats: int) -> dict[str, Any]:
     }
 
 
-def measure_system(system: str, plan: _systems.Plan) -> SystemRun:
-    run = SystemRun(system, {}, {}, [], [])
-    shm_before = _shm_entries()
-    load_before = os.getloadavg()[0]
+def measure_system(system: str, plan: _systems.Plan) -> _common.SystemRun:
     steps: list[tuple[str, Callable[[], tuple[dict[str, Any], str | None]]]] = [
         ("import", lambda: (measure_import(system, IMPORT_REPEATS[plan.quick]), None)),
         ("startup", lambda: run_child("startup", system, plan)),
         ("workloads", lambda: run_child("workloads", system, plan)),
     ]
-    for step, measure in steps:
-        _log(f"[{system}] {step}")
-        try:
-            figures, error = measure()
-        except Exception as exc:  # a broken import: report it, go on with the others
-            figures, error = {}, f"{type(exc).__name__}: {exc}"
-        run.errors.update({f"{step}/{k}": v for k, v in figures.pop("errors", {}).items()})
-        if error is not None:
-            run.errors[step] = error
-        run.figures.update(figures)
-        left = _common.end_descendants(settle=LEFTOVER_SETTLE_S)
-        run.leftover_processes += [f"{step}: {process}" for process in left]
-    run.shm_entries_left = sorted(_shm_entries() - shm_before)
-    run.figures["load_average_1min"] = [load_before, os.getloadavg()[0]]
+    with _common.system_run(system) as run:
+        for step, measure in steps:
+            _common.log(f"[{system}] {step}")
+            try:
+                figures, error = measure()
+            except Exception as exc:  # a broken import: report it, go on with the others
+                figures, error = {}, f"{type(exc).__name__}: {exc}"
+            run.errors.update({f"{step}/{k}": v for k, v in figures.pop("errors", {}).items()})
+            if error is not None:
+                run.errors[step] = error
+            run.figures.update(figures)
+            run.stop_leftovers(step)
     return run
-
-
-def _shm_entries() -> set[str]:
-    # POSIX semaphores ("sem.*") left out: multiprocessing names one and unlinks it at once, so
-    # on a shared machine any process's pool shows up in the window; named segments stay.
-    try:
-        return {name for name in os.listdir(SHM_DIR) if not name.startswith("sem.")}
-    except FileNotFoundError:
-        return set()
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- comparing ------------------------------------------------------------------------
@@ -334,7 +303,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def ratios(runs: dict[str, SystemRun], plan: _systems.Plan) -> dict[str, dict[str, float]]:
+def ratios(runs: dict[str, _common.SystemRun], plan: _systems.Plan) -> dict[str, dict[str, float]]:
     base = runs.get(BASELINE)
     if base is None:
         return {}
@@ -351,28 +320,25 @@ def ratios(runs: dict[str, SystemRun], plan: _systems.Plan) -> dict[str, dict[st
     return table
 
 
-@dataclass(frozen=True)
-class Target:
-    name: str
-    status: str  # PASS, FAIL or SKIP
-    text: str
-
-
-def evaluate_targets(runs: dict[str, SystemRun], plan: _systems.Plan) -> list[Target]:
+def evaluate_targets(
+    runs: dict[str, _common.SystemRun], plan: _systems.Plan
+) -> list[_common.Target]:
     sc = runs[BASELINE].figures if BASELINE in runs else {}
     ppe = runs["ppe"].figures if "ppe" in runs else {}
     ray = runs["ray"].figures if "ray" in runs else {}
     big = list(plan.big_bytes)[-1]
     big_size = plan.big_bytes[big]
     size = _common.format_bytes
-    targets: list[Target] = []
+    targets: list[_common.Target] = []
 
     def check(name: str, figures: Sequence[Any], test: Callable[..., bool], text: str) -> None:
         if not all(_is_number(f) for f in figures):
             title = text.rsplit(": ", 1)[0]  # the text without its figures
-            targets.append(Target(name, "SKIP", f"{title}: not measured"))
+            targets.append(_common.Target(name, "SKIP", f"{title}: not measured"))
             return
-        targets.append(Target(name, "PASS" if test(*figures) else "FAIL", text.format(*figures)))
+        targets.append(
+            _common.Target(name, "PASS" if test(*figures) else "FAIL", text.format(*figures))
+        )
 
     check(
         "latency_le_half_ppe",

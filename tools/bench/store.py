@@ -55,7 +55,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 if __package__:
     from . import _common
@@ -124,22 +123,9 @@ def make_cases(plan: Plan) -> list[Case]:
     for label, nbytes in plan.array_bytes.items():
         array = np.arange(nbytes // 8, dtype=np.float64)  # built here, so every page is touched
         cases.append(Case(label, array, array.nbytes))
-    table = make_table(plan.arrow_rows)
+    table = _common.make_arrow_table(plan.arrow_rows)
     cases.append(Case(ARROW, table, table.nbytes))
     return cases
-
-
-def make_table(rows: int) -> pa.Table:
-    ids = np.arange(rows, dtype=np.int64)
-    return pa.table(
-        {
-            "id": ids,
-            "group": ids % 1000,
-            "x": ids * 0.5,
-            "y": np.sqrt(ids, dtype=np.float64),
-            "name": pc.cast(pa.array(ids), pa.string()),
-        }
-    )
 
 
 # -- owner-side measurements -----------------------------------------------
