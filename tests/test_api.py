@@ -545,6 +545,31 @@ def test_idle_worker_gives_back_its_freed_heap(rt: sc.Runtime) -> None:
     )
 
 
+def store_offset(array: np.ndarray, delay: float = 0.0) -> tuple[int, float]:
+    """Where ``array``'s data sits in this process's mapping of the store, and its sum."""
+    from sharedcompute._runtime import _context
+
+    time.sleep(delay)
+    store = _context.current().store  # type: ignore[union-attr]
+    return array.__array_interface__["data"][0] - store.segment.address, float(array.sum())
+
+
+def test_a_stored_value_passed_on_goes_by_reference(rt: sc.Runtime) -> None:
+    array = sc.submit(make_array, 2_000_000).result(timeout=TIMEOUT)  # 16 MB: a store view
+    here = array.__array_interface__["data"][0] - rt.store.segment.address
+    total = float(array.sum())
+    assert sc.submit(store_offset, array).result(timeout=TIMEOUT) == (here, total)
+    assert sc.submit(store_offset, array=sc.put(array)).result(timeout=TIMEOUT) == (here, total)
+    # The task holds the object: the driver may drop its view before the task runs.
+    later = sc.submit(store_offset, array, 0.5)
+    del array
+    gc.collect()
+    assert later.result(timeout=TIMEOUT) == (here, total)
+    # A slice is a new value: it is copied, as it must be.
+    piece = sc.submit(make_array, 2_000_000).result(timeout=TIMEOUT)[::2]
+    assert sc.submit(store_offset, piece).result(timeout=TIMEOUT)[1] == float(piece.sum())
+
+
 def test_store_objects_are_freed_when_futures_are_dropped(rt: sc.Runtime) -> None:
     ref = sc.put(np.ones(MB))
     futures = [sc.submit(np.add, ref, i) for i in range(3)]

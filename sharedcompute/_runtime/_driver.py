@@ -17,6 +17,7 @@ import contextlib
 import os
 import pickle
 import threading
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -134,6 +135,8 @@ class Runtime(RuntimeBase):
         self._waiters: defaultdict[int, set[int]] = defaultdict(set)
         self._registered_local: set[int] = set()
         self._settle: deque[tuple[Future[Any], Instruction]] = deque()
+        # id -> (weak reference, stored object) of arrays read from the store here.
+        self._views: dict[int, tuple[weakref.ref[Any], StoredObject]] = {}
         self._pool: ProcessPool | None = None
         self._threads: ThreadPool | None = None
         self._store: OwnerStore | None = None
@@ -479,13 +482,45 @@ class Runtime(RuntimeBase):
         return nullcontext()
 
     def put(self, value: Any) -> Future[Any]:
-        ref = self.store_value(value)
+        existing = self._stored_view(value)
+        if existing is None:
+            ref = self.store_value(value)
+        else:
+            self.store.retain(existing)  # the new Future's own reference to the same object
+            ref = existing
         key = self._next_key()
         future: Future[Any] = Future(self, key, "put")
         future.set_result(ValueRef(ref))
         with self._lock:
             self._handle([ObjectPut(key, ref)])
         return future
+
+    # -- values already in the store --------------------------------------------------
+
+    def load(self, ref: ObjectRef) -> Any:
+        value = super().load(ref)
+        if type(ref) is StoredObject and type(value).__name__ == "ndarray":
+            # Remember the view, so that passing it on again passes the object by reference.
+            ident = id(value)
+            self._views[ident] = (weakref.ref(value, lambda _: self._views.pop(ident, None)), ref)
+        return value
+
+    def _stored_view(self, value: Any) -> StoredObject | None:
+        """The stored object ``value`` is a whole view of (from ``load``), if it is one."""
+        entry = self._views.get(id(value))
+        return entry[1] if entry is not None and entry[0]() is value else None
+
+    def prepare_args(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[ObjectRef, dict[int, Future[Any]]]:
+        if self._views:
+            args = tuple(self._by_reference(arg) for arg in args)
+            kwargs = {name: self._by_reference(arg) for name, arg in kwargs.items()}
+        return super().prepare_args(args, kwargs)
+
+    def _by_reference(self, arg: Any) -> Any:
+        """A stored view becomes a Future of its object: no copy, a reference for the task."""
+        return self.put(arg) if self._stored_view(arg) is not None else arg
 
     def cancel(self, future: Future[Any]) -> bool:
         with self._lock:
