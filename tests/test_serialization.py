@@ -821,3 +821,19 @@ def test_public_names() -> None:
     }
     assert ALIGNMENT == 64
     assert pickle.loads(pickle.dumps(serialization.Kind.ARROW)) is serialization.Kind.ARROW
+
+
+@pytest.mark.parametrize("extra", [0, 12_345, 2 * 1024 * 1024 + 1])
+def test_large_copies_split_between_two_threads_copy_every_byte(extra: int) -> None:
+    from sharedcompute._serialization._format import PARALLEL_COPY_BYTES, copy_bytes
+
+    size = PARALLEL_COPY_BYTES + extra
+    source = np.random.default_rng(extra).integers(0, 256, size, dtype=np.uint8)
+    dest = bytearray(size)
+    copy_bytes(memoryview(dest), memoryview(source))
+    assert dest == source.tobytes()
+    value = np.random.default_rng(extra + 1).random(size // 8 + 3)
+    serialized = serialize(value)
+    region = bytearray(serialized.nbytes)
+    serialized.write_into(memoryview(region))
+    assert np.array_equal(deserialize(serialized.header, region), value)
