@@ -621,6 +621,19 @@ def test_nested_task_submitted_from_a_thread_of_a_task() -> None:
         assert sc.submit(submit_from_a_thread, 7).result(timeout=TIMEOUT) == 49
 
 
+def wait_from_threads(count: int) -> list[int]:
+    """Submit and wait on nested tasks from a thread pool of this task (the main thread
+    only waits for the pool, not on a Future)."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda i: sc.submit(square, i).result(timeout=20), range(count)))
+
+
+def test_nested_tasks_waited_on_from_threads_of_a_task() -> None:
+    # One worker, busy with the outer task: its waiting threads run the nested tasks.
+    with sc.Runtime(num_workers=1):
+        assert sc.submit(wait_from_threads, 6).result(timeout=TIMEOUT) == [0, 1, 4, 9, 16, 25]
+
+
 # -- remote functions -----------------------------------------------------------------------
 
 

@@ -115,6 +115,10 @@ class WorkerRuntime(RuntimeBase):
         self._actor: ActorHost | None = None
         self._control: deque[tuple[Any, ...]] = deque()
         self._recent: dict[int, tuple[Any, ...]] = {}
+        # _queue is read by the main thread, and rebuilt by whichever thread waits (see
+        # _take_child); threads of a task that wait on Futures count here, by task.
+        self._queue_lock = threading.Lock()
+        self._waiting_threads: dict[int, int] = {}
         self.heap = Heap()
 
     # -- the loop -------------------------------------------------------------------
@@ -123,7 +127,10 @@ class WorkerRuntime(RuntimeBase):
         self.conn.send((Msg.READY, os.getpid()))
         while not self.shutting_down:
             if self._queue:
-                self._next(self._queue.popleft())
+                with self._queue_lock:  # a thread of a finished task may still take from it
+                    message = self._queue.popleft() if self._queue else None
+                if message is not None:
+                    self._next(message)
             elif self.heap.dirty:
                 self._read(IDLE_TRIM_SECONDS)
                 if not self._queue:
@@ -146,7 +153,9 @@ class WorkerRuntime(RuntimeBase):
 
     def _send(self, message: tuple[Any, ...]) -> None:
         """Send now, after whatever results are batched (order matters to the driver)."""
-        if self._outbox:
+        if threading.current_thread() is not self._main:
+            self.conn.send(message)  # the batch belongs to the main thread
+        elif self._outbox:
             self._outbox.append(message)
             self._flush()
         else:
@@ -163,7 +172,10 @@ class WorkerRuntime(RuntimeBase):
         else:
             self._short.discard(fn_key)
         self._outbox.append(message)
-        upcoming = self._queue[0] if self._queue else None
+        try:
+            upcoming = self._queue[0]
+        except IndexError:
+            upcoming = None
         if (
             upcoming is None
             or upcoming[2] not in self._short
@@ -194,12 +206,15 @@ class WorkerRuntime(RuntimeBase):
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == Msg.RUN:
-            self._queue.append(message)
+            with self._queue_lock:
+                self._queue.append(message)
         elif kind == Msg.CALL:
             if self._actor is None or not self._actor.take(message):
-                self._queue.append(message)
+                with self._queue_lock:
+                    self._queue.append(message)
         elif kind == Msg.CREATE:
-            self._queue.append(message)
+            with self._queue_lock:
+                self._queue.append(message)
         elif kind == Msg.RESOLVED:
             _, key, ok, payload = message
             future = self._futures.pop(key, None)
@@ -215,17 +230,17 @@ class WorkerRuntime(RuntimeBase):
 
     # -- running a task --------------------------------------------------------------
 
-    def _run(self, message: tuple[Any, ...]) -> None:
+    def _run(self, message: tuple[Any, ...], *, on_main: bool = True) -> None:
         _, key, fn_key, fn_bytes, args_wire, dep_refs, name, _parent = message
         if dep_refs and any(wire is None for _, wire in dep_refs):
             local = tuple((k, self._recent.get(k) if w is None else w) for k, w in dep_refs)
             if any(wire is None for _, wire in local):
                 # The dependency failed here (or is long forgotten): the driver decides.
-                self._send((Msg.RETURN, key))
+                (self._send if on_main else self.conn.send)((Msg.RETURN, key))
                 return
             dep_refs = local
         self._execute(key, lambda: self._function(fn_key, fn_bytes), args_wire, dep_refs, name,
-                      fn_key)
+                      fn_key, on_main=on_main)
 
     def _execute(
         self, key: int, target: Callable[[], Callable[..., Any]], args_wire: tuple[Any, ...],
@@ -407,10 +422,14 @@ class WorkerRuntime(RuntimeBase):
                 return True
             return done == len(futures)
 
+        # Any thread of a task that waits blocks the task (its CPU goes back, as in Ray),
+        # and runs the task's children meanwhile: a task waiting from its own threads on a
+        # one-worker pool must finish too. Actor calls off the main thread are not tasks.
         on_main = threading.current_thread() is self._main
-        blocked_key = self._stack[-1] if on_main and self._stack else None
-        if blocked_key is not None and not satisfied():
-            self._send((Msg.BLOCKED, blocked_key))
+        blocked_key = self._stack[-1] if self._stack and (on_main or self._actor is None) else None
+        blocking = blocked_key is not None and not satisfied()
+        if blocking:
+            self._count_waiting(blocked_key, +1)  # type: ignore[arg-type]
         try:
             while not satisfied():
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -424,13 +443,30 @@ class WorkerRuntime(RuntimeBase):
                         self._read(remaining)
                 elif self._reader.acquire(blocking=False):
                     self._reader.release()
-                    self._read(min(0.05, remaining) if remaining is not None else 0.05)
+                    child = self._take_child(blocked_key) if blocking else None
+                    if child is not None and child[0] == Msg.RUN:
+                        self._run(child, on_main=False)
+                    else:
+                        self._read(min(0.05, remaining) if remaining is not None else 0.05)
                 else:
                     with self._progress:
                         self._progress.wait(0.05)
         finally:
-            if blocked_key is not None:
-                self._send((Msg.UNBLOCKED, blocked_key))
+            if blocking:
+                self._count_waiting(blocked_key, -1)  # type: ignore[arg-type]
+
+    def _count_waiting(self, key: int, delta: int) -> None:
+        """Tell the driver when the first thread of task ``key`` waits and the last is done."""
+        with self._queue_lock:
+            count = self._waiting_threads.get(key, 0) + delta
+            if count:
+                self._waiting_threads[key] = count
+            else:
+                self._waiting_threads.pop(key, None)
+        if delta > 0 and count == 1:
+            self._send((Msg.BLOCKED, key))
+        elif not count:
+            self._send((Msg.UNBLOCKED, key))
 
 
     def _take_child(self, parent: int | None) -> tuple[Any, ...] | None:
@@ -446,17 +482,19 @@ class WorkerRuntime(RuntimeBase):
         kept: deque[tuple[Any, ...]] = deque()
         child = None
         returned = []
-        while self._queue:
-            message = self._queue.popleft()
-            if message[0] != Msg.RUN:
-                kept.append(message)
-            elif child is None and parent is not None and message[7] == parent:
-                child = message
-            else:
-                returned.append((Msg.RETURN, message[1]))
-        self._queue = kept
+        with self._queue_lock:
+            while self._queue:
+                message = self._queue.popleft()
+                if message[0] != Msg.RUN:
+                    kept.append(message)
+                elif child is None and parent is not None and message[7] == parent:
+                    child = message
+                else:
+                    returned.append((Msg.RETURN, message[1]))
+            self._queue = kept
         if returned:
-            self._flush()
+            if threading.current_thread() is self._main:
+                self._flush()
             self.conn.send_many(returned)
         return child
 
