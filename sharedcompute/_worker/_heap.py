@@ -23,6 +23,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # Blocks up to this size come from the heap and are reused (mallopt takes an int).
 _THRESHOLD = 1 << 30
+_OLD_GLIBC_MAX = 32 << 20
 # A worker idle this long gives its free heap pages back.
 IDLE_TRIM_SECONDS = 0.25
 
@@ -36,9 +37,13 @@ class Heap:
             mallopt, trim = libc.mallopt, libc.malloc_trim
         except (OSError, AttributeError):
             return  # not glibc: its own policy stands
-        if mallopt(_M_MMAP_THRESHOLD, _THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _THRESHOLD):
-            self._libc = libc
-            self._trim = trim
+        # glibc before 2.35 refuses an mmap threshold above 32 MiB: take the most it allows.
+        for threshold in (_THRESHOLD, _OLD_GLIBC_MAX):
+            if mallopt(_M_MMAP_THRESHOLD, threshold):
+                if mallopt(_M_TRIM_THRESHOLD, _THRESHOLD):
+                    self._libc = libc
+                    self._trim = trim
+                return
 
     @property
     def tuned(self) -> bool:
