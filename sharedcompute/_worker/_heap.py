@@ -37,7 +37,7 @@ class Heap:
             mallopt, trim = libc.mallopt, libc.malloc_trim
         except (OSError, AttributeError):
             return  # not glibc: its own policy stands
-        # glibc before 2.35 refuses an mmap threshold above 32 MiB: take the most it allows.
+        # Older glibc refuses an mmap threshold above 32 MiB (HEAP_MAX_SIZE / 2): take that.
         for threshold in (_THRESHOLD, _OLD_GLIBC_MAX):
             if mallopt(_M_MMAP_THRESHOLD, threshold):
                 if mallopt(_M_TRIM_THRESHOLD, _THRESHOLD):
