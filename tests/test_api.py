@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 import os
 import re
@@ -632,6 +633,31 @@ def test_nested_tasks_waited_on_from_threads_of_a_task() -> None:
     # One worker, busy with the outer task: its waiting threads run the nested tasks.
     with sc.Runtime(num_workers=1):
         assert sc.submit(wait_from_threads, 6).result(timeout=TIMEOUT) == [0, 1, 4, 9, 16, 25]
+
+
+def function_cache_size() -> int:
+    from sharedcompute._runtime import _context
+
+    runtime = _context.current()
+    return len(runtime._functions) + len(runtime._received_functions)  # type: ignore[union-attr]
+
+
+def test_distinct_functions_do_not_pile_up(rt: sc.Runtime) -> None:
+    # A fresh functools.partial per task is a new function each time: the driver keeps a
+    # function's bytes only while a task needs them, each worker at most WORKER_FUNCTIONS.
+    from sharedcompute._runtime._pool import WORKER_FUNCTIONS
+
+    count = 3 * WORKER_FUNCTIONS
+    futures = [sc.submit(functools.partial(add, i), 1) for i in range(count)]
+    assert sc.gather(futures, timeout=TIMEOUT) == [i + 1 for i in range(count)]
+    del futures
+    gc.collect()
+    wait_until(lambda: not rt._fn_bytes, timeout=TIMEOUT)
+    sizes = sc.gather([sc.submit(function_cache_size) for _ in range(8)], timeout=TIMEOUT)
+    assert max(sizes) <= WORKER_FUNCTIONS
+    # Functions a worker forgot are sent again when needed.
+    assert sc.gather([sc.submit(functools.partial(add, i), 1) for i in range(50)],
+                     timeout=TIMEOUT) == [i + 1 for i in range(50)]
 
 
 # -- remote functions -----------------------------------------------------------------------

@@ -9,11 +9,12 @@ Driver -> worker
     SHUTDOWN  ()
     CREATE    (actor_id, cls_key, cls_bytes, args_ref, dep_refs, max_concurrency, description)
     CALL      (key, method, args_ref, dep_refs, name)
+    FORGET    (fn_keys,)                   drop these functions (the driver's bound per worker)
 Worker -> driver
     READY     (pid,)
     DONE      (key, ref)
     FAILED    (key, error_bytes)           pickled (exception, traceback text)
-    SUBMIT    (key, fn_key, fn_bytes, args_ref, dep_keys, options, parent_key)
+    SUBMIT    (key, fn_key, fn_bytes, args_ref, dep_keys, options, parent_key)  (always with bytes)
     RETURN    (key,)                       a blocked worker hands back a task it never started
     PUT       (key, ref)
     WAIT      (keys,)                      send me RESOLVED for these keys
@@ -37,6 +38,7 @@ class Msg(enum.IntEnum):
     SHUTDOWN = 3
     CREATE = 4
     CALL = 5
+    FORGET = 6
     READY = 10
     DONE = 11
     FAILED = 12

@@ -51,6 +51,7 @@ class ActorRecord:
     description: str
     options: ActorOptions
     cls_key: bytes
+    cls_bytes: bytes
     args_ref: ObjectRef
     dep_keys: tuple[int, ...]
     methods: dict[str, bool]
@@ -106,6 +107,7 @@ class ActorManager:
             description=f"{label} (id {actor_id})",
             options=options,
             cls_key=cls_key,
+            cls_bytes=cls_bytes,
             args_ref=args_ref,
             dep_keys=tuple(deps),
             dep_futures=tuple(deps.values()),
@@ -121,7 +123,6 @@ class ActorManager:
                         "or get it with sharedcompute.get_actor()"
                     )
                 self._actor_names[options.name] = actor_id
-            self.rt._fn_bytes[cls_key] = cls_bytes
             self._actor_records[actor_id] = record
             record.holds = 1
             events: list[Event] = self.rt._register_dependencies(deps) if deps else []
@@ -181,19 +182,20 @@ class ActorManager:
             record.methods.values()
         )
         cls_bytes = None
-        if record.cls_key not in worker.known_functions:
-            cls_bytes = self.rt._fn_bytes[record.cls_key]
-            worker.known_functions.add(record.cls_key)
+        known, forget = worker.functions.use(record.cls_key)
+        if not known:
+            cls_bytes = record.cls_bytes
         deps = []
         for key in record.dep_keys:
             outcome = self.rt.core.outcome(key)
             assert outcome is not None
             deps.append((key, ref_to_wire(outcome[1])))
+        create = (
+            Msg.CREATE, record.id, record.cls_key, cls_bytes, ref_to_wire(record.args_ref),
+            tuple(deps), record.options.max_concurrency, record.description,
+        )
         try:
-            worker.conn.send((
-                Msg.CREATE, record.id, record.cls_key, cls_bytes, ref_to_wire(record.args_ref),
-                tuple(deps), record.options.max_concurrency, record.description,
-            ))
+            worker.conn.send_many([(Msg.FORGET, tuple(forget)), create] if forget else [create])
         except EOFError:
             return  # it died; its exit restarts or ends the actor
         self.rt._handle(ActorStarted(record.id, worker.id, record.description))

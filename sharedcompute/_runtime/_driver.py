@@ -18,7 +18,7 @@ import os
 import pickle
 import threading
 import weakref
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -73,6 +73,7 @@ from sharedcompute.errors import (
 
 SCHEDULERS = ("sync", "threads", "processes")
 _SHORT_TASK_SECONDS = 0.001
+_SHORT_FUNCTIONS_KEPT = 4096
 
 
 def unpack_error(data: bytes) -> BaseException:
@@ -127,10 +128,14 @@ class Runtime(RuntimeBase):
         self.core = SchedulerCore(self._resources)
         self._futures: dict[int, Future[Any]] = {}
         self._args_refs: dict[int, ObjectRef] = {}
+        # Pickled functions of pending tasks (to send to a worker that lacks one), and how
+        # many pending tasks use each: dropped with the last, so they never pile up.
         self._fn_bytes: dict[bytes, bytes] = {}
+        self._fn_users: Counter[bytes] = Counter()
+        self._task_fn: dict[int, bytes] = {}
         # Functions whose last run took under _SHORT_TASK_SECONDS (they may be queued
         # behind one another on a worker), and the function of each running task.
-        self._short_functions: set[bytes] = set()
+        self._short_functions: dict[bytes, None] = {}  # insertion-ordered, bounded
         self._task_functions: dict[int, bytes] = {}
         self._waiters: defaultdict[int, set[int]] = defaultdict(set)
         self._registered_local: set[int] = set()
@@ -280,10 +285,10 @@ class Runtime(RuntimeBase):
                 Msg.CALL, instruction.key, spec.method, ref_to_wire(spec.args_ref), deps, spec.name,
             ))
             return
-        fn_bytes = None
-        if spec.fn_key not in worker.known_functions:
-            fn_bytes = self._fn_bytes[spec.fn_key]
-            worker.known_functions.add(spec.fn_key)
+        known, forget = worker.functions.use(spec.fn_key)
+        if forget:
+            outbox[instruction.worker].append((Msg.FORGET, tuple(forget)))
+        fn_bytes = None if known else self._fn_bytes[spec.fn_key]
         outbox[instruction.worker].append((
             Msg.RUN, instruction.key, spec.fn_key, fn_bytes, ref_to_wire(spec.args_ref), deps,
             spec.name, spec.parent,
@@ -294,6 +299,7 @@ class Runtime(RuntimeBase):
     ) -> None:
         key = instruction.key
         self._task_functions.pop(key, None)
+        self._release_function(key)
         args_ref = self._args_refs.pop(key, None)
         if args_ref is not None:
             self.store.delete(args_ref)
@@ -369,7 +375,7 @@ class Runtime(RuntimeBase):
             if self._closed:
                 self.store.delete(args_ref)
                 raise RuntimeError("this runtime has been shut down")
-            self._fn_bytes[fn_key] = fn_bytes
+            self._hold_function(key, fn_key, fn_bytes)
             self._futures[key] = future
             self._task_functions[key] = fn_key
             if type(args_ref) is StoredObject:
@@ -567,13 +573,28 @@ class Runtime(RuntimeBase):
                 self._handle(events)
         self._settle_futures()
 
+    def _hold_function(self, key: int, fn_key: bytes, fn_bytes: bytes) -> None:
+        self._fn_bytes[fn_key] = fn_bytes
+        self._fn_users[fn_key] += 1
+        self._task_fn[key] = fn_key
+
+    def _release_function(self, key: int) -> None:
+        fn_key = self._task_fn.pop(key, None)
+        if fn_key is not None:
+            self._fn_users[fn_key] -= 1
+            if self._fn_users[fn_key] <= 0:
+                del self._fn_users[fn_key]
+                del self._fn_bytes[fn_key]
+
     def _learn_duration(self, key: int, duration: float) -> None:
         fn_key = self._task_functions.pop(key, None)
         if fn_key is not None:
             if duration < _SHORT_TASK_SECONDS:
-                self._short_functions.add(fn_key)
+                self._short_functions[fn_key] = None
+                if len(self._short_functions) > _SHORT_FUNCTIONS_KEPT:
+                    del self._short_functions[next(iter(self._short_functions))]
             else:
-                self._short_functions.discard(fn_key)
+                self._short_functions.pop(fn_key, None)
 
     def _on_request(
         self, worker: WorkerHandle, message: tuple[Any, ...], events: list[Event]
@@ -605,9 +626,7 @@ class Runtime(RuntimeBase):
             _, key, fn_key, fn_bytes, args_wire, dep_keys, options_wire, parent = message
             args_ref = ref_from_wire(args_wire)
             options = options_from_wire(options_wire)
-            if fn_bytes is not None:
-                self._fn_bytes[fn_key] = fn_bytes
-                worker.known_functions.add(fn_key)
+            self._hold_function(key, fn_key, fn_bytes)
             self.store.adopt(args_ref)
             if isinstance(args_ref, StoredObject):
                 self._args_refs[key] = args_ref

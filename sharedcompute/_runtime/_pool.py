@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -47,13 +48,48 @@ _LEAD_GRACE_SECONDS = 0.002
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# Functions a worker keeps unpickled; the driver decides which (see FunctionSet).
+WORKER_FUNCTIONS = 1024
+
+
+class FunctionSet:
+    """The functions a worker holds, least recently used first, as the driver tracks them.
+
+    The driver sends a function's bytes only to a worker that lacks it; past
+    ``capacity`` it tells the worker to forget the least recently used ones, so a
+    driver submitting ever new functions (a fresh ``functools.partial`` per task)
+    does not grow its workers without bound.
+    """
+
+    def __init__(self, capacity: int = WORKER_FUNCTIONS) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[bytes, None] = OrderedDict()
+
+    def use(self, key: bytes) -> tuple[bool, list[bytes]]:
+        """(whether the worker has ``key`` already, the keys it must forget now)."""
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return True, []
+        self._keys[key] = None
+        evicted = []
+        while len(self._keys) > self.capacity:
+            evicted.append(self._keys.popitem(last=False)[0])
+        return False, evicted
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 @dataclass(eq=False)
 class WorkerHandle:
     id: int
     proc: subprocess.Popen[bytes]
     conn: Connection
     watch_fd: int
-    known_functions: set[bytes] = field(default_factory=set)
+    functions: FunctionSet = field(default_factory=lambda: FunctionSet())
     held_keys: set[int] = field(default_factory=set)
     ready: bool = False
     exited: bool = False

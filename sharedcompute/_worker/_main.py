@@ -103,6 +103,7 @@ class WorkerRuntime(RuntimeBase):
         self._waited: set[int] = set()
         self._queue: deque[tuple[Any, ...]] = deque()
         self._functions: dict[bytes, Callable[..., Any]] = {}
+        self._received_functions: dict[bytes, bytes] = {}  # sent, not unpickled yet
         self._stack: list[int] = []
         self._reader = threading.Lock()
         self._progress = threading.Condition()
@@ -206,6 +207,9 @@ class WorkerRuntime(RuntimeBase):
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == Msg.RUN:
+            if message[3] is not None:
+                # Ours from now on, as the driver counts it, even if the task is handed back.
+                self._received_functions[message[2]] = message[3]
             with self._queue_lock:
                 self._queue.append(message)
         elif kind == Msg.CALL:
@@ -225,6 +229,10 @@ class WorkerRuntime(RuntimeBase):
                     future.set_exception(payload)
             with self._progress:
                 self._progress.notify_all()
+        elif kind == Msg.FORGET:
+            for fn_key in message[1]:
+                self._functions.pop(fn_key, None)
+                self._received_functions.pop(fn_key, None)
         elif kind == Msg.SHUTDOWN:
             self.shutting_down = True
 
@@ -302,6 +310,8 @@ class WorkerRuntime(RuntimeBase):
     def _function(self, fn_key: bytes, fn_bytes: bytes | None) -> Callable[..., Any]:
         fn = self._functions.get(fn_key)
         if fn is None:
+            received = self._received_functions.pop(fn_key, None)
+            fn_bytes = fn_bytes or received
             if fn_bytes is None:
                 raise SharedComputeError("the driver sent a task for a function this worker lacks")
             try:
@@ -324,12 +334,10 @@ class WorkerRuntime(RuntimeBase):
         key = self._next_key()
         future: Future[Any] = Future(self, key, options.name or getattr(fn, "__name__", ""))
         self._futures[key] = future
-        sent = fn_key in self._functions
-        self._functions.setdefault(fn_key, fn)
         # From any thread of the task: its children are what it may wait for.
         parent = self._stack[-1] if self._stack else None
         self._send((
-            Msg.SUBMIT, key, fn_key, None if sent else fn_bytes, ref_to_wire(args_ref),
+            Msg.SUBMIT, key, fn_key, fn_bytes, ref_to_wire(args_ref),
             tuple(deps), options_to_wire(options), parent,
         ))
         return future
