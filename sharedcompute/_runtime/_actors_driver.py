@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sharedcompute._protocol import Msg
 from sharedcompute._runtime._actor import ActorHandle, ActorOptions, public_methods
-from sharedcompute._runtime._future import Future
+from sharedcompute._runtime._future import Future, when_all_done
 from sharedcompute._scheduler import (
     UNIT,
     ActorFailed,
@@ -129,19 +129,7 @@ class ActorManager:
             if events:
                 self.rt._handle(events)
         # Futures among the constructor's arguments must be done before it can run.
-        pending = [dep for dep in deps.values() if not dep.done()]
-        if pending:
-            remaining = [len(pending)]
-
-            def dep_done(_: Any) -> None:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    self._launch_actor(record)
-
-            for dep in pending:
-                dep.add_done_callback(dep_done)
-        else:
-            self._launch_actor(record)
+        when_all_done(list(deps.values()), lambda: self._launch_actor(record))
         self.rt._settle_futures()
         return handle
 

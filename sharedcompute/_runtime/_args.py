@@ -31,22 +31,27 @@ class DepMarker:
 
 
 def extract_dependencies(
-    value: Any, is_future: Callable[[Any], bool], found: dict[int, Any]
+    value: Any, as_dependency: Callable[[Any], Any], found: dict[int, Any]
 ) -> Any:
-    """Return ``value`` with Futures replaced by markers; collect them in ``found``."""
-    if is_future(value):
-        found[value.key] = value
-        return DepMarker(value.key)
+    """Return ``value`` with dependencies replaced by markers; collect them in ``found``.
+
+    ``as_dependency(v)`` is the Future that ``v`` stands for (``v`` itself, for a
+    Future), or None.
+    """
+    future = as_dependency(value)
+    if future is not None:
+        found[future.key] = future
+        return DepMarker(future.key)
     cls = type(value)
     if cls is list or cls is tuple:
-        items = [extract_dependencies(v, is_future, found) for v in value]
+        items = [extract_dependencies(v, as_dependency, found) for v in value]
         if not found:
             return value
         return items if cls is list else tuple(items)
     if cls is dict:
         if not value:
             return value
-        replaced = {k: extract_dependencies(v, is_future, found) for k, v in value.items()}
+        replaced = {k: extract_dependencies(v, as_dependency, found) for k, v in value.items()}
         return replaced if found else value
     return value
 

@@ -105,8 +105,12 @@ class RuntimeBase:
                 if len(data) < INLINE_THRESHOLD:
                     return InlineObject(PICKLE_HEADER, data), markers
         found: dict[int, Future[Any]] = {}
-        packed = extract_dependencies((args, kwargs), _is_future, found)
+        packed = extract_dependencies((args, kwargs), self.as_dependency, found)
         return self.store_value(packed), found
+
+    def as_dependency(self, value: Any) -> Future[Any] | None:
+        """The Future an argument stands for, if any (the driver adds stored views)."""
+        return future_or_none(value)
 
     def store_value(self, value: Any) -> ObjectRef:
         return self.store.put_serialized(serialize(value))
@@ -155,5 +159,5 @@ def _marker(arg: Any, found: dict[int, Future[Any]]) -> Any:
     return arg
 
 
-def _is_future(value: Any) -> bool:
-    return isinstance(value, Future)
+def future_or_none(value: Any) -> Future[Any] | None:
+    return value if isinstance(value, Future) else None

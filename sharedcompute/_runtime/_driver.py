@@ -16,7 +16,6 @@ import concurrent.futures
 import contextlib
 import os
 import pickle
-import threading
 import weakref
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -34,7 +33,7 @@ from sharedcompute._runtime._base import (
     TaskSpec,
     options_from_wire,
 )
-from sharedcompute._runtime._future import Future, ValueRef
+from sharedcompute._runtime._future import Future, ValueRef, when_all_done
 from sharedcompute._runtime._local import ThreadPool, run_inline
 from sharedcompute._runtime._pool import ProcessPool, WorkerHandle
 from sharedcompute._scheduler import (
@@ -132,11 +131,10 @@ class Runtime(RuntimeBase):
         # many pending tasks use each: dropped with the last, so they never pile up.
         self._fn_bytes: dict[bytes, bytes] = {}
         self._fn_users: Counter[bytes] = Counter()
-        self._task_fn: dict[int, bytes] = {}
+        self._task_fn: dict[int, bytes] = {}  # the function of each pending task
         # Functions whose last run took under _SHORT_TASK_SECONDS (they may be queued
-        # behind one another on a worker), and the function of each running task.
-        self._short_functions: dict[bytes, None] = {}  # insertion-ordered, bounded
-        self._task_functions: dict[int, bytes] = {}
+        # behind one another on a worker); insertion-ordered, bounded.
+        self._short_functions: dict[bytes, None] = {}
         self._waiters: defaultdict[int, set[int]] = defaultdict(set)
         self._registered_local: set[int] = set()
         self._settle: deque[tuple[Future[Any], Instruction]] = deque()
@@ -298,7 +296,6 @@ class Runtime(RuntimeBase):
         self, instruction: Resolve | Reject, outbox: dict[int, list[tuple[Any, ...]]]
     ) -> None:
         key = instruction.key
-        self._task_functions.pop(key, None)
         self._release_function(key)
         args_ref = self._args_refs.pop(key, None)
         if args_ref is not None:
@@ -377,7 +374,6 @@ class Runtime(RuntimeBase):
                 raise RuntimeError("this runtime has been shut down")
             self._hold_function(key, fn_key, fn_bytes)
             self._futures[key] = future
-            self._task_functions[key] = fn_key
             if type(args_ref) is StoredObject:
                 self._args_refs[key] = args_ref
             if deps:
@@ -429,30 +425,18 @@ class Runtime(RuntimeBase):
         scheduler: str, name: str,
     ) -> Future[Any]:
         from sharedcompute._runtime._args import extract_dependencies
+        from sharedcompute._runtime._base import future_or_none
 
         deps: dict[int, Future[Any]] = {}
-        packed = extract_dependencies((args, kwargs), lambda v: isinstance(v, Future), deps)
+        packed = extract_dependencies((args, kwargs), future_or_none, deps)
         future: Future[Any] = Future(self, self._next_key(), name)
         if scheduler == "sync":
             run_inline(future, fn, packed, deps)
             return future
         pool = self._thread_pool()
-        job = lambda: run_inline(future, fn, packed, deps)  # noqa: E731
-        if not deps:
-            pool.submit(job)
-            return future
-        remaining = [len(deps)]
-        counter_lock = threading.Lock()
-
-        def dep_done(_: Any) -> None:
-            with counter_lock:
-                remaining[0] -= 1
-                last = remaining[0] == 0
-            if last:
-                pool.submit(job)
-
-        for dep in deps.values():
-            dep.add_done_callback(dep_done)
+        when_all_done(list(deps.values()), lambda: pool.submit(
+            lambda: run_inline(future, fn, packed, deps)
+        ))
         return future
 
     def wait_for(
@@ -489,11 +473,16 @@ class Runtime(RuntimeBase):
 
     def put(self, value: Any) -> Future[Any]:
         existing = self._stored_view(value)
-        if existing is None:
-            ref = self.store_value(value)
-        else:
-            self.store.retain(existing)  # the new Future's own reference to the same object
-            ref = existing
+        if existing is not None:
+            return self._put_again(existing)
+        return self._publish(self.store_value(value))
+
+    def _put_again(self, ref: StoredObject) -> Future[Any]:
+        """A new Future for an object already stored: its own reference, no copy."""
+        self.store.retain(ref)
+        return self._publish(ref)
+
+    def _publish(self, ref: ObjectRef) -> Future[Any]:
         key = self._next_key()
         future: Future[Any] = Future(self, key, "put")
         future.set_result(ValueRef(ref))
@@ -516,17 +505,12 @@ class Runtime(RuntimeBase):
         entry = self._views.get(id(value))
         return entry[1] if entry is not None and entry[0]() is value else None
 
-    def prepare_args(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[ObjectRef, dict[int, Future[Any]]]:
-        if self._views:
-            args = tuple(self._by_reference(arg) for arg in args)
-            kwargs = {name: self._by_reference(arg) for name, arg in kwargs.items()}
-        return super().prepare_args(args, kwargs)
-
-    def _by_reference(self, arg: Any) -> Any:
-        """A stored view becomes a Future of its object: no copy, a reference for the task."""
-        return self.put(arg) if self._stored_view(arg) is not None else arg
+    def as_dependency(self, value: Any) -> Future[Any] | None:
+        """A Future, or a stored view as a Future of its object (passed on without a copy)."""
+        if isinstance(value, Future):
+            return value
+        ref = self._stored_view(value) if self._views else None
+        return None if ref is None else self._put_again(ref)
 
     def cancel(self, future: Future[Any]) -> bool:
         with self._lock:
@@ -555,7 +539,6 @@ class Runtime(RuntimeBase):
                     answered += 1
                 elif kind == Msg.FAILED:
                     answered += 1
-                    self._task_functions.pop(message[1], None)
                     events.append(TaskFailed(message[1], worker.id, unpack_error(message[2])))
                 elif kind == Msg.WAIT:
                     if events:
@@ -587,7 +570,7 @@ class Runtime(RuntimeBase):
                 del self._fn_bytes[fn_key]
 
     def _learn_duration(self, key: int, duration: float) -> None:
-        fn_key = self._task_functions.pop(key, None)
+        fn_key = self._task_fn.get(key)
         if fn_key is not None:
             if duration < _SHORT_TASK_SECONDS:
                 self._short_functions[fn_key] = None
@@ -631,7 +614,6 @@ class Runtime(RuntimeBase):
             if isinstance(args_ref, StoredObject):
                 self._args_refs[key] = args_ref
             worker.held_keys.add(key)
-            self._task_functions[key] = fn_key
             events.append(TaskSubmitted(
                 key, dep_keys, Resources(options.num_cpus, options.resources),
                 options.max_retries, options.retry_exceptions,

@@ -15,7 +15,8 @@ runtime to pump messages (and run other tasks) until the Future is done.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Generator
+import threading
+from collections.abc import Callable, Collection, Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
@@ -110,3 +111,26 @@ class Future(concurrent.futures.Future, Generic[T]):
                 runtime.release_key(self.key)
             except Exception:
                 pass
+
+
+def when_all_done(futures: Collection[Future[Any]], callback: Callable[[], None]) -> None:
+    """Call ``callback()`` once every one of ``futures`` is done (at once if they all are).
+
+    It runs in the thread that settles the last one; the count is locked, since
+    Futures may be settled by different threads at the same time.
+    """
+    if not futures:
+        callback()
+        return
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Any) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            callback()
+
+    for future in futures:
+        future.add_done_callback(one_done)

@@ -76,12 +76,6 @@ class FunctionSet:
             evicted.append(self._keys.popitem(last=False)[0])
         return False, evicted
 
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._keys
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
 
 @dataclass(eq=False)
 class WorkerHandle:
@@ -89,7 +83,7 @@ class WorkerHandle:
     proc: subprocess.Popen[bytes]
     conn: Connection
     watch_fd: int
-    functions: FunctionSet = field(default_factory=lambda: FunctionSet())
+    functions: FunctionSet = field(default_factory=FunctionSet)
     held_keys: set[int] = field(default_factory=set)
     ready: bool = False
     exited: bool = False

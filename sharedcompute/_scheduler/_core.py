@@ -718,20 +718,21 @@ class SchedulerCore:
             if task.state is not TaskState.READY:
                 return
             actor.queue.popleft()
-            task.state = TaskState.RUNNING
-            task.worker = actor.worker
             actor.assigned.append(task.key)
-            refs = tuple((k, self._tasks[k].ref) for k in dict.fromkeys(task.dependencies))
-            self._out.append(Dispatch(actor.worker, task.key, task.payload, refs))
+            self._send(task, actor.worker)
 
     def _assign(self, task: _Task, worker: _Worker) -> None:
-        task.state = TaskState.RUNNING
-        task.worker = worker.id
         worker.assigned.append(task.key)
         worker.count(task, +1)
+        self._send(task, worker.id)
         self._rebalance(worker)
+
+    def _send(self, task: _Task, worker: WorkerId) -> None:
+        """RUNNING on ``worker``, with its dependencies' refs (None: not finished yet)."""
+        task.state = TaskState.RUNNING
+        task.worker = worker
         refs = tuple((k, self._tasks[k].ref) for k in dict.fromkeys(task.dependencies))
-        self._out.append(Dispatch(worker.id, task.key, task.payload, refs))
+        self._out.append(Dispatch(worker, task.key, task.payload, refs))
 
 
 SchedulerCore._handlers = {

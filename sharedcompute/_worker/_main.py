@@ -233,6 +233,7 @@ class WorkerRuntime(RuntimeBase):
             for fn_key in message[1]:
                 self._functions.pop(fn_key, None)
                 self._received_functions.pop(fn_key, None)
+                self._short.discard(fn_key)
         elif kind == Msg.SHUTDOWN:
             self.shutting_down = True
 
@@ -475,7 +476,6 @@ class WorkerRuntime(RuntimeBase):
             self._send((Msg.BLOCKED, key))
         elif not count:
             self._send((Msg.UNBLOCKED, key))
-
 
     def _take_child(self, parent: int | None) -> tuple[Any, ...] | None:
         """The next queued task submitted by ``parent``; other queued tasks go back.
