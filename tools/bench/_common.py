@@ -1,5 +1,6 @@
 """Helpers every benchmark shares: timing, medians, memory of a process tree, Markdown tables,
-running a function in a fresh interpreter, what a system's turn left behind, and a Dask cluster.
+running a function in a fresh interpreter, a measuring child's environment, workload loop and
+results file, what a system's turn left behind, and a Dask cluster.
 
 Benchmarks run as scripts (``python tools/bench/NAME.py``), where neither the repository root
 nor this folder's parent is importable; :func:`ensure_repo_on_path` fixes that before a
@@ -9,6 +10,7 @@ benchmark imports ``sharedcompute``. Nothing here imports ``sharedcompute`` itse
 from __future__ import annotations
 
 import gc
+import json
 import os
 import pickle
 import select
@@ -16,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -544,6 +547,57 @@ def system_run(name: str) -> Iterator[SystemRun]:
     yield run
     run.shm_entries_left = sorted(shm_entries() - shm_before)
     run.figures["load_average_1min"] = [load_before, os.getloadavg()[0]]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a measuring child: the repository importable, for the systems'
+    workers too, and Ray's usage statistics off."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+def write_results(out_path: str, results: dict[str, Any]) -> None:
+    """Replace ``out_path`` with ``results`` as JSON in one step, so that a child killed
+    mid-write leaves the previous version whole."""
+    temporary = out_path + ".tmp"
+    with open(temporary, "w") as out:
+        json.dump(results, out)
+    os.replace(temporary, out_path)
+
+
+def run_workloads(
+    system: Any,
+    plan: Any,
+    workloads: Sequence[tuple[str, Callable[[Any, Any], dict[str, Any]]]],
+    results: dict[str, Any],
+    out_path: str,
+    *,
+    warm_up: Callable[[], object] | None = None,
+) -> None:
+    """In a measuring child: ``warm_up``, each workload on ``system`` in turn, then close it.
+
+    A workload's exception goes to ``results["errors"][name]`` and the next one runs. The
+    results file is rewritten after every workload and after the close (``shutdown_s``), so a
+    child killed on a timeout still reports what it finished.
+    """
+    try:
+        if warm_up is not None:
+            warm_up()
+        for name, workload in workloads:
+            log(f"[{system.name}] {name}")
+            try:
+                results.update(workload(system, plan))
+            except Exception:
+                results["errors"][name] = traceback.format_exc(limit=8)
+            gc.collect()
+            write_results(out_path, results)
+    finally:
+        closing = time.perf_counter()
+        system.close()
+        results["shutdown_s"] = time.perf_counter() - closing
+        write_results(out_path, results)
 
 
 @dataclass(frozen=True)

@@ -288,17 +288,6 @@ def child_main(kind: str, system_name: str, plan_json: str, out_path: str) -> in
     return 0
 
 
-def _write(out_path: str, results: dict[str, Any]) -> None:
-    temporary = out_path + ".tmp"
-    with open(temporary, "w") as out:
-        json.dump(results, out)
-    os.replace(temporary, out_path)
-
-
-def _error_text() -> str:
-    return "".join(traceback.format_exc(limit=8))
-
-
 # -- startup, import, idle -------------------------------------------------------------
 
 
@@ -319,22 +308,23 @@ def measure_startup(system: System, plan: Plan, out_path: str) -> None:
         raise AssertionError("noop returned a value")
     ready = time.perf_counter()
     del module
+    write = _common().write_results
     results.update(
         cold_import_s=imported - start,
         cold_first_use_s=first_use - start,
         startup_s=ready - first_use,
         import_to_first_result_s=ready - start,
     )
-    _write(out_path, results)
+    write(out_path, results)
     try:
         results.update(_idle(plan))
     except Exception:
-        results.setdefault("errors", {})["idle"] = _error_text()
-    _write(out_path, results)
+        results.setdefault("errors", {})["idle"] = traceback.format_exc(limit=8)
+    write(out_path, results)
     closing = time.perf_counter()
     system.close()
     results["startup_shutdown_s"] = time.perf_counter() - closing
-    _write(out_path, results)
+    write(out_path, results)
 
 
 def _idle(plan: Plan) -> dict[str, Any]:
@@ -397,20 +387,7 @@ def measure_workloads(system: System, plan: Plan, out_path: str) -> None:
         ("arrow", _arrow),
         ("memory", _memory),
     ]
-    try:
-        for name, workload in workloads:
-            print(f"[{system.name}] {name}", file=sys.stderr, flush=True)
-            try:
-                results.update(workload(system, plan))
-            except Exception:
-                results["errors"][name] = _error_text()
-            gc.collect()
-            _write(out_path, results)
-    finally:
-        closing = time.perf_counter()
-        system.close()
-        results["shutdown_s"] = time.perf_counter() - closing
-        _write(out_path, results)
+    _common().run_workloads(system, plan, workloads, results, out_path)
 
 
 def _latency(system: System, plan: Plan) -> dict[str, Any]:

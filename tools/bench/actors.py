@@ -58,9 +58,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -338,29 +337,8 @@ def child_main(system_name: str, plan_json: str, out_path: str) -> int:
         ("calls", _calls),
         ("big_arg", _big_arg),
     ]
-    try:
-        system.warm_up()
-        for name, workload in workloads:
-            print(f"[{system.name}] {name}", file=sys.stderr, flush=True)
-            try:
-                results.update(workload(system, plan))
-            except Exception:
-                results["errors"][name] = traceback.format_exc(limit=8)
-            gc.collect()
-            _write(out_path, results)
-    finally:
-        closing = time.perf_counter()
-        system.close()
-        results["shutdown_s"] = time.perf_counter() - closing
-        _write(out_path, results)
+    _common().run_workloads(system, plan, workloads, results, out_path, warm_up=system.warm_up)
     return 0
-
-
-def _write(out_path: str, results: dict[str, Any]) -> None:
-    temporary = out_path + ".tmp"
-    with open(temporary, "w") as out:
-        json.dump(results, out)
-    os.replace(temporary, out_path)
 
 
 def _create(system: ActorSystem, plan: Plan) -> dict[str, Any]:
@@ -459,16 +437,6 @@ def _common() -> Any:
     return common
 
 
-def child_env() -> dict[str, str]:
-    """The environment of every child: the repository importable, for the systems' workers too."""
-    env = dict(os.environ)
-    env.pop("SHAREDCOMPUTE_WORKER", None)
-    root = str(_common().REPO_ROOT)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    return env
-
-
 def measure_system(name: str, plan: Plan) -> SystemRun:
     common = _common()
     with common.system_run(name) as run:
@@ -479,7 +447,7 @@ def measure_system(name: str, plan: Plan) -> SystemRun:
                 [sys.executable, "-c", CHILD_CODE, name, plan.to_json(), out_path],
                 stdin=subprocess.DEVNULL,
                 stdout=sys.stderr,  # stdout is the report's (--json)
-                env=child_env(),
+                env=common.child_env(),
                 cwd=common.REPO_ROOT,
             )
             try:
@@ -680,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown system(s) {unknown}; known: {list(SYSTEMS)}")
     plan = QUICK if args.quick else FULL
     if args.workers != plan.workers:
-        plan = Plan(**{**asdict(plan), "workers": args.workers})
+        plan = replace(plan, workers=args.workers)
     common = _common()
     common.become_child_subreaper()
     runs: dict[str, SystemRun] = {}

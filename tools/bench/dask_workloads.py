@@ -64,7 +64,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 if __package__:
@@ -432,14 +432,14 @@ def run_child(
 ) -> dict[str, Any]:
     """Run one measuring child; return what it wrote, keyed by scheduler."""
     out_path = os.path.join(folder, f"{mode}-{workload}-{'-'.join(schedulers)}.json")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(_common.REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
     argv = [sys.executable, os.path.abspath(__file__), "--child", mode, workload]
     argv += [",".join(schedulers), json.dumps(asdict(plan)), out_path]
     child = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=sys.stderr, env=env, cwd=_common.REPO_ROOT
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=sys.stderr,
+        env=_common.child_env(),
+        cwd=_common.REPO_ROOT,
     )
     error = None
     try:
@@ -476,7 +476,7 @@ def run(plan: Plan, workloads: list[str], schedulers: list[str]) -> dict[str, An
     _common.become_child_subreaper()
     folder = tempfile.mkdtemp(prefix="sharedcompute-dask-bench-")
     try:
-        plan = Plan(**{**asdict(plan), "data_dir": os.path.join(folder, "json")})
+        plan = replace(plan, data_dir=os.path.join(folder, "json"))
         write_json_files(plan.data_dir, plan.bag_files, plan.bag_lines)
         results: dict[str, dict[str, dict[str, Any]]] = {w: {} for w in workloads}
         ordered = [REFERENCE] + [s for s in schedulers if s != REFERENCE]
@@ -737,9 +737,9 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(*args.child)
     plan = QUICK if args.quick else FULL
     if args.repeats:
-        plan = Plan(**{**asdict(plan), "repeats": args.repeats})
+        plan = replace(plan, repeats=args.repeats)
     if args.rounds:
-        plan = Plan(**{**asdict(plan), "rounds": args.rounds})
+        plan = replace(plan, rounds=args.rounds)
     workloads = parse_list(args.workloads, ALL_WORKLOADS, "workloads")
     schedulers = parse_list(args.schedulers, ALL_SCHEDULERS, "schedulers")
     report = run(plan, workloads, schedulers)

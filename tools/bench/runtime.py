@@ -133,15 +133,6 @@ IMPORT_REPEATS = {False: 5, True: 3}
 # -- running the children ----------------------------------------------------------------
 
 
-def child_env() -> dict[str, str]:
-    """The environment of every child: the repository importable, for the systems' workers too."""
-    env = dict(os.environ)
-    paths = [str(_common.REPO_ROOT), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    return env
-
-
 def run_child(kind: str, system: str, plan: _systems.Plan) -> tuple[dict[str, Any], str | None]:
     """Run one measuring child; return what it wrote and an error (None when it exited 0)."""
     with tempfile.TemporaryDirectory(prefix="sharedcompute-bench-") as folder:
@@ -150,7 +141,7 @@ def run_child(kind: str, system: str, plan: _systems.Plan) -> tuple[dict[str, An
             [sys.executable, "-c", CHILD_CODE, kind, system, plan.to_json(), out_path],
             stdin=subprocess.DEVNULL,
             stdout=sys.stderr,  # keep stdout for the report (--json)
-            env=child_env(),
+            env=_common.child_env(),
             cwd=_common.REPO_ROOT,
         )
         error = None
@@ -175,7 +166,7 @@ def run_child(kind: str, system: str, plan: _systems.Plan) -> tuple[dict[str, An
 def measure_import(system: str, repeats: int) -> dict[str, Any]:
     """`import X` timed inside fresh interpreters, and their wall time against an empty one."""
     cls = _systems.SYSTEMS[system]
-    env = child_env()
+    env = _common.child_env()
     inside: list[dict[str, Any]] = []
     walls: list[float] = []
     empties: list[float] = []
