@@ -45,6 +45,7 @@ from sharedcompute._worker._main import ENV_VAR
 
 # After a thread stops leading, the I/O thread waits this long before it reads again.
 _LEAD_GRACE_SECONDS = 0.002
+_LEAD_POLL_SECONDS = 100e-6  # how long a waiting thread polls before it sleeps
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -315,11 +316,15 @@ class ProcessPool:
                     self._last_lead = time.monotonic()
 
     def _read_until(self, done: Callable[[], bool], deadline: float | None) -> None:
+        # Poll without sleeping for a moment first: a short task's answer often comes
+        # sooner than this thread could go to sleep and be woken again.
+        poll_until = time.monotonic() + _LEAD_POLL_SECONDS
         while not done() and not self._stopping:
-            remaining = None if deadline is None else deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = None if deadline is None else deadline - now
             if remaining is not None and remaining <= 0:
                 return
-            self._poll(remaining)
+            self._poll(0 if now < poll_until else remaining)
 
     def _drain_wake(self) -> None:
         try:

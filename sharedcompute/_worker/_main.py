@@ -55,6 +55,7 @@ _REFILL_AT = 4
 # Results of this many recent tasks stay known here, for a task the driver queued right
 # behind its dependency (a chain) without waiting for the result to reach it.
 _RECENT_RESULTS = 64
+_POLL_SECONDS = 100e-6  # how long a worker looks for its next task before sleeping
 
 
 def pack_error(exc: BaseException, where: str) -> bytes:
@@ -133,6 +134,8 @@ class WorkerRuntime(RuntimeBase):
                 if message is not None:
                     self._next(message)
             elif self.heap.dirty:
+                if self._poll_briefly():
+                    continue
                 self._read(IDLE_TRIM_SECONDS)
                 if not self._queue:
                     self.heap.trim()
@@ -184,6 +187,29 @@ class WorkerRuntime(RuntimeBase):
             or len(self._queue) == _REFILL_AT or len(self._outbox) >= _MAX_BATCH
         ):
             self._flush()
+
+    def _poll_briefly(self) -> bool:
+        """Look for the next message for a moment before sleeping; whether any came.
+
+        Right after a task the next one often follows within tens of microseconds,
+        and waking a sleeping process costs about as much again (more on a VM).
+        """
+        self._flush()
+        deadline = time.perf_counter() + _POLL_SECONDS
+        with self._reader:
+            try:
+                while True:
+                    if self.conn.pending():
+                        messages = self.conn.recv_buffered()
+                    else:
+                        messages = self.conn.recv_available(block=False)
+                    if messages or time.perf_counter() > deadline:
+                        break
+            except ConnectionClosed:
+                os._exit(0)  # the driver is gone; nobody wants our results
+        for message in messages:
+            self._dispatch(message)
+        return bool(messages)
 
     def _read(self, timeout: float | None) -> None:
         self._flush()
