@@ -33,7 +33,7 @@ from sharedcompute._runtime._base import (
     TaskSpec,
     options_from_wire,
 )
-from sharedcompute._runtime._future import Future, ValueRef, when_all_done
+from sharedcompute._runtime._future import Future, ValueRef, is_done, when_all_done
 from sharedcompute._runtime._local import ThreadPool, run_inline
 from sharedcompute._runtime._pool import ProcessPool, WorkerHandle
 from sharedcompute._scheduler import (
@@ -168,7 +168,10 @@ class Runtime(RuntimeBase):
         with self._lock:
             if self._pool is not None:
                 return
-            self._pool = ProcessPool(store.address, self._on_messages, self._on_exit)
+            self._pool = ProcessPool(
+                store.address, self._on_messages, self._on_exit,
+                on_idle=self._release_lock.try_drain, idle_pending=self._releases_pending,
+            )
             for _ in range(self.num_workers):
                 self._pool.spawn(self._next_worker_id())
 
@@ -220,6 +223,15 @@ class Runtime(RuntimeBase):
         return self._closed
 
     # -- the lock and the core -----------------------------------------------------------
+
+    def release_key(self, key: int) -> None:
+        """Called from ``Future.__del__``: queue; the pool's next idle moment hands it on."""
+        self._released.append(key)
+        pool = self._pool
+        if pool is None:
+            self._release_lock.try_drain()
+        else:
+            pool.request_idle_work()
 
     def _releases_pending(self) -> bool:
         return bool(self._released) or self.actors.pending_holds()
@@ -448,14 +460,17 @@ class Runtime(RuntimeBase):
         if (
             pool is None
             or (threads is not None and threads.in_pool())
-            or not all(f.key in self._futures or f.done() for f in futures)
+            or not all(f.key in self._futures or is_done(f) for f in futures)
         ):
             # Futures settled by other threads (or a pool thread lending its slot):
             # the stdlib wait is right.
             super().wait_for(futures, timeout, return_when)
             return
-        if return_when == "FIRST_COMPLETED":
-            pool.lead(lambda: any(f.done() for f in futures), timeout)
+        if len(futures) == 1:
+            only = futures[0]
+            pool.lead(lambda: is_done(only), timeout)
+        elif return_when == "FIRST_COMPLETED":
+            pool.lead(lambda: any(is_done(f) for f in futures), timeout)
         elif return_when == "FIRST_EXCEPTION":
             pool.lead(
                 lambda: all(f.done() for f in futures)
@@ -463,7 +478,7 @@ class Runtime(RuntimeBase):
                 timeout,
             )
         else:
-            pool.lead(lambda: all(f.done() for f in futures), timeout)
+            pool.lead(lambda: all(is_done(f) for f in futures), timeout)
 
     def blocking(self) -> AbstractContextManager[None]:
         threads = self._threads

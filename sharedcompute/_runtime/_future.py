@@ -25,6 +25,15 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _UNSET: Any = object()
+_FINISHED = concurrent.futures._base.FINISHED
+_DONE_STATES = frozenset(
+    (_FINISHED, concurrent.futures._base.CANCELLED, concurrent.futures._base.CANCELLED_AND_NOTIFIED)
+)
+
+
+def is_done(future: concurrent.futures.Future[Any]) -> bool:
+    """``future.done()`` without taking its lock (a state, once done, never changes back)."""
+    return future._state in _DONE_STATES
 
 
 class ValueRef:
@@ -51,13 +60,21 @@ class Future(concurrent.futures.Future, Generic[T]):
         return f"<sharedcompute.Future key={self.key} {self.name or 'value'} {state}>"
 
     def result(self, timeout: float | None = None) -> T:
-        if not self.done():
-            self._runtime.wait_for([self], timeout, return_when="ALL_COMPLETED")
-            timeout = 0
-        return self._materialize(super().result(timeout))
+        if self._state is _FINISHED and self._exception is None:
+            # Settled with a value: no lock needed (_result is set before _state).
+            raw: Any = self._result
+        else:
+            if self._state not in _DONE_STATES:
+                self._runtime.wait_for([self], timeout, return_when="ALL_COMPLETED")
+                timeout = 0
+            raw = super().result(timeout)
+        if type(raw) is not ValueRef:
+            return raw
+        value = self._value
+        return self._materialize(raw) if value is _UNSET else value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        if not self.done():
+        if self._state not in _DONE_STATES:
             self._runtime.wait_for([self], timeout, return_when="ALL_COMPLETED")
             timeout = 0
         return super().exception(timeout)

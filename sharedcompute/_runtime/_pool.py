@@ -17,7 +17,15 @@ reading (``lead``). The I/O thread is asked to step aside (through the wake-up
 pipe, while the task runs), and the waiting thread then selects on the sockets
 itself, so the answer wakes the thread that wants it directly instead of
 waking the I/O thread, which would then wake it. Only one thread reads at a
-time (``_token``); the I/O thread resumes when no thread leads. Processes are started here with
+time (``_token``); the I/O thread resumes when no thread leads.
+
+Idle work: work that may wait a little (handing released Futures to the
+scheduler) is queued by the runtime and done by whichever thread reads next,
+when it has nothing else to do: a leading thread while its task runs, or the
+I/O thread (woken for it if it sleeps in ``select``). A submit/result loop then
+does that work while the worker runs, not between a result and the next submit.
+
+Processes are started here with
 ``subprocess`` (no fork of the driver's threads and locks); each gets its end of
 a socketpair, and the read end of a pipe whose write end only the driver holds,
 so workers exit as soon as the driver does.
@@ -46,6 +54,7 @@ from sharedcompute._worker._main import ENV_VAR
 # After a thread stops leading, the I/O thread waits this long before it reads again.
 _LEAD_GRACE_SECONDS = 0.002
 _LEAD_POLL_SECONDS = 100e-6  # how long a waiting thread polls before it sleeps
+_IDLE_RECHECK_SECONDS = 0.001
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -171,10 +180,14 @@ class ProcessPool:
         store_address: str,
         on_messages: Callable[[WorkerHandle, list[tuple[Any, ...]]], None],
         on_exit: Callable[[WorkerHandle, str], None],
+        on_idle: Callable[[], None] = lambda: None,
+        idle_pending: Callable[[], bool] = lambda: False,
     ) -> None:
         self._store_address = store_address
         self._on_messages = on_messages
         self._on_exit = on_exit
+        self._on_idle = on_idle  # must not block (see "Idle work")
+        self._idle_pending = idle_pending
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -236,10 +249,21 @@ class ProcessPool:
         except BlockingIOError:
             pass
 
+    def request_idle_work(self) -> None:
+        """Idle work was queued: wake the I/O thread if it sleeps in ``select``.
+
+        The caller queues first, then looks at the flag; the I/O thread sets the
+        flag, then looks at the queue: one of the two always sees the other.
+        """
+        if self._io_selecting and not self._stopping:
+            self._wake()
+
     # -- the I/O thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stopping:
+            if self._idle_pending():
+                self._on_idle()
             with self._handoff:
                 # While threads lead, and briefly after (in a submit/result loop the
                 # next one comes at once, and finding us parked saves it the hand-off),
@@ -256,7 +280,9 @@ class ProcessPool:
                         continue
                     self._io_selecting = True
                 try:
-                    self._poll(None)
+                    # Idle work queued meanwhile: look again soon (if another thread held
+                    # the runtime's lock just now, it does the work as it lets go).
+                    self._poll(_IDLE_RECHECK_SECONDS if self._idle_pending() else None)
                 except Exception:
                     # A bug in handling one message must not end the only thread that
                     # reads the workers: every caller would then wait forever.
@@ -324,6 +350,8 @@ class ProcessPool:
             remaining = None if deadline is None else deadline - now
             if remaining is not None and remaining <= 0:
                 return
+            if self._idle_pending():
+                self._on_idle()  # does nothing if another thread holds the runtime's lock
             self._poll(0 if now < poll_until else remaining)
 
     def _drain_wake(self) -> None:
