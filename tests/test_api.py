@@ -631,8 +631,11 @@ def wait_from_threads(count: int) -> list[int]:
 
 def test_nested_tasks_waited_on_from_threads_of_a_task() -> None:
     # One worker, busy with the outer task: its waiting threads run the nested tasks.
+    # Many short waits: the task blocks and unblocks often, as two threads interleave
+    # (an UNBLOCKED overtaking a BLOCKED once left a child never scheduled).
     with sc.Runtime(num_workers=1):
-        assert sc.submit(wait_from_threads, 6).result(timeout=TIMEOUT) == [0, 1, 4, 9, 16, 25]
+        result = sc.submit(wait_from_threads, 40).result(timeout=TIMEOUT)
+        assert result == [i * i for i in range(40)]
 
 
 def function_cache_size() -> int:

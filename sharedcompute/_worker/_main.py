@@ -121,6 +121,7 @@ class WorkerRuntime(RuntimeBase):
         # _take_child); threads of a task that wait on Futures count here, by task.
         self._queue_lock = threading.Lock()
         self._waiting_threads: dict[int, int] = {}
+        self._waiting_lock = threading.Lock()  # counts and sends BLOCKED/UNBLOCKED, in order
         self.heap = Heap()
 
     # -- the loop -------------------------------------------------------------------
@@ -491,17 +492,22 @@ class WorkerRuntime(RuntimeBase):
                 self._count_waiting(blocked_key, -1)  # type: ignore[arg-type]
 
     def _count_waiting(self, key: int, delta: int) -> None:
-        """Tell the driver when the first thread of task ``key`` waits and the last is done."""
-        with self._queue_lock:
+        """Tell the driver when the first thread of task ``key`` waits and the last is done.
+
+        The message goes out under the same lock as the count: otherwise a thread's
+        UNBLOCKED could overtake the next thread's BLOCKED, and the driver would take
+        the task for running while a thread of it waits for a child that then never runs.
+        """
+        with self._waiting_lock:
             count = self._waiting_threads.get(key, 0) + delta
             if count:
                 self._waiting_threads[key] = count
             else:
                 self._waiting_threads.pop(key, None)
-        if delta > 0 and count == 1:
-            self._send((Msg.BLOCKED, key))
-        elif not count:
-            self._send((Msg.UNBLOCKED, key))
+            if delta > 0 and count == 1:
+                self._send((Msg.BLOCKED, key))
+            elif not count:
+                self._send((Msg.UNBLOCKED, key))
 
     def _take_child(self, parent: int | None) -> tuple[Any, ...] | None:
         """The next queued task submitted by ``parent``; other queued tasks go back.
