@@ -89,6 +89,8 @@ class RuntimeBase:
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[ObjectRef, dict[int, Future[Any]]]:
         if not kwargs:
+            if not args:
+                return _NO_ARGUMENTS, _NO_DEPS
             # The common cases (a few numbers or strings, and Futures) skip the walk and
             # the codec: plain pickle suffices, DepMarker included.
             futures = 0
@@ -150,6 +152,7 @@ class RuntimeBase:
 
 _SCALARS = frozenset({type(None), bool, int, float, str, bytes})
 _NO_DEPS: dict[int, Any] = {}
+_NO_ARGUMENTS = InlineObject(PICKLE_HEADER, pickle.dumps(((), {}), 5))
 
 
 def _marker(arg: Any, found: dict[int, Future[Any]]) -> Any:

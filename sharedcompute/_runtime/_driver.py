@@ -24,6 +24,7 @@ from typing import Any
 
 import cloudpickle
 
+from sharedcompute import _config
 from sharedcompute._protocol import ConnectionClosed, Msg
 from sharedcompute._runtime._actor import ActorHandle, ActorOptions
 from sharedcompute._runtime._actors_driver import ActorCallSpec, ActorManager
@@ -357,8 +358,6 @@ class Runtime(RuntimeBase):
         return self._submit_local(fn, args, kwargs, scheduler, name)
 
     def _default_scheduler(self) -> str:
-        from sharedcompute import _config
-
         return _config.get("scheduler") or self.scheduler
 
     def _submit_process(

@@ -60,14 +60,14 @@ class Future(concurrent.futures.Future, Generic[T]):
         return f"<sharedcompute.Future key={self.key} {self.name or 'value'} {state}>"
 
     def result(self, timeout: float | None = None) -> T:
+        if self._state not in _DONE_STATES:
+            self._runtime.wait_for([self], timeout, return_when="ALL_COMPLETED")
+            timeout = 0
         if self._state is _FINISHED and self._exception is None:
             # Settled with a value: no lock needed (_result is set before _state).
             raw: Any = self._result
         else:
-            if self._state not in _DONE_STATES:
-                self._runtime.wait_for([self], timeout, return_when="ALL_COMPLETED")
-                timeout = 0
-            raw = super().result(timeout)
+            raw = super().result(timeout)  # raises, or times out
         if type(raw) is not ValueRef:
             return raw
         value = self._value
