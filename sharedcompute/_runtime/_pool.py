@@ -197,7 +197,10 @@ class ProcessPool:
         self.workers: dict[int, WorkerHandle] = {}
         self._stopping = False
         self._token = threading.Lock()
-        self._handoff = threading.Condition()
+        # A plain lock (its ``with`` costs less than a Condition's) guards the leader
+        # counts; the I/O thread waits on the Condition built on it.
+        self._handoff_lock = threading.Lock()
+        self._handoff = threading.Condition(self._handoff_lock)
         self._leaders_wanted = 0
         self._leader: int | None = None
         self._io_selecting = False
@@ -317,7 +320,7 @@ class ProcessPool:
         if self._leader == me:  # a callback of ours waits on another Future
             self._read_until(done, deadline)
             return
-        with self._handoff:
+        with self._handoff_lock:
             self._leaders_wanted += 1
             io_selecting = self._io_selecting
         try:
@@ -336,7 +339,7 @@ class ProcessPool:
                     self._leader = None
                     self._token.release()
         finally:
-            with self._handoff:
+            with self._handoff_lock:
                 self._leaders_wanted -= 1
                 if not self._leaders_wanted:
                     self._last_lead = time.monotonic()

@@ -238,6 +238,9 @@ class SchedulerCore:
         if infeasible:
             self._fail(task, ValueError(infeasible))
             return
+        if not event.dependencies:
+            self._make_ready(task)
+            return
         for dep_key in dict.fromkeys(event.dependencies):
             dep = self._tasks.get(dep_key)
             if dep is None:
@@ -731,7 +734,10 @@ class SchedulerCore:
         """RUNNING on ``worker``, with its dependencies' refs (None: not finished yet)."""
         task.state = TaskState.RUNNING
         task.worker = worker
-        refs = tuple((k, self._tasks[k].ref) for k in dict.fromkeys(task.dependencies))
+        refs = (
+            tuple((k, self._tasks[k].ref) for k in dict.fromkeys(task.dependencies))
+            if task.dependencies else ()
+        )
         self._out.append(Dispatch(worker, task.key, task.payload, refs))
 
 

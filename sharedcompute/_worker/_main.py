@@ -37,7 +37,7 @@ from sharedcompute._protocol import Connection, ConnectionClosed, Msg
 from sharedcompute._runtime._args import restore_dependencies
 from sharedcompute._runtime._base import RuntimeBase, TaskOptions, options_to_wire
 from sharedcompute._runtime._future import Future, ValueRef
-from sharedcompute._serialization import serialize
+from sharedcompute._serialization import deserialize, serialize
 from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
 from sharedcompute._worker._heap import IDLE_TRIM_SECONDS, Heap
 from sharedcompute.errors import SerializationError, SharedComputeError
@@ -306,7 +306,10 @@ class WorkerRuntime(RuntimeBase):
     def _arguments(
         self, args_wire: tuple[Any, ...], dep_refs: tuple[tuple[int, Any], ...]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        args, kwargs = self.load(ref_from_wire(args_wire))
+        if len(args_wire) == 2:  # inline (header, payload), as most arguments are
+            args, kwargs = deserialize(*args_wire)  # type: ignore[misc]
+        else:
+            args, kwargs = self.load(ref_from_wire(args_wire))
         if dep_refs:
             values = {dep_key: self.load(ref_from_wire(w)) for dep_key, w in dep_refs}
             args, kwargs = restore_dependencies((args, kwargs), values)
