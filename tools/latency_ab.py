@@ -70,7 +70,7 @@ def measure(tree: Path, chunks: int, per_chunk: int) -> list[tuple[float, float]
     loaded = Path(report["file"]).resolve()
     if tree.resolve() not in loaded.parents:
         raise SystemExit(f"{tree} did not provide sharedcompute (imported {loaded})")
-    return [tuple(pair) for pair in report["pairs"]]  # type: ignore[misc]
+    return [(float(ours), float(theirs)) for ours, theirs in report["pairs"]]
 
 
 def main() -> None:
