@@ -21,8 +21,9 @@ from typing import Any
 # mallopt(3) parameters.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# Blocks up to this size come from the heap and are reused (mallopt takes an int).
-_THRESHOLD = 1 << 30
+# Blocks below this size come from the heap and are reused: the largest int mallopt takes
+# (a threshold of exactly 1 GiB missed 1 GiB arrays, which are a few bytes larger).
+_THRESHOLD = (1 << 31) - 1
 _OLD_GLIBC_MAX = 32 << 20
 # A worker idle this long gives its free heap pages back.
 IDLE_TRIM_SECONDS = 0.25
