@@ -3,7 +3,7 @@
 A shared VM's speed drifts by tens of percent within minutes, so two latency
 runs made one after the other say little about a change. This script measures
 each tree against ``ProcessPoolExecutor`` *interleaved*: in one process, chunks
-of ``submit(noop).result()`` alternate between sharedcompute and the executor,
+of ``submit(os.getpid).result()`` alternate between sharedcompute and the executor,
 and the figure is the median over chunks of the ratio between the two. Trees
 take turns, round after round, so each sees the same moments of the machine::
 
@@ -29,11 +29,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 # Runs in a child process whose sys.path starts with the tree under test.
 _CHILD = r"""
-import concurrent.futures, gc, json, statistics, sys, time
+import concurrent.futures, gc, json, multiprocessing, os, statistics, sys, time
 import sharedcompute as sc
-
-def noop():
-    return None
 
 chunks, per_chunk = int(sys.argv[1]), int(sys.argv[2])
 
@@ -45,17 +42,20 @@ def median_round_trip(call):
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
+# Spawned, not forked: forked children would inherit the runtime's pipes and sockets
+# (and a spawned child needs an importable function: os.getpid, for both systems).
+spawn = multiprocessing.get_context("spawn")
+executor = concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn)
 sc.init(num_workers=2)
-executor = concurrent.futures.ProcessPoolExecutor(2)
-ours = lambda: sc.submit(noop).result(timeout=60)
-theirs = lambda: executor.submit(noop).result(timeout=60)
+ours = lambda: sc.submit(os.getpid).result(timeout=60)
+theirs = lambda: executor.submit(os.getpid).result(timeout=60)
 for _ in range(300):
     ours()
     theirs()
 gc.disable()
 pairs = [(median_round_trip(ours), median_round_trip(theirs)) for _ in range(chunks)]
-sc.shutdown()
 executor.shutdown()
+sc.shutdown()
 print(json.dumps({"file": sc.__file__, "pairs": pairs}))
 """
 

@@ -229,7 +229,7 @@ class Runtime(RuntimeBase):
         """Called from ``Future.__del__``: queue; the pool's next idle moment hands it on."""
         self._released.append(key)
         pool = self._pool
-        if pool is None:
+        if pool is None or self._closed:
             self._release_lock.try_drain()
         else:
             pool.request_idle_work()

@@ -22,8 +22,11 @@ time (``_token``); the I/O thread resumes when no thread leads.
 Idle work: work that may wait a little (handing released Futures to the
 scheduler) is queued by the runtime and done by whichever thread reads next,
 when it has nothing else to do: a leading thread while its task runs, or the
-I/O thread (woken for it if it sleeps in ``select``). A submit/result loop then
-does that work while the worker runs, not between a result and the next submit.
+I/O thread. Whichever of them sleeps in ``select`` is woken for it; an I/O
+thread that is neither selecting nor leading comes round within
+``_LEAD_GRACE_SECONDS``. A submit/result loop thus does that work while the
+worker runs, not between a result and the next submit. Wake-ups are coalesced:
+one byte in the wake-up pipe at a time (``_wake_sent``).
 
 Processes are started here with
 ``subprocess`` (no fork of the driver's threads and locks); each gets its end of
@@ -191,6 +194,8 @@ class ProcessPool:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._wake_sent = False  # a byte is in the pipe, not read yet
+        self._wake_lock = threading.Lock()  # against close() closing the pipe mid-write
         self._new: list[WorkerHandle] = []
         self._backlogged: list[Connection] = []  # need EVENT_WRITE until their backlog is out
         self._new_lock = threading.Lock()
@@ -247,26 +252,49 @@ class ProcessPool:
         self._wake()
 
     def _wake(self) -> None:
+        """Make the polling thread run ``_drain_wake`` (never blocks: finalizers call it).
+
+        Whoever queued work did so before calling; a byte already in the pipe is
+        read by a ``_drain_wake`` that then clears the flag and only then looks at
+        the queues, so it sees that work too. If another thread holds the lock, it
+        is writing a byte now, or closing the pool.
+        """
+        if self._wake_sent or not self._wake_lock.acquire(blocking=False):
+            return
         try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+            if self._wake_w >= 0:
+                self._wake_sent = True
+                try:
+                    os.write(self._wake_w, b"x")
+                except BlockingIOError:
+                    pass
+        finally:
+            self._wake_lock.release()
 
     def request_idle_work(self) -> None:
-        """Idle work was queued: wake the I/O thread if it sleeps in ``select``.
+        """Idle work was queued: wake the thread that sleeps in ``select``, if one does.
 
-        The caller queues first, then looks at the flag; the I/O thread sets the
-        flag, then looks at the queue: one of the two always sees the other.
+        The caller queues first, then looks at the flags; a polling thread sets its
+        flag, then looks at the queue before each ``select``: one of the two always
+        sees the other.
         """
-        if self._io_selecting and not self._stopping:
+        if (self._io_selecting or self._leader is not None) and not self._stopping:
             self._wake()
+
+    def _idle_work(self) -> None:
+        try:
+            self._on_idle()
+        except Exception:
+            # Like a message's handling: a bug here must not end a reading thread,
+            # nor surface in the result() of whichever caller happened to lead.
+            traceback.print_exc()
 
     # -- the I/O thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
         while not self._stopping:
             if self._idle_pending():
-                self._on_idle()
+                self._idle_work()
             with self._handoff:
                 # While threads lead, and briefly after (in a submit/result loop the
                 # next one comes at once, and finding us parked saves it the hand-off),
@@ -354,7 +382,7 @@ class ProcessPool:
             if remaining is not None and remaining <= 0:
                 return
             if self._idle_pending():
-                self._on_idle()  # does nothing if another thread holds the runtime's lock
+                self._idle_work()  # does nothing if another thread holds the runtime's lock
             self._poll(0 if now < poll_until else remaining)
 
     def _drain_wake(self) -> None:
@@ -363,6 +391,10 @@ class ProcessPool:
                 pass
         except BlockingIOError:
             pass
+        # Only now (cleared before the read, a byte written in between would be eaten
+        # with the flag still set, and every later wake-up skipped); the queues are
+        # read after this, so work queued by a writer that saw the flag set is seen.
+        self._wake_sent = False
         with self._new_lock:
             new, self._new = self._new, []
             backlogged, self._backlogged = self._backlogged, []
@@ -476,6 +508,8 @@ class ProcessPool:
         for worker in workers:
             worker.conn.close()
         self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
         self.workers.clear()

@@ -32,6 +32,7 @@ IDLE_TRIM_SECONDS = 0.25
 class Heap:
     def __init__(self) -> None:
         self.dirty = False
+        self.reuse_below = 0  # freed blocks smaller than this are kept (0: C library default)
         self._libc: Any = None
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -44,6 +45,7 @@ class Heap:
                 if mallopt(_M_TRIM_THRESHOLD, _THRESHOLD):
                     self._libc = libc
                     self._trim = trim
+                    self.reuse_below = threshold
                 return
 
     @property
