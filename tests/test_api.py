@@ -609,6 +609,38 @@ def test_store_objects_are_freed_when_futures_are_dropped(rt: sc.Runtime) -> Non
     assert rt.store.stats()["used_bytes"] == 0
 
 
+def wait_for_file(path: str) -> bool:
+    deadline = time.monotonic() + TIMEOUT
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_dropped_future_is_freed_while_another_thread_waits(
+    rt: sc.Runtime, tmp_path: Path
+) -> None:
+    # A thread blocked on a long task reads the workers meanwhile; a Future dropped by
+    # another thread must still reach the scheduler then, not when that task ends (the
+    # task here ends only once the store is seen empty).
+    marker = str(tmp_path / "go")
+    slow = sc.submit(wait_for_file, marker)
+    waiter = threading.Thread(target=slow.result, kwargs={"timeout": TIMEOUT})
+    waiter.start()
+    try:
+        time.sleep(0.2)  # the waiter is leading, asleep in select
+        ref = sc.put(np.ones(MB))
+        assert rt.store.stats()["num_objects"] == 1
+        del ref
+        gc.collect()
+        wait_until(lambda: rt.store.stats()["num_objects"] == 0, TIMEOUT, "the store to empty")
+    finally:
+        Path(marker).touch()
+        waiter.join(TIMEOUT)
+    assert slow.result(timeout=TIMEOUT) is True
+
+
 def test_value_outlives_its_future(rt: sc.Runtime) -> None:
     value = sc.submit(make_array, MB).result(timeout=TIMEOUT)  # the Future is dropped here
     gc.collect()
