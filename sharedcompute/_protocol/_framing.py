@@ -95,22 +95,25 @@ class Connection:
 
     def recv_available(self, *, block: bool = True) -> list[tuple[Any, ...]]:
         """Read what the socket has (waiting for at least one byte if ``block``)."""
-        try:
-            size = self.sock.recv_into(self._scratch, 0, 0 if block else socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        if not self._fill(0 if block else socket.MSG_DONTWAIT):
             return []
+        return self._frames()
+
+    def _fill(self, flags: int = 0) -> bool:
+        """Append one read to the buffer; False if a non-blocking read found nothing."""
+        try:
+            size = self.sock.recv_into(self._scratch, 0, flags)
+        except BlockingIOError:
+            return False
         except OSError as exc:
             raise ConnectionClosed(str(exc)) from exc
         if not size:
             raise ConnectionClosed("connection closed by peer")
-        self._take(size)
-        return self._frames()
-
-    def _take(self, size: int) -> None:
         if self._buffer:
             self._buffer += memoryview(self._scratch)[:size]
         else:
             self._buffer = self._scratch[:size]
+        return True
 
     def recv_one(self) -> tuple[Any, ...]:
         """Block until one whole message is here (others stay buffered)."""
@@ -118,13 +121,7 @@ class Connection:
             frames = self._frames(limit=1)
             if frames:
                 return frames[0]
-            try:
-                size = self.sock.recv_into(self._scratch)
-            except OSError as exc:
-                raise ConnectionClosed(str(exc)) from exc
-            if not size:
-                raise ConnectionClosed("connection closed by peer")
-            self._take(size)
+            self._fill()
 
     def _frames(self, limit: int | None = None) -> list[tuple[Any, ...]]:
         frames: list[tuple[Any, ...]] = []

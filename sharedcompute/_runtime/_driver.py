@@ -28,10 +28,12 @@ from sharedcompute import _config
 from sharedcompute._protocol import ConnectionClosed, Msg
 from sharedcompute._runtime._actor import ActorHandle, ActorOptions
 from sharedcompute._runtime._actors_driver import ActorCallSpec, ActorManager
+from sharedcompute._runtime._args import extract_dependencies
 from sharedcompute._runtime._base import (
     RuntimeBase,
     TaskOptions,
     TaskSpec,
+    future_or_none,
     options_from_wire,
 )
 from sharedcompute._runtime._future import Future, ValueRef, is_done, when_all_done
@@ -435,9 +437,6 @@ class Runtime(RuntimeBase):
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
         scheduler: str, name: str,
     ) -> Future[Any]:
-        from sharedcompute._runtime._args import extract_dependencies
-        from sharedcompute._runtime._base import future_or_none
-
         deps: dict[int, Future[Any]] = {}
         packed = extract_dependencies((args, kwargs), future_or_none, deps)
         future: Future[Any] = Future(self, self._next_key(), name)
@@ -472,8 +471,8 @@ class Runtime(RuntimeBase):
             pool.lead(lambda: any(is_done(f) for f in futures), timeout)
         elif return_when == "FIRST_EXCEPTION":
             pool.lead(
-                lambda: all(f.done() for f in futures)
-                or any(f.done() and not f.cancelled() and f.exception(0) for f in futures),
+                lambda: all(is_done(f) for f in futures)
+                or any(is_done(f) and not f.cancelled() and f.exception(0) for f in futures),
                 timeout,
             )
         else:

@@ -238,9 +238,6 @@ class SchedulerCore:
         if infeasible:
             self._fail(task, ValueError(infeasible))
             return
-        if not event.dependencies:
-            self._make_ready(task)
-            return
         for dep_key in dict.fromkeys(event.dependencies):
             dep = self._tasks.get(dep_key)
             if dep is None:

@@ -198,16 +198,10 @@ class WorkerRuntime(RuntimeBase):
         self._flush()
         deadline = time.perf_counter() + _POLL_SECONDS
         with self._reader:
-            try:
-                while True:
-                    if self.conn.pending():
-                        messages = self.conn.recv_buffered()
-                    else:
-                        messages = self.conn.recv_available(block=False)
-                    if messages or time.perf_counter() > deadline:
-                        break
-            except ConnectionClosed:
-                os._exit(0)  # the driver is gone; nobody wants our results
+            while True:
+                messages = self._receive(block=False)
+                if messages or time.perf_counter() > deadline:
+                    break
         for message in messages:
             self._dispatch(message)
         return bool(messages)
@@ -221,15 +215,18 @@ class WorkerRuntime(RuntimeBase):
                 ready, _, _ = select.select([self.conn.sock], [], [], timeout)
                 if not ready:
                     return
-            try:
-                if self.conn.pending():
-                    messages = self.conn.recv_buffered()
-                else:
-                    messages = self.conn.recv_available()
-            except ConnectionClosed:
-                os._exit(0)  # the driver is gone; nobody wants our results
+            messages = self._receive(block=True)
         for message in messages:
             self._dispatch(message)
+
+    def _receive(self, *, block: bool) -> list[tuple[Any, ...]]:
+        """Whole messages already buffered, else what the socket has (``_reader`` held)."""
+        try:
+            if self.conn.pending():
+                return self.conn.recv_buffered()
+            return self.conn.recv_available(block=block)
+        except ConnectionClosed:
+            os._exit(0)  # the driver is gone; nobody wants our results
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -306,14 +303,16 @@ class WorkerRuntime(RuntimeBase):
     def _arguments(
         self, args_wire: tuple[Any, ...], dep_refs: tuple[tuple[int, Any], ...]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        if len(args_wire) == 2:  # inline (header, payload), as most arguments are
-            args, kwargs = deserialize(*args_wire)  # type: ignore[misc]
-        else:
-            args, kwargs = self.load(ref_from_wire(args_wire))
+        args, kwargs = self._load_wire(args_wire)
         if dep_refs:
-            values = {dep_key: self.load(ref_from_wire(w)) for dep_key, w in dep_refs}
+            values = {dep_key: self._load_wire(w) for dep_key, w in dep_refs}
             args, kwargs = restore_dependencies((args, kwargs), values)
         return args, kwargs
+
+    def _load_wire(self, wire: tuple[Any, ...]) -> Any:
+        if len(wire) == 2:  # inline (header, payload), as most values are: no ref object
+            return deserialize(*wire)
+        return self.load(ref_from_wire(wire))
 
     def _report(
         self, key: int, result: Any, name: str, started: float, batch_key: bytes | str,
