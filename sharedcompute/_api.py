@@ -144,7 +144,8 @@ def wait(
     """Like ``concurrent.futures.wait``, for sharedcompute Futures (also inside tasks)."""
     futures = list(futures)
     runtime = _context.current()
-    if runtime is not None and runtime.needs_pump:
+    if runtime is not None and (runtime.needs_pump or runtime.in_task_thread()):
+        # A task waiting gives its slot back meanwhile (and a worker pumps its messages).
         runtime.wait_for(futures, timeout, return_when)
         done: set[concurrent.futures.Future[Any]] = {f for f in futures if f.done()}
         not_done: set[concurrent.futures.Future[Any]] = {f for f in futures if not f.done()}
@@ -158,7 +159,7 @@ def as_completed(
     """Yield Futures as they finish, like ``concurrent.futures.as_completed``."""
     futures = list(futures)
     runtime = _context.current()
-    if runtime is None or not runtime.needs_pump:
+    if runtime is None or not (runtime.needs_pump or runtime.in_task_thread()):
         yield from concurrent.futures.as_completed(futures, timeout)  # type: ignore[misc]
         return
     deadline = None if timeout is None else time.monotonic() + timeout

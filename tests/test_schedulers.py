@@ -244,3 +244,24 @@ def test_threads_run_in_parallel_up_to_the_pool_size() -> None:
     with sc.Runtime(num_workers=2, scheduler="threads"):
         futures = [sc.submit(barrier.wait) for _ in range(2)]
         assert sorted(sc.gather(futures, timeout=TIMEOUT)) == [0, 1]
+
+
+def waits_with_wait(n: int) -> list[int]:
+    futures = [sc.submit(square, i) for i in range(n)]
+    done, _ = sc.wait(futures, timeout=5)
+    return sorted(f.result() for f in done)
+
+
+def waits_with_as_completed(n: int) -> list[int]:
+    futures = [sc.submit(square, i) for i in range(n)]
+    try:
+        return sorted(f.result() for f in sc.as_completed(futures, timeout=5))
+    except TimeoutError:
+        return []
+
+
+@pytest.mark.parametrize("waiter", [waits_with_wait, waits_with_as_completed])
+def test_a_threads_task_waiting_with_wait_or_as_completed_lends_its_slot(waiter: Any) -> None:
+    # On a pool of one thread, the children only run if the waiting task gives its slot back.
+    with sc.Runtime(num_workers=1, scheduler="threads"):
+        assert sc.submit(waiter, 3).result(timeout=TIMEOUT) == [0, 1, 4]

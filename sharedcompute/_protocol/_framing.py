@@ -61,9 +61,16 @@ class Connection:
     def send_many(self, messages: Iterable[tuple[Any, ...]]) -> None:
         self.send_raw(b"".join(self.encode(m) for m in messages))
 
-    def send_raw(self, data: bytes) -> None:
+    def try_send_many(self, messages: Iterable[tuple[Any, ...]]) -> bool:
+        """Send unless another send is under way (in this thread too): for finalizers."""
+        return self.send_raw(b"".join(self.encode(m) for m in messages), blocking=False)
+
+    def send_raw(self, data: bytes, *, blocking: bool = True) -> bool:
+        """Send ``data``; False (nothing sent) if not ``blocking`` and a send is under way."""
+        if not self._send_lock.acquire(blocking):
+            return False
         try:
-            with self._send_lock:
+            try:
                 if self._on_backlog is None:
                     self.sock.sendall(data)
                 elif self._backlog:
@@ -76,8 +83,11 @@ class Connection:
                     if sent < len(data):
                         self._backlog += memoryview(data)[sent:]
                         self._on_backlog(self)
-        except OSError as exc:
-            raise ConnectionClosed(str(exc)) from exc
+            except OSError as exc:
+                raise ConnectionClosed(str(exc)) from exc
+        finally:
+            self._send_lock.release()
+        return True
 
     def flush_backlog(self) -> bool:
         """Send what the backlog holds, as far as the socket takes it; True once empty."""

@@ -145,6 +145,10 @@ class RuntimeBase:
     def watch(self, future: Future[Any]) -> None:
         """Make sure ``future`` gets settled without anyone blocking on it (for ``await``)."""
 
+    def in_task_thread(self) -> bool:
+        """Whether this thread runs a task of this runtime (its waits lend the task's slot)."""
+        return False
+
     def blocking(self) -> AbstractContextManager[None]:
         """Scope around a wait on Futures (a pool thread lends its slot meanwhile)."""
         return nullcontext()

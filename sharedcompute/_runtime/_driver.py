@@ -478,6 +478,10 @@ class Runtime(RuntimeBase):
         else:
             pool.lead(lambda: all(is_done(f) for f in futures), timeout)
 
+    def in_task_thread(self) -> bool:
+        threads = self._threads
+        return threads is not None and threads.in_pool()
+
     def blocking(self) -> AbstractContextManager[None]:
         threads = self._threads
         if threads is not None and threads.in_pool():

@@ -41,6 +41,7 @@ import selectors
 import socket
 import struct
 import threading
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,7 @@ from sharedcompute.errors import SharedComputeError
 # Values whose serialized form is smaller than this travel inline in messages.
 INLINE_THRESHOLD = 64 * 1024
 _MAX_MESSAGE = 1 << 20
+_DECREFS_PER_MESSAGE = 4096  # about 40 KiB pickled: far below any datagram limit
 _OWNER = 0
 
 
@@ -373,10 +375,20 @@ class ClientStore(ObjectStore):
         return result
 
     def _decref(self, released: collections.Counter[int]) -> None:
-        try:
-            self._sock.send(pickle.dumps(("decref", dict(released)), protocol=5))
-        except OSError:
-            pass  # the owner is gone, and with it every reference
+        # In slices: one datagram must stay well under the socket's limit (EMSGSIZE).
+        items = list(released.items())
+        for start in range(0, len(items), _DECREFS_PER_MESSAGE):
+            message = ("decref", dict(items[start : start + _DECREFS_PER_MESSAGE]))
+            try:
+                self._sock.send(pickle.dumps(message, protocol=5))
+            except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
+                return  # the owner is gone, and with it every reference
+            except OSError as exc:
+                if self._closed:
+                    return
+                raise SharedComputeError(
+                    f"cannot release {len(items)} objects in the object store: {exc}"
+                ) from exc
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -459,7 +471,10 @@ class _StoreServer:
             with self._owner._lock:
                 result = self._dispatch(client, op, args)
         except Exception as exc:
-            self._reply(conn, ("err", exc))
+            if op == "decref":  # the client waits for no reply: one would desync it
+                traceback.print_exc()
+            else:
+                self._reply(conn, ("err", exc))
             return
         if op != "decref":
             self._reply(conn, ("ok", result))

@@ -116,6 +116,7 @@ class WorkerRuntime(RuntimeBase):
         self._short: set[bytes | str] = set()
         self._actor: ActorHost | None = None
         self._control: deque[tuple[Any, ...]] = deque()
+        self._unsent: list[tuple[Any, ...]] = []  # releases a finalizer could not send
         self._recent: dict[int, tuple[Any, ...]] = {}
         # _queue is read by the main thread, and rebuilt by whichever thread waits (see
         # _take_child); threads of a task that wait on Futures count here, by task.
@@ -170,6 +171,8 @@ class WorkerRuntime(RuntimeBase):
         if self._outbox:
             outbox, self._outbox = self._outbox, []
             self.conn.send_many(outbox)
+        if self._unsent:
+            self._send_unsent()
 
     def _emit(self, message: tuple[Any, ...], fn_key: bytes | str, duration: float) -> None:
         if duration < _SHORT_TASK_SECONDS:
@@ -432,11 +435,28 @@ class WorkerRuntime(RuntimeBase):
         messages: list[tuple[Any, ...]] = [(Msg.RELEASE, keys)] if keys else []
         while self._control:
             messages.append(self._control.popleft())
-        if messages:
-            try:
-                self.conn.send_many(messages)
-            except ConnectionClosed:
-                pass
+        if not messages:
+            return
+        if self._unsent:
+            messages[:0] = self._unsent
+            self._unsent = []
+        try:
+            # Never wait for the connection here: this may run in a finalizer that
+            # interrupted a send of this very thread. Such messages go at the next read.
+            if not self.conn.try_send_many(messages):
+                self._unsent = messages
+        except ConnectionClosed:
+            pass
+
+    def _send_unsent(self) -> None:
+        """Send the releases a finalizer could not send (main thread, before reading)."""
+        with self._release_lock:
+            messages, self._unsent = self._unsent, []
+            if messages:
+                try:
+                    self.conn.send_many(messages)
+                except ConnectionClosed:
+                    pass
 
     def wait_for(
         self, futures: Iterable[Future[Any]], timeout: float | None, return_when: str
