@@ -7,11 +7,18 @@ that must not stall the I/O thread.
 
 from __future__ import annotations
 
+import os
 import socket
+import textwrap
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from _helpers import wait_until
 
 import sharedcompute as sc
 from sharedcompute._protocol import Connection, Msg
@@ -55,3 +62,92 @@ def test_a_worker_finalizer_never_waits_for_the_connection_it_interrupted() -> N
             client.close()
             ours.close()
             theirs.close()
+
+
+# -- a crash is charged to the task that crashed --------------------------------------------
+
+
+def step(workdir: str, how: str) -> Any:
+    """Short by design: the driver queues such tasks behind one another on a worker."""
+    if how == "hold":
+        time.sleep(0.3)  # this once it runs long: the rest queue up behind it meanwhile
+    elif how == "crash":
+        with open(os.path.join(workdir, "crashes"), "a") as f:
+            f.write("x")
+        os._exit(3)
+    return np.full(64 * 1024, 7, dtype=np.int64)  # 512 KiB: stored, not inline
+
+
+def crash_behind_batched_results(rt: sc.Runtime, workdir: str) -> list[sc.Future[Any]]:
+    """Two tasks finish with their results batched, unsent; the third kills the worker."""
+    task = sc.remote(step).options(max_retries=0)
+    for _ in range(5):  # the driver and the worker learn that it is short
+        task.submit(workdir, "warm").result(timeout=TIMEOUT)
+    hold = task.submit(workdir, "hold")
+    futures = [task.submit(workdir, how) for how in ("ok", "ok", "crash")]
+    hold.result(timeout=TIMEOUT)
+    return futures
+
+
+def test_a_crash_is_charged_to_the_task_executing_not_to_finished_ones(tmp_path: Path) -> None:
+    with sc.Runtime(num_workers=1) as rt:
+        first, second, crasher = crash_behind_batched_results(rt, str(tmp_path))
+        # The two that had finished rerun free of charge (max_retries=0, yet they succeed).
+        assert int(first.result(timeout=TIMEOUT).sum()) == 7 * 64 * 1024
+        assert int(second.result(timeout=TIMEOUT).sum()) == 7 * 64 * 1024
+        with pytest.raises(sc.errors.WorkerCrashedError, match="exited with code 3"):
+            crasher.result(timeout=TIMEOUT)
+        assert (tmp_path / "crashes").read_text() == "x"  # it ran once: no free retry
+
+
+def test_results_a_dead_worker_stored_but_never_reported_are_freed(tmp_path: Path) -> None:
+    with sc.Runtime(num_workers=1) as rt:
+        futures = crash_behind_batched_results(rt, str(tmp_path))
+        sc.wait(futures, timeout=TIMEOUT)
+        del futures
+        wait_until(lambda: rt.store.stats()["num_objects"] == 0, what="an empty store")
+
+
+# -- workers that cannot start ---------------------------------------------------------------
+
+
+def refuse_to_start(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, times: int | None) -> None:
+    """Make new worker processes exit before they are ready (``times`` of them; None: all)."""
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import os, sys
+        if "SHAREDCOMPUTE_WORKER" in os.environ:
+            count = os.path.join({str(tmp_path)!r}, "refusals")
+            with open(count, "a") as f:
+                f.write("x")
+            if {times!r} is None or os.path.getsize(count) <= {times!r}:
+                sys.stderr.write("cannot start: the license server is down\\n")
+                os._exit(4)
+    """))
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    monkeypatch.setenv("PYTHONPATH", path)
+
+
+def test_workers_that_never_start_fail_futures_with_their_stderr(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    refuse_to_start(monkeypatch, tmp_path, times=None)
+    with sc.Runtime(num_workers=2) as rt:
+        future = sc.submit(abs, -1)
+        with pytest.raises(sc.errors.WorkerCrashedError) as caught:
+            future.result(timeout=TIMEOUT)
+        message = str(caught.value)
+        assert "cannot start" in message and "exited with code 4" in message
+        assert "the license server is down" in message
+        with pytest.raises(sc.errors.WorkerCrashedError, match="license server"):
+            sc.submit(abs, -2)  # broken: new work is refused at once
+        assert rt.broken is not None
+
+
+def test_a_worker_that_fails_to_start_once_is_replaced(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    refuse_to_start(monkeypatch, tmp_path, times=1)
+    with sc.Runtime(num_workers=1) as rt:
+        assert sc.submit(abs, -3).result(timeout=TIMEOUT) == 3
+        assert rt.broken is None
+        assert (tmp_path / "refusals").read_text() == "xx"

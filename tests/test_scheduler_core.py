@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from sharedcompute._scheduler import (
+    NO_TASK,
     CancelRequested,
     Dispatch,
     ExternalTask,
@@ -448,6 +449,37 @@ SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[Any, list[tuple[Any, ...]]]]
             (WorkerJoined(1), [dispatch(1, 2)]),
             (WorkerDied(1, "pid 12 exited with code 3"), [reject(2, WorkerCrashedError),
                                                           ("start", 1)]),
+        ],
+    ),
+    "worker death: only the task executing is charged; finished-unreported ones rerun free": (
+        {"cpus": 1, "workers": 1, "max_prefetch": 4},
+        [
+            (short(1, max_retries=0), [dispatch(0, 1)]),
+            (short(2, max_retries=0), [dispatch(0, 2)]),
+            (short(3, max_retries=0), [dispatch(0, 3)]),
+            (short(4, max_retries=0), [dispatch(0, 4)]),
+            # 1 and 2 finished (results batched, lost), 3 crashed it, 4 never started.
+            (WorkerDied(0, "pid 11 exited with code 3", executing=3),
+             [reject(3, WorkerCrashedError), ("start", 0)]),
+            (WorkerJoined(1), [dispatch(1, 1), dispatch(1, 2), dispatch(1, 4)]),
+        ],
+    ),
+    "worker death while executing nothing charges nobody": (
+        {"cpus": 1, "workers": 1},
+        [
+            (short(1, max_retries=0), [dispatch(0, 1)]),
+            (WorkerDied(0, "pid 11 was killed by SIGKILL", executing=NO_TASK), [("start", 0)]),
+            (WorkerJoined(1), [dispatch(1, 1)]),
+        ],
+    ),
+    "worker death naming a task it had reported: nothing was executing": (
+        {"cpus": 1, "workers": 1},
+        [
+            (short(1, max_retries=0), [dispatch(0, 1)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+            (short(2, max_retries=0), [dispatch(0, 2)]),
+            (WorkerDied(0, "pid 11 was killed by SIGKILL", executing=1), [("start", 0)]),
+            (WorkerJoined(1), [dispatch(1, 2)]),
         ],
     ),
     "worker death: a blocked task and the nested task it waits for both started": (

@@ -265,3 +265,13 @@ def test_a_threads_task_waiting_with_wait_or_as_completed_lends_its_slot(waiter:
     # On a pool of one thread, the children only run if the waiting task gives its slot back.
     with sc.Runtime(num_workers=1, scheduler="threads"):
         assert sc.submit(waiter, 3).result(timeout=TIMEOUT) == [0, 1, 4]
+
+
+@pytest.mark.parametrize("fn", [raiser, where])
+def test_a_finished_thread_future_as_a_dependency(rt: sc.Runtime, fn: Any) -> None:
+    # Its done-callback runs at once when registered: never under the runtime's lock.
+    threaded = sc.remote(fn).options(scheduler="threads").submit()
+    sc.wait([threaded], timeout=TIMEOUT)
+    dependent = sc.submit(identity, threaded)
+    sc.wait([dependent], timeout=TIMEOUT)
+    assert dependent.done()

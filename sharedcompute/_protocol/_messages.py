@@ -11,7 +11,7 @@ Driver -> worker
     CALL      (key, method, args_ref, dep_refs, name)
     FORGET    (fn_keys,)                   drop these functions (the driver's bound per worker)
 Worker -> driver
-    READY     (pid,)
+    READY     (pid, store_client)           store_client: its id at the object store
     DONE      (key, ref)
     FAILED    (key, error_bytes)           pickled (exception, traceback text)
     SUBMIT    (key, fn_key, fn_bytes, args_ref, dep_keys, options, parent_key)  (always with bytes)

@@ -50,6 +50,7 @@ from sharedcompute._scheduler import (
     Instruction,
     KeyReleased,
     ObjectPut,
+    PoolBroken,
     Reject,
     Resolve,
     Resources,
@@ -71,11 +72,15 @@ from sharedcompute.errors import (
     RemoteTraceback,
     SerializationError,
     SharedComputeError,
+    WorkerCrashedError,
 )
 
 SCHEDULERS = ("sync", "threads", "processes")
 _SHORT_TASK_SECONDS = 0.001
 _SHORT_FUNCTIONS_KEPT = 4096
+_MAX_FAILED_STARTS = 3  # pool workers exiting before ready, in a row, before giving up
+_START_BACKOFF = 0.1  # seconds before the first restart of a worker that could not start
+_START_BACKOFF_MAX = 5.0
 
 
 def unpack_error(data: bytes) -> BaseException:
@@ -141,12 +146,17 @@ class Runtime(RuntimeBase):
         self._waiters: defaultdict[int, set[int]] = defaultdict(set)
         self._registered_local: set[int] = set()
         self._settle: deque[tuple[Future[Any], Instruction]] = deque()
+        self._to_watch: deque[Future[Any]] = deque()  # Futures of other schedulers to hook
         # id -> (weak reference, stored object) of arrays read from the store here.
         self._views: dict[int, tuple[weakref.ref[Any], StoredObject]] = {}
         self._pool: ProcessPool | None = None
         self._threads: ThreadPool | None = None
         self._store: OwnerStore | None = None
         self._closed = False
+        # Pool workers that exited before they were ready, in a row; past the limit, with
+        # none alive, the runtime is broken: its tasks fail with this error.
+        self._failed_starts = 0
+        self.broken: BaseException | None = None
         self.actors = ActorManager(self)
         if scheduler == "processes":
             self._start_processes()
@@ -329,6 +339,12 @@ class Runtime(RuntimeBase):
 
     def _settle_futures(self) -> None:
         """Settle Futures outside the lock: their callbacks may call back into us."""
+        while self._to_watch:
+            try:
+                external = self._to_watch.popleft()
+            except IndexError:
+                break
+            external.add_done_callback(self._external_done)
         while self._settle:
             try:
                 future, instruction = self._settle.popleft()
@@ -368,6 +384,8 @@ class Runtime(RuntimeBase):
     ) -> Future[Any]:
         if self._pool is None:
             self._start_processes()
+        if self.broken is not None:
+            raise self._broken_error()
         fn_key, fn_bytes = self.functions.encode(fn)
         args_ref, deps = self.prepare_args(args, kwargs)
         key = self._next_key()
@@ -397,7 +415,7 @@ class Runtime(RuntimeBase):
                 self._handle(event)
         finally:
             self._lock.release()
-        if self._settle:
+        if self._settle or self._to_watch:
             self._settle_futures()
         return future
 
@@ -414,7 +432,8 @@ class Runtime(RuntimeBase):
                 continue
             self._registered_local.add(key)
             events.append(ExternalTask(key))
-            dep.add_done_callback(self._external_done)
+            # Hooked by _settle_futures, after the lock: a done Future calls back at once.
+            self._to_watch.append(dep)
         return events
 
     def _external_done(self, future: concurrent.futures.Future[Any]) -> None:
@@ -602,6 +621,8 @@ class Runtime(RuntimeBase):
         kind = message[0]
         if kind == Msg.READY:
             worker.ready = True
+            self._failed_starts = 0
+            worker.store_client = message[2]
             if worker.actor_id is None:
                 events.append(WorkerJoined(worker.id))
             else:
@@ -692,10 +713,18 @@ class Runtime(RuntimeBase):
         with self._lock:
             if self._closed:
                 return
+            if not worker.ready and worker.actor_id is None:
+                self._start_failed(worker, reason)
+            if worker.store_client is not None:
+                # Everything it said has been read: results it stored but never reported
+                # are nobody's now.
+                self.store.drop_deliveries(worker.store_client)
             if worker.actor_id is not None:
                 events = self.actors._actor_exited(worker, reason)
+            elif worker.ready:
+                events = [WorkerDied(worker.id, reason, worker.running.get())]
             else:
-                events = [WorkerDied(worker.id, reason)]
+                events = []
             events += [KeyReleased(key) for key in worker.held_keys]
             worker.held_keys.clear()
             self.actors._drop_worker_actor_holds(worker)
@@ -703,6 +732,49 @@ class Runtime(RuntimeBase):
                 waiting.discard(worker.id)
             self._handle(events)
         self._settle_futures()
+
+    # -- workers that cannot start -----------------------------------------------------------
+
+    def _start_failed(self, worker: WorkerHandle, reason: str) -> None:
+        """A pool worker exited before it was ready: start another later, or give up (lock held).
+
+        Restarts back off (0.1 s, doubling, at most ``_START_BACKOFF_MAX``); after
+        ``_MAX_FAILED_STARTS`` in a row with no pool worker alive, the runtime is
+        broken, as a ``ProcessPoolExecutor`` is: waiting tasks fail, submits raise.
+        """
+        assert self._pool is not None
+        self._failed_starts += 1
+        alive = any(w.ready and w.actor_id is None for w in self._pool.workers.values())
+        if self._failed_starts < _MAX_FAILED_STARTS or alive:
+            delay = min(_START_BACKOFF_MAX, _START_BACKOFF * 2 ** (self._failed_starts - 1))
+            self._pool.call_later(delay, self._respawn)
+            return
+        tail = worker.stderr_tail()
+        said = (
+            "; the last lines it wrote to stderr:\n" + "\n".join(f"    {line}" for line in tail)
+            if tail else "; it wrote nothing to stderr"
+        )
+        self._break(WorkerCrashedError(
+            f"worker processes cannot start: {self._failed_starts} tried in a row, and the "
+            f"last one ({reason}) exited before it was ready{said}"
+        ))
+
+    def _respawn(self) -> None:
+        with self._lock:
+            if self._pool is not None and not self._closed and self.broken is None:
+                self._pool.spawn(self._next_worker_id())
+
+    def _break(self, error: BaseException) -> None:
+        """No task can run any more: fail those waiting, and refuse new ones (lock held)."""
+        self.broken = error
+        self._handle([PoolBroken(error)])
+
+    def _broken_error(self) -> BaseException:
+        error = self.broken
+        assert error is not None
+        fresh = type(error)(*error.args)
+        fresh.__cause__ = error.__cause__
+        return fresh
 
     # -- actors (see _actors_driver) -------------------------------------------------------
 

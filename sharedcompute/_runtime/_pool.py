@@ -36,6 +36,7 @@ so workers exit as soon as the driver does.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import selectors
@@ -46,18 +47,22 @@ import sys
 import threading
 import time
 import traceback
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from sharedcompute._protocol import Connection, ConnectionClosed, Msg
 from sharedcompute._worker._main import ENV_VAR
+from sharedcompute._worker._running import RunningSlot
 
 # After a thread stops leading, the I/O thread waits this long before it reads again.
 _LEAD_GRACE_SECONDS = 0.002
 _LEAD_POLL_SECONDS = 100e-6  # how long a waiting thread polls before it sleeps
 _IDLE_RECHECK_SECONDS = 0.001
+# A worker whose connection closed is exiting; one still there after this is killed.
+_EXIT_GRACE_SECONDS = 5.0
+_TAIL_LINES = 20  # lines of a worker's stderr kept to quote if it cannot start
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -96,10 +101,16 @@ class WorkerHandle:
     proc: subprocess.Popen[bytes]
     conn: Connection
     watch_fd: int
+    # 8 bytes shared with the worker: the key of the task it is executing (0: none).
+    # Read after it dies, to charge the crash to that task alone (see RunningSlot).
+    running: RunningSlot
     functions: FunctionSet = field(default_factory=FunctionSet)
     held_keys: set[int] = field(default_factory=set)
+    store_client: int | None = None  # its id at the store, from READY
     ready: bool = False
     exited: bool = False
+    pidfd: int = -1  # while its connection is closed and its exit not yet seen
+    stderr: _OutputForwarder | None = None
     actor_id: int | None = None  # set when this process hosts an actor
     # An actor that runs one call at a time: calls sent while one is in flight would only
     # wait in its queue, so they wait here instead and go out together when an answer
@@ -131,6 +142,13 @@ class WorkerHandle:
     def pid(self) -> int:
         return self.proc.pid
 
+    def stderr_tail(self) -> list[str]:
+        """The last lines the worker wrote to stderr (complete ones, then any partial)."""
+        if self.stderr is None:
+            return []
+        partial = self.stderr.partial.decode(errors="replace")
+        return [*self.stderr.tail, *([partial] if partial else [])]
+
 
 def describe_exit(pid: int, returncode: int | None) -> str:
     if returncode is None:
@@ -145,12 +163,16 @@ def describe_exit(pid: int, returncode: int | None) -> str:
 
 
 class _OutputForwarder:
-    """Copies a worker's stdout or stderr into the driver's, each line prefixed."""
+    """Copies a worker's stdout or stderr into the driver's, each line prefixed.
+
+    The last lines stay in ``tail``, to quote when a worker cannot start.
+    """
 
     def __init__(self, prefix: str, target: Callable[[], TextIO]) -> None:
         self.prefix = prefix
         self.target = target
         self.partial = b""
+        self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
 
     def feed(self, data: bytes) -> None:
         lines = (self.partial + data).split(b"\n")
@@ -164,9 +186,9 @@ class _OutputForwarder:
             self.partial = b""
 
     def _write(self, lines: list[bytes]) -> None:
-        text = "".join(
-            f"{self.prefix}{line.decode(errors='replace')}\n" for line in lines
-        )
+        decoded = [line.decode(errors="replace") for line in lines]
+        self.tail.extend(decoded)
+        text = "".join(f"{self.prefix}{line}\n" for line in decoded)
         try:
             stream = self.target()
             stream.write(text)
@@ -198,6 +220,9 @@ class ProcessPool:
         self._wake_lock = threading.Lock()  # against close() closing the pipe mid-write
         self._new: list[WorkerHandle] = []
         self._backlogged: list[Connection] = []  # need EVENT_WRITE until their backlog is out
+        # (when, sequence, callback): run by whichever thread polls (see call_later).
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_sequence = 0
         self._new_lock = threading.Lock()
         self.workers: dict[int, WorkerHandle] = {}
         self._stopping = False
@@ -218,6 +243,7 @@ class ProcessPool:
     def spawn(self, worker_id: int) -> WorkerHandle:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         watch_r, watch_w = os.pipe2(os.O_CLOEXEC)
+        running, running_fd = RunningSlot.create()
         config = {"path": sys.path, "store": self._store_address, "id": worker_id}
         env = dict(os.environ)
         env[ENV_VAR] = json.dumps(config)
@@ -228,8 +254,8 @@ class ProcessPool:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "sharedcompute._worker",
-                 str(child_sock.fileno()), str(watch_r)],
-                pass_fds=(child_sock.fileno(), watch_r),
+                 str(child_sock.fileno()), str(watch_r), str(running_fd)],
+                pass_fds=(child_sock.fileno(), watch_r, running_fd),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -238,8 +264,9 @@ class ProcessPool:
         finally:
             child_sock.close()
             os.close(watch_r)
+            os.close(running_fd)
         conn = Connection(parent_sock, on_backlog=self._on_backlog)
-        worker = WorkerHandle(worker_id, proc, conn, watch_w)
+        worker = WorkerHandle(worker_id, proc, conn, watch_w, running)
         with self._new_lock:
             self._new.append(worker)
         self._wake()
@@ -280,6 +307,33 @@ class ProcessPool:
         """
         if (self._io_selecting or self._leader is not None) and not self._stopping:
             self._wake()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` after ``delay`` seconds, in whichever thread polls then."""
+        with self._new_lock:
+            self._timer_sequence += 1
+            heapq.heappush(
+                self._timers, (time.monotonic() + delay, self._timer_sequence, callback)
+            )
+        self._wake()
+
+    def _run_timers(self) -> float | None:
+        """Run the callbacks that are due; seconds until the next one (None: none)."""
+        while True:
+            with self._new_lock:
+                if not self._timers:
+                    return None
+                when = self._timers[0][0]
+                wait = when - time.monotonic()
+                if wait > 0:
+                    return wait
+                callback = heapq.heappop(self._timers)[2]
+            if self._stopping:
+                continue
+            try:
+                callback()
+            except Exception:
+                traceback.print_exc()
 
     def _idle_work(self) -> None:
         try:
@@ -324,20 +378,27 @@ class ProcessPool:
 
     def _poll(self, timeout: float | None) -> None:
         """One select over every source, and the handling of what it reports (token held)."""
+        if self._timers:
+            due_in = self._run_timers()
+            if due_in is not None and (timeout is None or due_in < timeout):
+                timeout = due_in
         ready = self._selector.select(timeout)
         registered = self._selector.get_map()
         for key, mask in ready:
             if key.data is None:
                 self._drain_wake()
                 continue
-            if key.fileobj not in registered:
-                continue  # unregistered by a nested poll since this select
+            current = registered.get(key.fd)
+            if current is None or current.fileobj is not key.fileobj:
+                continue  # unregistered since this select (a nested poll, an exit)
             kind, worker, extra = key.data
             if kind == "conn":
                 if mask & selectors.EVENT_WRITE:
                     self._write_conn(worker, key)
                 if mask & selectors.EVENT_READ:
                     self._read_conn(worker)
+            elif kind == "exit":
+                self._exited(worker)
             else:
                 self._read_output(key.fileobj, extra)
 
@@ -408,9 +469,10 @@ class ProcessPool:
             ):
                 assert pipe is not None
                 os.set_blocking(pipe.fileno(), False)
-                self._selector.register(
-                    pipe, selectors.EVENT_READ, ("out", worker, _OutputForwarder(prefix, target))
-                )
+                forwarder = _OutputForwarder(prefix, target)
+                if pipe is worker.proc.stderr:
+                    worker.stderr = forwarder
+                self._selector.register(pipe, selectors.EVENT_READ, ("out", worker, forwarder))
         registered = self._selector.get_map()
         for conn in backlogged:
             if conn.sock in registered:
@@ -436,34 +498,77 @@ class ProcessPool:
         if messages:
             self._on_messages(worker, messages)
 
-    def _read_output(self, pipe: Any, forwarder: _OutputForwarder) -> None:
-        try:
-            data = os.read(pipe.fileno(), 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
+    def _read_output(
+        self, pipe: Any, forwarder: _OutputForwarder, *, until_empty: bool = False
+    ) -> None:
+        while True:
+            try:
+                data = os.read(pipe.fileno(), 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                forwarder.close()
+                self._selector.unregister(pipe)
+                pipe.close()
+                return
             forwarder.feed(data)
-        else:
-            forwarder.close()
-            self._selector.unregister(pipe)
-            pipe.close()
+            if not until_empty:
+                return
 
     def _worker_gone(self, worker: WorkerHandle) -> None:
-        if worker.exited:
+        """Its connection ended: the process is exiting. Report it once it has exited.
+
+        Never waits here (this thread reads every worker): the exit is watched
+        through a pidfd in the same select, and a process that lingers past
+        ``_EXIT_GRACE_SECONDS`` is killed.
+        """
+        if worker.exited or worker.pidfd >= 0:
             return
         self._selector.unregister(worker.conn.sock)
         worker.conn.close()
-        try:
-            returncode: int | None = worker.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            returncode = None
+        if worker.proc.poll() is None:
+            try:
+                worker.pidfd = os.pidfd_open(worker.pid)
+            except OSError:  # no pidfd here (old kernel): wait, briefly
+                try:
+                    worker.proc.wait(timeout=_EXIT_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    worker.proc.kill()
+            else:
+                self._selector.register(worker.pidfd, selectors.EVENT_READ, ("exit", worker, None))
+                self.call_later(_EXIT_GRACE_SECONDS, lambda: self._kill_lingering(worker))
+                return
+        self._exited(worker)
+
+    def _kill_lingering(self, worker: WorkerHandle) -> None:
+        if not worker.exited and worker.proc.poll() is None:
+            worker.proc.kill()
+
+    def _exited(self, worker: WorkerHandle) -> None:
+        if worker.exited:
+            return
+        if worker.pidfd >= 0:
+            self._selector.unregister(worker.pidfd)
+            os.close(worker.pidfd)
+            worker.pidfd = -1
+        returncode = worker.proc.poll()
+        self._drain_output(worker)
         worker.exited = True
         self._close_watch(worker)
         self.workers.pop(worker.id, None)
         if not self._stopping:
             self._on_exit(worker, describe_exit(worker.pid, returncode))
+
+    def _drain_output(self, worker: WorkerHandle) -> None:
+        """Read what the worker wrote before it exited, so its last words come first."""
+        for pipe in (worker.proc.stdout, worker.proc.stderr):
+            if pipe is None or pipe.closed:
+                continue
+            key = self._selector.get_map().get(pipe)
+            if key is not None:
+                self._read_output(pipe, key.data[2], until_empty=True)
 
     @staticmethod
     def _close_watch(worker: WorkerHandle) -> None:
@@ -496,7 +601,11 @@ class ProcessPool:
                 worker.proc.wait(timeout=timeout)
         for key in list(self._selector.get_map().values()):
             if key.data is not None:
-                kind, _, forwarder = key.data
+                kind, worker, forwarder = key.data
+                if kind == "exit":
+                    os.close(worker.pidfd)
+                    worker.pidfd = -1
+                    continue
                 if kind == "out":
                     try:
                         while data := os.read(key.fileobj.fileno(), 65536):  # type: ignore[union-attr]

@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sharedcompute._scheduler._events import (
+    NO_TASK,
     TERMINAL,
     UNIT,
     ActorFailed,
@@ -77,6 +78,7 @@ from sharedcompute._scheduler._events import (
     KeyReleased,
     KeyRetained,
     ObjectPut,
+    PoolBroken,
     Reject,
     Resolve,
     Resources,
@@ -308,7 +310,8 @@ class SchedulerCore:
         worker = self._workers.pop(event.worker, None)
         if worker is None:
             return
-        started = True
+        executing = self._executing(event)
+        started = executing is None
         requeue: list[_Task] = []
         for key in worker.assigned:
             task = self._tasks.get(key)
@@ -318,11 +321,15 @@ class SchedulerCore:
                 self._release(task.resources)
                 task.reserved = False
             task.worker = None
-            # Tasks run in the order sent: the blocked ones and the first
-            # active one had started; the ones behind it never did.
-            was_running = task.blocked or started
-            if not task.blocked:
-                started = False
+            # Blocked tasks had started. Of the others, only the one executing crashed:
+            # those sent before it finished (results lost with the worker), those after
+            # it never started. Unknown: tasks run in the order sent, so the first one.
+            if executing is None:
+                was_running = task.blocked or started
+                if not task.blocked:
+                    started = False
+            else:
+                was_running = task.blocked or key == executing
             task.blocked = False
             if not was_running:
                 requeue.append(task)
@@ -342,6 +349,17 @@ class SchedulerCore:
         for task in reversed(requeue):
             self._requeue(task)
         self._out.append(StartWorker(replaces=event.worker))
+
+    def _executing(self, event: WorkerDied) -> TaskKey | None:
+        """The task the dead worker was executing; None if it cannot be told."""
+        if event.executing is None or event.executing == NO_TASK:
+            return event.executing
+        task = self._tasks.get(event.executing)
+        if task is None or task.worker != event.worker or task.state in TERMINAL:
+            return NO_TASK  # its answer came in: it had finished
+        if task.blocked:
+            return None  # a thread of the blocked task ran another: which crashed is unknown
+        return event.executing
 
     def _on_WorkerBlocked(self, event: WorkerBlocked) -> None:
         task = self._tasks.get(event.key)
@@ -379,6 +397,11 @@ class SchedulerCore:
         if task is None or task.state not in (TaskState.WAITING, TaskState.READY):
             return
         self._terminate(task, TaskState.CANCELLED, CancelledError(f"task {task.key} was cancelled"))
+
+    def _on_PoolBroken(self, event: PoolBroken) -> None:
+        for task in list(self._tasks.values()):
+            if task.actor is None and task.state in (TaskState.WAITING, TaskState.READY):
+                self._fail(task, event.error)
 
     def _on_KeyRetained(self, event: KeyRetained) -> None:
         task = self._tasks.get(event.key)
@@ -743,6 +766,6 @@ SchedulerCore._handlers = {
     for event_type in (
         ActorStarted, ActorFailed, WorkerRetired, TaskReturned, TaskSubmitted, ExternalTask,
         ObjectPut, TaskFinished, TaskFailed, WorkerJoined, WorkerDied, WorkerBlocked,
-        WorkerUnblocked, CancelRequested, KeyReleased, KeyRetained,
+        WorkerUnblocked, CancelRequested, KeyReleased, KeyRetained, PoolBroken,
     )
 }

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "NO_TASK",
     "TERMINAL",
     "UNIT",
     "ActorFailed",
@@ -26,6 +27,7 @@ __all__ = [
     "KeyReleased",
     "KeyRetained",
     "ObjectPut",
+    "PoolBroken",
     "Reject",
     "Resolve",
     "Resources",
@@ -124,10 +126,22 @@ class WorkerJoined:
     worker: WorkerId
 
 
+NO_TASK: TaskKey = 0  # no key is 0: "the worker was executing nothing"
+
+
 @dataclass(slots=True)
 class WorkerDied:
+    """A worker process ended; ``executing`` says which of its tasks it was executing.
+
+    ``executing`` is the key the worker last said it executes (``NO_TASK``: none),
+    so only that task (and tasks blocked under it) is charged the crash; the
+    others it had been sent either finished with their results unsent or never
+    started. None: not known; the first one sent and not blocked is assumed.
+    """
+
     worker: WorkerId
     reason: str  # "pid 123 was killed by SIGKILL", for the error message
+    executing: TaskKey | None = None
 
 
 @dataclass(slots=True)
@@ -194,6 +208,13 @@ class KeyRetained:
 
 
 @dataclass(slots=True)
+class PoolBroken:
+    """No worker can start: every task waiting for one fails with ``error``."""
+
+    error: BaseException
+
+
+@dataclass(slots=True)
 class ExternalTask:
     """A key whose value some other executor will produce (a thread or sync task)."""
 
@@ -217,6 +238,7 @@ Event = (
     | CancelRequested
     | KeyReleased
     | KeyRetained
+    | PoolBroken
 )
 
 

@@ -275,9 +275,21 @@ class OwnerStore(ObjectStore):
         if isinstance(ref, StoredObject):
             with self._lock:
                 self._local[ref.object_id] += 1
+                self._table.delivered(ref.object_id)
 
-    def _create_for(self, client: int, nbytes: int) -> tuple[int, int]:
-        object_id, offset = self._table.create(client, nbytes)
+    def drop_deliveries(self, client: int) -> int:
+        """Free the objects ``client`` made for this process that it never handed over.
+
+        Call it once everything that client said has been read (it has exited): a
+        result it stored and then died before reporting would otherwise stay.
+        """
+        with self._lock:
+            return self._table.drop_deliveries(client, _OWNER)
+
+    def _create_for(
+        self, client: int, nbytes: int, *, courier: int | None = None
+    ) -> tuple[int, int]:
+        object_id, offset = self._table.create(client, nbytes, courier=courier)
         try:
             end = offset + self._table.allocator.block_size(offset)
             self.segment.reserve(end, requested=nbytes)
@@ -321,6 +333,8 @@ class OwnerStore(ObjectStore):
 class ClientStore(ObjectStore):
     """A process's connection to a store owned by another process."""
 
+    client_id: int  # how the owner knows this connection (see ``OwnerStore.drop_deliveries``)
+
     def __init__(self, address: str) -> None:
         super().__init__()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -337,7 +351,7 @@ class ClientStore(ObjectStore):
         if not fds:
             self._sock.close()
             raise SharedComputeError(f"object store {address!r} refused the connection")
-        (capacity,) = struct.unpack("!Q", hello)
+        capacity, self.client_id = struct.unpack("!QQ", hello)
         self.segment = MappedSegment(fds[0], capacity)
         self.address = address
 
@@ -448,7 +462,8 @@ class _StoreServer:
             return
         try:
             socket.send_fds(
-                conn, [struct.pack("!Q", self._owner.capacity)], [self._owner.segment.fd]
+                conn, [struct.pack("!QQ", self._owner.capacity, self._next_client)],
+                [self._owner.segment.fd],
             )
         except OSError:  # the client died while connecting
             conn.close()
@@ -482,7 +497,9 @@ class _StoreServer:
     def _dispatch(self, client: int, op: str, args: list[Any]) -> Any:
         table = self._owner._table
         if op == "create":
-            return self._owner._create_for(_OWNER if args[1] else client, args[0])
+            if args[1]:  # for the owner: in transit from this client until adopted
+                return self._owner._create_for(_OWNER, args[0], courier=client)
+            return self._owner._create_for(client, args[0])
         if op == "abort":
             table.abort(_OWNER, args[0])
             return None

@@ -9,8 +9,15 @@ goes back to the allocator when no client holds a reference any more, and a
 client that disconnects (exit, crash, SIGKILL) drops all of its references at
 once, so a dead process can never pin memory.
 
+A client may also create an object *for the owner* (a worker's task result): the
+owner holds it from the start, and until the owner takes delivery (``delivered``)
+the object is in transit from that client. If the client dies first, its
+message naming the object never arrives, so the owner drops what that client
+had in transit once it has read everything the client said (``drop_deliveries``).
+
 Invariants:
 - ``entry.refs == sum(holders[c][id] for c in holders)`` for every entry;
+- an object in ``_in_transit[c]`` is held by the owner (client 0), created by ``c``;
 - an entry exists exactly while ``entry.refs > 0``;
 - only sealed entries can be looked up by clients that did not create them.
 """
@@ -47,6 +54,8 @@ class ObjectTable:
         self.allocator = Allocator(capacity)
         self._entries: dict[int, _Entry] = {}
         self._holders: dict[int, Counter[int]] = {}
+        self._in_transit: dict[int, set[int]] = {}  # client -> objects it made for the owner
+        self._courier: dict[int, int] = {}  # object in transit -> the client that made it
         self._next_id = 1
 
     @property
@@ -56,8 +65,11 @@ class ObjectTable:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def create(self, client: int, nbytes: int) -> tuple[int, int]:
-        """Allocate an unsealed object held once by ``client``; return (id, offset)."""
+    def create(self, client: int, nbytes: int, *, courier: int | None = None) -> tuple[int, int]:
+        """Allocate an unsealed object held once by ``client``; return (id, offset).
+
+        ``courier``: the client that makes the object for ``client`` (the owner).
+        """
         if nbytes > self.capacity:
             raise ObjectStoreFullError(
                 f"an object of {nbytes:,} bytes cannot fit in the object store, whose "
@@ -76,11 +88,32 @@ class ObjectTable:
         self._next_id += 1
         self._entries[object_id] = _Entry(offset, nbytes, None, 1)
         self._holders.setdefault(client, Counter())[object_id] += 1
+        if courier is not None:
+            self._in_transit.setdefault(courier, set()).add(object_id)
+            self._courier[object_id] = courier
         return object_id, offset
 
     def abort(self, client: int, object_id: int) -> None:
         """Forget an object whose creator failed before sealing it."""
+        self.delivered(object_id)
         self.decref(client, object_id)
+
+    def delivered(self, object_id: int) -> None:
+        """The owner took delivery of an object a client made for it (or it was aborted)."""
+        courier = self._courier.pop(object_id, None)
+        if courier is not None:
+            in_transit = self._in_transit[courier]
+            in_transit.discard(object_id)
+            if not in_transit:
+                del self._in_transit[courier]
+
+    def drop_deliveries(self, client: int, owner: int) -> int:
+        """Free what ``client`` made for ``owner`` that never arrived; return how many."""
+        lost = self._in_transit.pop(client, set())
+        for object_id in lost:
+            del self._courier[object_id]
+            self.decref(owner, object_id)
+        return len(lost)
 
     def seal(self, object_id: int, header: bytes) -> StoredObject:
         entry = self._entries[object_id]

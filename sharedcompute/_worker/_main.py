@@ -40,6 +40,7 @@ from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._serialization import deserialize, serialize
 from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
 from sharedcompute._worker._heap import IDLE_TRIM_SECONDS, Heap
+from sharedcompute._worker._running import RunningSlot
 from sharedcompute.errors import SerializationError, SharedComputeError
 
 if TYPE_CHECKING:
@@ -94,11 +95,19 @@ class WorkerRuntime(RuntimeBase):
 
     needs_pump = True
 
-    def __init__(self, worker_id: int, conn: Connection, store: ClientStore) -> None:
+    def __init__(
+        self, worker_id: int, conn: Connection, store: ClientStore,
+        running: RunningSlot | None = None,
+    ) -> None:
         super().__init__()
+        if running is None:
+            running, fd = RunningSlot.create()
+            os.close(fd)
+        self._running = running.word  # the key of the task executing on the main thread
         self.worker_id = worker_id
         self.conn = conn
         self.store = store
+        self._store_client = store.client_id
         self._next_key = self._key_counter((worker_id + 1) << 40)
         self._futures: dict[int, Future[Any]] = {}
         self._waited: set[int] = set()
@@ -128,7 +137,7 @@ class WorkerRuntime(RuntimeBase):
     # -- the loop -------------------------------------------------------------------
 
     def serve(self) -> None:
-        self.conn.send((Msg.READY, os.getpid()))
+        self.conn.send((Msg.READY, os.getpid(), self._store_client))
         while not self.shutting_down:
             if self._queue:
                 with self._queue_lock:  # a thread of a finished task may still take from it
@@ -288,6 +297,7 @@ class WorkerRuntime(RuntimeBase):
         self.heap.dirty = True
         if on_main:
             self._stack.append(key)
+            self._running[0] = key
         started = time.perf_counter()
         try:
             try:
@@ -302,6 +312,7 @@ class WorkerRuntime(RuntimeBase):
         finally:
             if on_main:
                 self._stack.pop()
+                self._running[0] = self._stack[-1] if self._stack else 0
 
     def _arguments(
         self, args_wire: tuple[Any, ...], dep_refs: tuple[tuple[int, Any], ...]
@@ -576,8 +587,10 @@ def main() -> None:
         target=_watch_driver, args=(int(sys.argv[2]),), name="driver-watch", daemon=True
     ).start()
     conn = Connection(socket.socket(fileno=int(sys.argv[1])))
+    running = RunningSlot(int(sys.argv[3]))
+    os.close(int(sys.argv[3]))
     store = ClientStore(config["store"])
-    runtime = WorkerRuntime(config["id"], conn, store)
+    runtime = WorkerRuntime(config["id"], conn, store, running)
     from sharedcompute._runtime import _context
 
     _context.set_worker_runtime(runtime)
