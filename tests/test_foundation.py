@@ -151,3 +151,40 @@ def test_a_worker_that_fails_to_start_once_is_replaced(
         assert sc.submit(abs, -3).result(timeout=TIMEOUT) == 3
         assert rt.broken is None
         assert (tmp_path / "refusals").read_text() == "xx"
+
+
+# -- done-callbacks ------------------------------------------------------------------------
+
+
+def test_a_slow_done_callback_does_not_stall_other_results(rt: sc.Runtime) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_callback(_: Any) -> None:
+        entered.set()
+        release.wait(TIMEOUT)
+
+    try:
+        first = sc.submit(abs, -1)
+        first.add_done_callback(slow_callback)
+        assert entered.wait(TIMEOUT)
+        # The callback is still running: the workers' answers must still be read.
+        assert sc.submit(abs, -2).result(timeout=10) == 2
+        assert sc.gather(sc.map(abs, [-3, -4]), timeout=10) == [3, 4]
+    finally:
+        release.set()
+
+
+def test_done_callbacks_run_once_each_in_settling_order(rt: sc.Runtime) -> None:
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def record(future: Any) -> None:
+        with lock:
+            seen.append(future.result())
+
+    futures = [sc.submit(abs, -i) for i in range(50)]
+    for future in futures:
+        future.add_done_callback(record)
+    sc.wait(futures, timeout=TIMEOUT)
+    wait_until(lambda: len(seen) == 50, what="every callback")
+    assert sorted(seen) == list(range(50))

@@ -145,6 +145,14 @@ class RuntimeBase:
     def watch(self, future: Future[Any]) -> None:
         """Make sure ``future`` gets settled without anyone blocking on it (for ``await``)."""
 
+    def defer_callbacks(self) -> bool:
+        """Whether done-callbacks settled in this thread must run elsewhere (``call_soon``)."""
+        return False
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on a thread that does nothing else (for done-callbacks)."""
+        callback()
+
     def in_task_thread(self) -> bool:
         """Whether this thread runs a task of this runtime (its waits lend the task's slot)."""
         return False

@@ -151,6 +151,8 @@ class Runtime(RuntimeBase):
         self._views: dict[int, tuple[weakref.ref[Any], StoredObject]] = {}
         self._pool: ProcessPool | None = None
         self._threads: ThreadPool | None = None
+        # Done-callbacks of Futures settled by the thread that reads the workers run here.
+        self._callbacks = ThreadPool(1, name="sharedcompute-callbacks")
         self._store: OwnerStore | None = None
         self._closed = False
         # Pool workers that exited before they were ready, in a row; past the limit, with
@@ -213,6 +215,7 @@ class Runtime(RuntimeBase):
             self._waiters.clear()
         for future in pending:
             future._cancel_now()
+        self._callbacks.close()
         if self._store is not None:
             self._store.close()
 
@@ -496,6 +499,16 @@ class Runtime(RuntimeBase):
             )
         else:
             pool.lead(lambda: all(is_done(f) for f in futures), timeout)
+
+    def defer_callbacks(self) -> bool:
+        pool = self._pool
+        return pool is not None and pool.is_reading_thread()
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        try:
+            self._callbacks.submit(callback)
+        except RuntimeError:  # shut down: nothing reads the workers any more
+            callback()
 
     def in_task_thread(self) -> bool:
         threads = self._threads

@@ -106,6 +106,15 @@ class Future(concurrent.futures.Future, Generic[T]):
         self.set_running_or_notify_cancel()
         return True
 
+    def _invoke_callbacks(self) -> None:
+        # Settled by the thread that reads the workers: a slow callback there would stall
+        # every worker's messages, so callbacks run on the runtime's callback thread.
+        invoke = super()._invoke_callbacks  # type: ignore[misc]
+        if self._done_callbacks and self._runtime.defer_callbacks():  # type: ignore[attr-defined]
+            self._runtime.call_soon(invoke)
+        else:
+            invoke()
+
     def __await__(self) -> Generator[Any, None, T]:
         import asyncio  # only code that awaits pays for importing asyncio
 

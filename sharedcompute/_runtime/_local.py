@@ -51,8 +51,9 @@ def run_inline(
 class ThreadPool:
     """A FIFO of callables served by up to ``size`` threads, plus one per blocked thread."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, name: str = "sharedcompute-thread") -> None:
         self.size = size
+        self.name = name
         self._queue: deque[Callable[[], None]] = deque()
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -73,7 +74,7 @@ class ThreadPool:
 
     def _start_thread(self) -> None:
         thread = threading.Thread(
-            target=self._serve, name=f"sharedcompute-thread-{len(self._threads)}", daemon=True
+            target=self._serve, name=f"{self.name}-{len(self._threads)}", daemon=True
         )
         self._threads.append(thread)
         thread.start()

@@ -298,6 +298,11 @@ class ProcessPool:
         finally:
             self._wake_lock.release()
 
+    def is_reading_thread(self) -> bool:
+        """Whether this thread reads the workers now (the I/O thread or a leading thread)."""
+        me = threading.get_ident()
+        return me == self._leader or me == self._thread.ident
+
     def request_idle_work(self) -> None:
         """Idle work was queued: wake the thread that sleeps in ``select``, if one does.
 
