@@ -10,6 +10,8 @@ Driver -> worker
     CREATE    (actor_id, cls_key, cls_bytes, args_ref, dep_refs, max_concurrency, description)
     CALL      (key, method, args_ref, dep_refs, name)
     FORGET    (fn_keys,)                   drop these functions (the driver's bound per worker)
+    DROP      (key,)                       drop this task unrun if still queued; answer RETURN
+    INIT      (initializer_bytes,)         first message, when the runtime has an initializer
 Worker -> driver
     READY     (pid, store_client)           store_client: its id at the object store
     DONE      (key, ref)
@@ -23,6 +25,7 @@ Worker -> driver
     CANCEL    (key,)
     SUBMIT_CALL (key, actor_id, class_name, method, args_ref, dep_keys)
     CREATE_FAILED (actor_id, error_bytes)      the actor's constructor raised
+    INIT_FAILED (error_bytes,)             the initializer raised; the worker exits
     ACTOR_LEASE / ACTOR_RETAIN / ACTOR_RELEASE (actor_id,)
                                            a handle was pickled / unpickled here / dropped here
 """
@@ -39,6 +42,8 @@ class Msg(enum.IntEnum):
     CREATE = 4
     CALL = 5
     FORGET = 6
+    DROP = 7
+    INIT = 8
     READY = 10
     DONE = 11
     FAILED = 12
@@ -55,3 +60,4 @@ class Msg(enum.IntEnum):
     ACTOR_LEASE = 23
     SUBMIT_CALL = 24
     RETURN = 25
+    INIT_FAILED = 26

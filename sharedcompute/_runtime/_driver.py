@@ -56,11 +56,14 @@ from sharedcompute._scheduler import (
     Resources,
     SchedulerCore,
     StartWorker,
+    StopWorker,
     TaskFailed,
     TaskFinished,
     TaskReturned,
     TaskState,
     TaskSubmitted,
+    Withdraw,
+    WithdrawRequested,
     WorkerBlocked,
     WorkerDied,
     WorkerJoined,
@@ -111,6 +114,10 @@ class Runtime(RuntimeBase):
         store_capacity: int | None = None,
         spill_dir: str | None = None,
         resources: dict[str, float] | None = None,
+        *,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_child: int | None = None,
     ) -> None:
         super().__init__()
         if address is not None:
@@ -122,6 +129,14 @@ class Runtime(RuntimeBase):
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
         if num_workers is not None and num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+        if max_tasks_per_child is not None and (
+            not isinstance(max_tasks_per_child, int) or max_tasks_per_child < 1
+        ):
+            raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child!r}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        # Run in every worker before its first task (replacements too).
+        self._initializer = (initializer, tuple(initargs)) if initializer is not None else None
         self.num_workers = num_workers or os.cpu_count() or 1
         self.scheduler = scheduler
         self.spill_dir = spill_dir
@@ -132,7 +147,7 @@ class Runtime(RuntimeBase):
         self._lock = self._release_lock
         self._next_key = self._key_counter(1)
         self._next_worker_id = self._key_counter(0)
-        self.core = SchedulerCore(self._resources)
+        self.core = SchedulerCore(self._resources, max_tasks_per_worker=max_tasks_per_child)
         self._futures: dict[int, Future[Any]] = {}
         self._args_refs: dict[int, ObjectRef] = {}
         # Pickled functions of pending tasks (to send to a worker that lacks one), and how
@@ -186,9 +201,19 @@ class Runtime(RuntimeBase):
             self._pool = ProcessPool(
                 store.address, self._on_messages, self._on_exit,
                 on_idle=self._release_lock.try_drain, idle_pending=self._releases_pending,
+                initializer=self._initializer,
             )
             for _ in range(self.num_workers):
-                self._pool.spawn(self._next_worker_id())
+                self._spawn_pool_worker()
+        self._settle_futures()
+
+    def _spawn_pool_worker(self) -> None:
+        """Start a pool worker (lock held). It may be sent tasks at once: they wait in its
+        connection while it starts, which saves the first task a round trip (and a task
+        sent there counts as running, as one in ProcessPoolExecutor's call queue does)."""
+        assert self._pool is not None
+        worker = self._pool.spawn(self._next_worker_id())
+        self._handle(WorkerJoined(worker.id))
 
     def _thread_pool(self) -> ThreadPool:
         with self._lock:
@@ -279,7 +304,11 @@ class Runtime(RuntimeBase):
             elif type(instruction) is FreeObject:
                 self.store.delete(instruction.ref)
             elif type(instruction) is StartWorker and self._pool is not None and not self._closed:
-                self._pool.spawn(self._next_worker_id())
+                self._spawn_pool_worker()
+            elif type(instruction) is Withdraw:
+                outbox[instruction.worker].append((Msg.DROP, instruction.key))
+            elif type(instruction) is StopWorker:
+                outbox[instruction.worker].append((Msg.SHUTDOWN,))
         if self.actors.ending:
             self.actors.check_ending()
         if outbox and self._pool is not None:
@@ -570,6 +599,23 @@ class Runtime(RuntimeBase):
             return True
         return future._cancel_now() if future.key not in self.core and not future.done() else False
 
+    def cancel_pending(self) -> None:
+        """Cancel every task not started yet, those queued on workers included."""
+        with self._lock:
+            events: list[Event] = []
+            for key in list(self._futures):
+                state = self.core.state_of(key)
+                if state is TaskState.WAITING or state is TaskState.READY:
+                    events.append(CancelRequested(key))
+                elif state is TaskState.RUNNING:
+                    events.append(WithdrawRequested(key))  # its worker says if it had started
+            self._handle(events)
+        self._settle_futures()
+
+    def is_running(self, key: int) -> bool:
+        """Whether the task was sent to a worker (it runs, or waits there to run next)."""
+        return self.core.state_of(key) is TaskState.RUNNING
+
     # -- what workers say (I/O thread) -----------------------------------------------------
 
     def _on_messages(self, worker: WorkerHandle, messages: list[tuple[Any, ...]]) -> None:
@@ -636,15 +682,21 @@ class Runtime(RuntimeBase):
             worker.ready = True
             self._failed_starts = 0
             worker.store_client = message[2]
-            if worker.actor_id is None:
-                events.append(WorkerJoined(worker.id))
-            else:
+            if worker.actor_id is not None:
                 record = self.actors.record(worker.actor_id)
                 if record is not None and not record.dead:
                     if events:
                         self._handle(events)
                         events.clear()
                     self.actors._start_actor_on(record, worker)
+        elif kind == Msg.INIT_FAILED:
+            error = unpack_error(message[1])
+            broken = WorkerCrashedError(
+                f"the initializer failed in worker {worker.id} (pid {worker.pid}): "
+                f"{type(error).__name__}: {error}; no task can run"
+            )
+            broken.__cause__ = error
+            events.extend(self._break(broken))
         elif kind == Msg.CREATE_FAILED:
             if events:
                 self._handle(events)
@@ -726,18 +778,16 @@ class Runtime(RuntimeBase):
         with self._lock:
             if self._closed:
                 return
-            if not worker.ready and worker.actor_id is None:
-                self._start_failed(worker, reason)
             if worker.store_client is not None:
                 # Everything it said has been read: results it stored but never reported
                 # are nobody's now.
                 self.store.drop_deliveries(worker.store_client)
             if worker.actor_id is not None:
                 events = self.actors._actor_exited(worker, reason)
-            elif worker.ready:
-                events = [WorkerDied(worker.id, reason, worker.running.get())]
             else:
-                events = []
+                events = [WorkerDied(worker.id, reason, worker.running.get(), worker.ready)]
+                if not worker.ready:
+                    events += self._start_failed(worker, reason)
             events += [KeyReleased(key) for key in worker.held_keys]
             worker.held_keys.clear()
             self.actors._drop_worker_actor_holds(worker)
@@ -748,7 +798,7 @@ class Runtime(RuntimeBase):
 
     # -- workers that cannot start -----------------------------------------------------------
 
-    def _start_failed(self, worker: WorkerHandle, reason: str) -> None:
+    def _start_failed(self, worker: WorkerHandle, reason: str) -> list[Event]:
         """A pool worker exited before it was ready: start another later, or give up (lock held).
 
         Restarts back off (0.1 s, doubling, at most ``_START_BACKOFF_MAX``); after
@@ -758,16 +808,18 @@ class Runtime(RuntimeBase):
         assert self._pool is not None
         self._failed_starts += 1
         alive = any(w.ready and w.actor_id is None for w in self._pool.workers.values())
+        if self.broken is not None:
+            return []
         if self._failed_starts < _MAX_FAILED_STARTS or alive:
             delay = min(_START_BACKOFF_MAX, _START_BACKOFF * 2 ** (self._failed_starts - 1))
             self._pool.call_later(delay, self._respawn)
-            return
+            return []
         tail = worker.stderr_tail()
         said = (
             "; the last lines it wrote to stderr:\n" + "\n".join(f"    {line}" for line in tail)
             if tail else "; it wrote nothing to stderr"
         )
-        self._break(WorkerCrashedError(
+        return self._break(WorkerCrashedError(
             f"worker processes cannot start: {self._failed_starts} tried in a row, and the "
             f"last one ({reason}) exited before it was ready{said}"
         ))
@@ -775,12 +827,18 @@ class Runtime(RuntimeBase):
     def _respawn(self) -> None:
         with self._lock:
             if self._pool is not None and not self._closed and self.broken is None:
-                self._pool.spawn(self._next_worker_id())
+                self._spawn_pool_worker()
+        self._settle_futures()
 
-    def _break(self, error: BaseException) -> None:
-        """No task can run any more: fail those waiting, and refuse new ones (lock held)."""
+    def _break(self, error: BaseException) -> list[Event]:
+        """No task can run any more: the events that fail those waiting (lock held).
+
+        New submits raise ``error`` from now on, as a broken ProcessPoolExecutor does.
+        """
+        if self.broken is not None:
+            return []
         self.broken = error
-        self._handle([PoolBroken(error)])
+        return [PoolBroken(error)]
 
     def _broken_error(self) -> BaseException:
         error = self.broken

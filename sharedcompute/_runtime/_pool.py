@@ -52,6 +52,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+import cloudpickle
+
 from sharedcompute._protocol import Connection, ConnectionClosed, Msg
 from sharedcompute._worker._main import ENV_VAR
 from sharedcompute._worker._running import RunningSlot
@@ -150,6 +152,36 @@ class WorkerHandle:
         return [*self.stderr.tail, *([partial] if partial else [])]
 
 
+def pickle_for_workers(value: Any) -> tuple[bytes, tuple[int, ...]]:
+    """Pickle ``value`` as multiprocessing pickles a Process's arguments at spawn.
+
+    Objects such as ``multiprocessing.Queue`` pickle only while a process is being
+    spawned, and then by the numbers of file descriptors the child inherits: this
+    collects those numbers, for the worker's ``pass_fds``.
+    """
+    from multiprocessing import context
+    from multiprocessing.popen_spawn_posix import _DupFd
+
+    class Spawning:
+        def __init__(self) -> None:
+            self.fds: list[int] = []
+
+        def duplicate_for_child(self, fd: int) -> int:
+            self.fds.append(fd)
+            return fd
+
+        def DupFd(self, fd: int) -> Any:
+            return _DupFd(fd)
+
+    spawning = Spawning()
+    context.set_spawning_popen(spawning)  # type: ignore[arg-type]
+    try:
+        data = cloudpickle.dumps(value, protocol=5)
+    finally:
+        context.set_spawning_popen(None)
+    return data, tuple(dict.fromkeys(spawning.fds))
+
+
 def describe_exit(pid: int, returncode: int | None) -> str:
     if returncode is None:
         return f"pid {pid} closed its connection"
@@ -207,8 +239,15 @@ class ProcessPool:
         on_exit: Callable[[WorkerHandle, str], None],
         on_idle: Callable[[], None] = lambda: None,
         idle_pending: Callable[[], bool] = lambda: False,
+        initializer: tuple[Callable[..., object], tuple[Any, ...]] | None = None,
     ) -> None:
         self._store_address = store_address
+        # Pickled once, sent first to every worker; with the descriptors it refers to.
+        self._init_message: tuple[Any, ...] | None = None
+        self._init_fds: tuple[int, ...] = ()
+        if initializer is not None:
+            init_bytes, self._init_fds = pickle_for_workers(initializer)
+            self._init_message = (Msg.INIT, init_bytes)
         self._on_messages = on_messages
         self._on_exit = on_exit
         self._on_idle = on_idle  # must not block (see "Idle work")
@@ -244,7 +283,10 @@ class ProcessPool:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         watch_r, watch_w = os.pipe2(os.O_CLOEXEC)
         running, running_fd = RunningSlot.create()
-        config = {"path": sys.path, "store": self._store_address, "id": worker_id}
+        config = {
+            "path": sys.path, "store": self._store_address, "id": worker_id,
+            "init": self._init_message is not None,
+        }
         env = dict(os.environ)
         env[ENV_VAR] = json.dumps(config)
         env["PYTHONUNBUFFERED"] = "1"
@@ -255,7 +297,7 @@ class ProcessPool:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "sharedcompute._worker",
                  str(child_sock.fileno()), str(watch_r), str(running_fd)],
-                pass_fds=(child_sock.fileno(), watch_r, running_fd),
+                pass_fds=(child_sock.fileno(), watch_r, running_fd, *self._init_fds),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -267,6 +309,11 @@ class ProcessPool:
             os.close(running_fd)
         conn = Connection(parent_sock, on_backlog=self._on_backlog)
         worker = WorkerHandle(worker_id, proc, conn, watch_w, running)
+        if self._init_message is not None:
+            conn.send(self._init_message)  # never blocks: what does not fit waits in a backlog
+        # Known at once (the runtime may send it tasks now); read once the polling thread
+        # has registered its connection.
+        self.workers[worker_id] = worker
         with self._new_lock:
             self._new.append(worker)
         self._wake()
@@ -593,7 +640,7 @@ class ProcessPool:
         with self._token:  # a leading thread has noticed, and stopped reading
             pass
         with self._new_lock:
-            workers = [*self.workers.values(), *self._new]
+            workers = list({*self.workers.values(), *self._new})
             self._new = []
         for worker in workers:
             # Closing the watch pipe makes the worker exit even mid-task.

@@ -83,12 +83,15 @@ from sharedcompute._scheduler._events import (
     Resolve,
     Resources,
     StartWorker,
+    StopWorker,
     TaskFailed,
     TaskFinished,
     TaskKey,
     TaskReturned,
     TaskState,
     TaskSubmitted,
+    Withdraw,
+    WithdrawRequested,
     WorkerBlocked,
     WorkerDied,
     WorkerId,
@@ -121,6 +124,7 @@ class _Task:
     parent: TaskKey | None = None
     short: bool = False
     followed: bool = False  # a dependent was once queued behind it (see Chains)
+    withdrawing: bool = False  # asked to be dropped unrun from its worker's queue
 
 
 @dataclass(slots=True)
@@ -147,6 +151,7 @@ class _Worker:
     # Tasks of this worker waiting on Futures, in the order they blocked: the last one
     # is on top of the worker's stack, and only its own children may run nested above it.
     blocked_order: list[TaskKey] = field(default_factory=list)
+    tasks_left: int | None = None  # more tasks it may be given (max_tasks_per_worker)
 
     def count(self, task: _Task, sign: int) -> None:
         self.active += sign
@@ -159,10 +164,14 @@ class _Worker:
 class SchedulerCore:
     _handlers: dict[type, Any]
 
-    def __init__(self, resources: dict[str, float], *, max_prefetch: int = 16) -> None:
+    def __init__(
+        self, resources: dict[str, float], *, max_prefetch: int = 16,
+        max_tasks_per_worker: int | None = None,
+    ) -> None:
         self.total = dict(resources)
         self._available = dict(resources)
         self.max_prefetch = max_prefetch
+        self.max_tasks_per_worker = max_tasks_per_worker
         self._tasks: dict[TaskKey, _Task] = {}
         self._ready: deque[TaskKey] = deque()
         # READY tasks by the task that submitted them (entries may be stale: check state).
@@ -300,7 +309,7 @@ class SchedulerCore:
         self._fail(task, event.error)
 
     def _on_WorkerJoined(self, event: WorkerJoined) -> None:
-        self._workers[event.worker] = _Worker(event.worker)
+        self._workers[event.worker] = _Worker(event.worker, tasks_left=self.max_tasks_per_worker)
 
     def _on_WorkerDied(self, event: WorkerDied) -> None:
         actor = self._actor_workers.pop(event.worker, None)
@@ -348,7 +357,8 @@ class SchedulerCore:
         # Back to the front of the queue, in the order they were submitted.
         for task in reversed(requeue):
             self._requeue(task)
-        self._out.append(StartWorker(replaces=event.worker))
+        if event.replace:
+            self._out.append(StartWorker(replaces=event.worker))
 
     def _executing(self, event: WorkerDied) -> TaskKey | None:
         """The task the dead worker was executing; None if it cannot be told."""
@@ -390,7 +400,24 @@ class SchedulerCore:
         if task is None or task.worker != event.worker or task.state is not TaskState.RUNNING:
             return
         self._unassign(task)
-        self._requeue(task)
+        if task.withdrawing:
+            self._terminate(
+                task, TaskState.CANCELLED, CancelledError(f"task {task.key} was cancelled")
+            )
+        else:
+            self._requeue(task)
+
+    def _on_WithdrawRequested(self, event: WithdrawRequested) -> None:
+        task = self._tasks.get(event.key)
+        if task is None or task.state in (TaskState.WAITING, TaskState.READY):
+            self._on_CancelRequested(CancelRequested(event.key))
+            return
+        if (
+            task.state is TaskState.RUNNING and task.actor is None and task.worker is not None
+            and not task.blocked and not task.withdrawing and task.worker in self._workers
+        ):
+            task.withdrawing = True
+            self._out.append(Withdraw(task.worker, task.key))
 
     def _on_CancelRequested(self, event: CancelRequested) -> None:
         task = self._tasks.get(event.key)
@@ -434,6 +461,12 @@ class SchedulerCore:
 
     def _requeue(self, task: _Task) -> None:
         """A task that was sent but never ran goes back: READY, or WAITING if speculative."""
+        if task.withdrawing:  # its worker died before it could drop it: cancel it here
+            task.withdrawing = False
+            self._terminate(
+                task, TaskState.CANCELLED, CancelledError(f"task {task.key} was cancelled")
+            )
+            return
         task.waiting_on = {
             key for key in task.dependencies
             if (dependency := self._tasks.get(key)) is not None
@@ -596,6 +629,14 @@ class SchedulerCore:
         task.worker = None
         if worker is not None:
             self._rebalance(worker)
+            if worker.tasks_left is not None and worker.tasks_left <= 0 and not worker.assigned:
+                self._retire(worker)
+
+    def _retire(self, worker: _Worker) -> None:
+        """The worker has had its share of tasks: it exits, and another takes its place."""
+        del self._workers[worker.id]
+        self._out.append(StopWorker(worker.id))
+        self._out.append(StartWorker(replaces=worker.id))
 
     def _pick_worker(self, task: _Task) -> _Worker | None:
         best: _Worker | None = None
@@ -603,6 +644,8 @@ class SchedulerCore:
         for worker in self._workers.values():
             if worker.blocked_order:
                 continue  # it only takes children of its top task (_serve_blocked)
+            if worker.tasks_left is not None and worker.tasks_left <= 0:
+                continue  # it retires once its tasks are done
             if not worker.active:
                 return worker if self._fits(task.resources) else None
             if worker.active < best_load and not worker.active_long:
@@ -656,6 +699,7 @@ class SchedulerCore:
             if (
                 worker is None or worker.blocked_order or worker.active_long
                 or worker.active > self.max_prefetch
+                or (worker.tasks_left is not None and worker.tasks_left <= 0)
             ):
                 return
             for key in sorted(task.dependents):
@@ -745,6 +789,8 @@ class SchedulerCore:
             self._send(task, actor.worker)
 
     def _assign(self, task: _Task, worker: _Worker) -> None:
+        if worker.tasks_left is not None:
+            worker.tasks_left -= 1  # nested children too (never refused: they must run)
         worker.assigned.append(task.key)
         worker.count(task, +1)
         self._send(task, worker.id)
@@ -767,5 +813,6 @@ SchedulerCore._handlers = {
         ActorStarted, ActorFailed, WorkerRetired, TaskReturned, TaskSubmitted, ExternalTask,
         ObjectPut, TaskFinished, TaskFailed, WorkerJoined, WorkerDied, WorkerBlocked,
         WorkerUnblocked, CancelRequested, KeyReleased, KeyRetained, PoolBroken,
+        WithdrawRequested,
     )
 }

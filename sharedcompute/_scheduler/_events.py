@@ -32,12 +32,15 @@ __all__ = [
     "Resolve",
     "Resources",
     "StartWorker",
+    "StopWorker",
     "TaskFailed",
     "TaskFinished",
     "TaskKey",
     "TaskReturned",
     "TaskState",
     "TaskSubmitted",
+    "Withdraw",
+    "WithdrawRequested",
     "WorkerBlocked",
     "WorkerDied",
     "WorkerId",
@@ -142,6 +145,7 @@ class WorkerDied:
     worker: WorkerId
     reason: str  # "pid 123 was killed by SIGKILL", for the error message
     executing: TaskKey | None = None
+    replace: bool = True  # False: the runtime starts (or not) a replacement itself
 
 
 @dataclass(slots=True)
@@ -196,6 +200,13 @@ class CancelRequested:
 
 
 @dataclass(slots=True)
+class WithdrawRequested:
+    """Cancel task ``key`` if it is only queued on a worker (its worker says if it was)."""
+
+    key: TaskKey
+
+
+@dataclass(slots=True)
 class KeyReleased:
     """One holder of a key (a Future, a dependent, a worker) let go of it."""
 
@@ -239,6 +250,7 @@ Event = (
     | KeyReleased
     | KeyRetained
     | PoolBroken
+    | WithdrawRequested
 )
 
 
@@ -279,5 +291,24 @@ class StartWorker:
     replaces: WorkerId | None = None
 
 
-Instruction = Dispatch | Resolve | Reject | FreeObject | StartWorker
+@dataclass(slots=True)
+class StopWorker:
+    """The worker has run its share of tasks (``max_tasks_per_worker``): let it exit."""
+
+    worker: WorkerId
+
+
+@dataclass(slots=True)
+class Withdraw:
+    """Ask ``worker`` to drop task ``key`` unrun if it is still queued there.
+
+    It answers with ``TaskReturned`` if it dropped it (the task is then
+    cancelled), or with the task's result if it had started it.
+    """
+
+    worker: WorkerId
+    key: TaskKey
+
+
+Instruction = Dispatch | Resolve | Reject | FreeObject | StartWorker | StopWorker | Withdraw
 

@@ -265,6 +265,8 @@ class WorkerRuntime(RuntimeBase):
                     future.set_exception(payload)
             with self._progress:
                 self._progress.notify_all()
+        elif kind == Msg.DROP:
+            self._drop(message[1])
         elif kind == Msg.FORGET:
             for fn_key in message[1]:
                 self._functions.pop(fn_key, None)
@@ -272,6 +274,36 @@ class WorkerRuntime(RuntimeBase):
                 self._short.discard(fn_key)
         elif kind == Msg.SHUTDOWN:
             self.shutting_down = True
+
+    def _drop(self, key: int) -> None:
+        """Drop task ``key`` if it is still queued, and say so (the driver cancels it)."""
+        with self._queue_lock:
+            for index, queued in enumerate(self._queue):
+                if queued[0] == Msg.RUN and queued[1] == key:
+                    del self._queue[index]
+                    break
+            else:
+                return  # started already (or finished): its answer says so
+        self._send((Msg.RETURN, key))
+
+    def run_initializer(self) -> bool:
+        """Run the initializer the driver sends first; False if it raised (then exit)."""
+        message = self.conn.recv_one()
+        assert message[0] == Msg.INIT, message
+        try:
+            initializer, initargs = cloudpickle.loads(message[1])
+            initializer(*initargs)
+        except BaseException as exc:
+            # As concurrent.futures.process does, so handlers set up for it see it.
+            import logging
+
+            logging.getLogger("concurrent.futures").critical(
+                "Exception in initializer:", exc_info=True
+            )
+            where = f"The initializer failed in worker {self.worker_id} (pid {os.getpid()})"
+            self._send((Msg.INIT_FAILED, pack_error(exc, where)))
+            return False
+        return True
 
     # -- running a task --------------------------------------------------------------
 
@@ -594,6 +626,9 @@ def main() -> None:
     from sharedcompute._runtime import _context
 
     _context.set_worker_runtime(runtime)
+    if config["init"] and not runtime.run_initializer():
+        conn.close()
+        sys.exit(1)  # through atexit: what the initializer queued (logging) goes out
     runtime.serve()
     conn.close()
     os._exit(0)
