@@ -2,12 +2,16 @@
 
 - the runtime's errors are also the stdlib's: a SerializationError is a
   pickle.PicklingError, a WorkerCrashedError a BrokenProcessPool;
+- a SIGKILLed worker's error points at the out-of-memory killer;
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
 from collections.abc import Iterator
+from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
@@ -35,3 +39,27 @@ def test_error_classes_keep_their_stdlib_bases() -> None:
     assert isinstance(error, SerializationError) and str(error) == "x"
     assert issubclass(WorkerCrashedError, BrokenProcessPool)
     assert issubclass(WorkerCrashedError, sc.errors.SharedComputeError)
+
+
+# -- a SIGKILLed worker's error points at the out-of-memory killer ----------------------------
+
+
+def kill_self(how: str) -> None:
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(3)
+
+
+@pytest.mark.parametrize("how", ["sigkill", "exit 3"])
+def test_sigkill_message_suggests_the_oom_killer(rt: sc.Runtime, how: str) -> None:
+    future = sc.remote(kill_self).options(max_retries=0).submit(how)
+    with pytest.raises(WorkerCrashedError) as info:
+        future.result(timeout=TIMEOUT)
+    message = str(info.value)
+    if how == "sigkill":
+        assert "SIGKILL" in message and "out-of-memory" in message, message
+        assert "dmesg" in message and "journalctl -k" in message, message
+    else:
+        assert "code 3" in message and "out-of-memory" not in message, message
+    # The stdlib's crash errors catch it too.
+    assert isinstance(info.value, BrokenProcessPool) and isinstance(info.value, BrokenExecutor)

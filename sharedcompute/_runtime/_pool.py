@@ -140,6 +140,13 @@ def describe_exit(pid: int, returncode: int | None) -> str:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
+        if returncode == -signal.SIGKILL:
+            # What loky calls "excessive memory usage": the kernel's OOM killer sends SIGKILL.
+            return (
+                f"pid {pid} was killed by {name} (often the kernel's out-of-memory killer, "
+                "when memory runs short; check with `dmesg | grep -i oom` or "
+                "`journalctl -k | grep -i oom`)"
+            )
         return f"pid {pid} was killed by {name}"
     return f"pid {pid} exited with code {returncode}"
 
