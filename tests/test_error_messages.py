@@ -3,6 +3,7 @@
 - the runtime's errors are also the stdlib's: a SerializationError is a
   pickle.PicklingError, a WorkerCrashedError a BrokenProcessPool;
 - a SIGKILLed worker's error points at the out-of-memory killer;
+- an unserializable result names its function, the type and the place in the value;
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import threading
 from collections.abc import Iterator
 from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import pytest
 
@@ -63,3 +66,20 @@ def test_sigkill_message_suggests_the_oom_killer(rt: sc.Runtime, how: str) -> No
         assert "code 3" in message and "out-of-memory" not in message, message
     # The stdlib's crash errors catch it too.
     assert isinstance(info.value, BrokenProcessPool) and isinstance(info.value, BrokenExecutor)
+
+
+# -- an unserializable result says whose result, which type and where -------------------------
+
+
+def return_nested_lock() -> list[Any]:
+    return [1, 2, {"key": threading.Lock()}]
+
+
+def test_unserializable_result_names_function_type_and_place(rt: sc.Runtime) -> None:
+    with pytest.raises(SerializationError) as info:
+        sc.submit(return_nested_lock).result(timeout=TIMEOUT)
+    message = str(info.value)
+    assert f"result of {__name__}.return_nested_lock" in message, message
+    assert "'_thread.lock'" in message and "result[2]['key']" in message, message
+    assert isinstance(info.value, pickle.PicklingError) and isinstance(info.value, TypeError)
+    assert sc.submit(len, "abc").result(timeout=TIMEOUT) == 3  # the worker is fine
