@@ -4,10 +4,12 @@
   pickle.PicklingError, a WorkerCrashedError a BrokenProcessPool;
 - a SIGKILLed worker's error points at the out-of-memory killer;
 - an unserializable result names its function, the type and the place in the value;
+- workers take the driver's multiprocessing authkey (Manager proxies work in tasks);
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import signal
@@ -83,3 +85,24 @@ def test_unserializable_result_names_function_type_and_place(rt: sc.Runtime) -> 
     assert "'_thread.lock'" in message and "result[2]['key']" in message, message
     assert isinstance(info.value, pickle.PicklingError) and isinstance(info.value, TypeError)
     assert sc.submit(len, "abc").result(timeout=TIMEOUT) == 3  # the worker is fine
+
+
+# -- multiprocessing.Manager() proxies work in tasks ------------------------------------------
+
+
+def fill(shared: Any, items: Any, key: str) -> int:
+    shared[key] = os.getpid()
+    items.append(key)
+    return len(items)
+
+
+def test_manager_proxies_work_as_task_arguments(rt: sc.Runtime) -> None:
+    # The manager starts after the workers: they must have the driver's authkey already.
+    # (Forked: a spawned one would leave multiprocessing's resource tracker running.)
+    with multiprocessing.get_context("fork").Manager() as manager:
+        shared, items = manager.dict(), manager.list()
+        assert sc.submit(fill, shared, items, "a").result(timeout=TIMEOUT) == 1
+        assert sc.submit(fill, shared, items, "b").result(timeout=TIMEOUT) == 2
+        assert dict(shared).keys() == {"a", "b"}
+        assert set(dict(shared).values()) <= set(rt.worker_pids())
+        assert list(items) == ["a", "b"]

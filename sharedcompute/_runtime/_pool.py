@@ -132,6 +132,18 @@ class WorkerHandle:
         return self.proc.pid
 
 
+def _multiprocessing_authkey() -> bytes:
+    """The driver's ``multiprocessing`` authkey, which its workers take as their own.
+
+    ``multiprocessing.Manager()`` proxies, which authenticate with it, then work when
+    passed to a task, as they do with a ``multiprocessing.Pool``. Imported here, not at
+    start-up: only spawning pays for it.
+    """
+    from multiprocessing import process
+
+    return bytes(process.current_process().authkey)
+
+
 def describe_exit(pid: int, returncode: int | None) -> str:
     if returncode is None:
         return f"pid {pid} closed its connection"
@@ -225,7 +237,10 @@ class ProcessPool:
     def spawn(self, worker_id: int) -> WorkerHandle:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         watch_r, watch_w = os.pipe2(os.O_CLOEXEC)
-        config = {"path": sys.path, "store": self._store_address, "id": worker_id}
+        config = {
+            "path": sys.path, "store": self._store_address, "id": worker_id,
+            "authkey": _multiprocessing_authkey().hex(),
+        }
         env = dict(os.environ)
         env[ENV_VAR] = json.dumps(config)
         env["PYTHONUNBUFFERED"] = "1"

@@ -575,6 +575,11 @@ def main() -> None:
     config = json.loads(os.environ.pop(ENV_VAR))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.path[:] = config["path"]
+    if config.get("authkey"):
+        # The driver's, so multiprocessing.Manager() proxies passed to tasks can connect.
+        from multiprocessing import process
+
+        process.current_process().authkey = bytes.fromhex(config["authkey"])
     threading.Thread(
         target=_watch_driver, args=(int(sys.argv[2]),), name="driver-watch", daemon=True
     ).start()
