@@ -5,6 +5,7 @@
 - a SIGKILLed worker's error points at the out-of-memory killer;
 - an unserializable result names its function, the type and the place in the value;
 - workers take the driver's multiprocessing authkey (Manager proxies work in tasks);
+- worker output can pass through unprefixed (and does, under the Executor);
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -106,3 +109,54 @@ def test_manager_proxies_work_as_task_arguments(rt: sc.Runtime) -> None:
         assert dict(shared).keys() == {"a", "b"}
         assert set(dict(shared).values()) <= set(rt.worker_pids())
         assert list(items) == ["a", "b"]
+
+
+# -- worker output with or without the prefix -------------------------------------------------
+
+
+def print_lines() -> None:
+    print("first line")
+    print("partial", end="", flush=True)
+    print("to stderr", file=sys.stderr, flush=True)
+
+
+def read_until(capfd: pytest.CaptureFixture[str], out_has: str, err_has: str) -> tuple[str, str]:
+    out = err = ""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        captured = capfd.readouterr()
+        out, err = out + captured.out, err + captured.err
+        if out_has in out and err_has in err:
+            break
+        time.sleep(0.02)
+    return out, err
+
+
+def test_worker_output_without_prefix_is_passed_through(capfd: pytest.CaptureFixture[str]) -> None:
+    with sc.Runtime(num_workers=1, worker_output_prefix=False):
+        sc.submit(print_lines).result(timeout=TIMEOUT)
+        out, err = read_until(capfd, "first line\npartial", "to stderr\n")
+    captured = capfd.readouterr()
+    assert out + captured.out == "first line\npartial"
+    assert err + captured.err == "to stderr\n"
+
+
+def test_worker_output_prefix_is_on_by_default(capfd: pytest.CaptureFixture[str]) -> None:
+    with sc.Runtime(num_workers=1) as runtime:
+        sc.submit(print_lines).result(timeout=TIMEOUT)
+        pid = runtime.worker_pids()[0]
+        out, err = read_until(capfd, "first line\n", "to stderr\n")
+    out += capfd.readouterr().out
+    assert out == f"(worker 0, pid {pid}) first line\n(worker 0, pid {pid}) partial\n"
+    assert err == f"(worker 0, pid {pid}) to stderr\n"
+
+
+def test_executor_workers_print_exactly_what_the_task_printed(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with sc.Executor(max_workers=1) as executor:
+        executor.submit(print_lines).result(timeout=TIMEOUT)
+        out, err = read_until(capfd, "first line\npartial", "to stderr\n")
+    captured = capfd.readouterr()
+    assert out + captured.out == "first line\npartial"
+    assert err + captured.err == "to stderr\n"

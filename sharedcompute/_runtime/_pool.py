@@ -36,6 +36,7 @@ so workers exit as soon as the driver does.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import selectors
@@ -164,28 +165,44 @@ def describe_exit(pid: int, returncode: int | None) -> str:
 
 
 class _OutputForwarder:
-    """Copies a worker's stdout or stderr into the driver's, each line prefixed."""
+    """Copies a worker's stdout or stderr into the driver's, each line prefixed.
 
-    def __init__(self, prefix: str, target: Callable[[], TextIO]) -> None:
+    Without a prefix (``prefix=None``) the bytes pass through as the task wrote them,
+    as a ``ProcessPoolExecutor``'s workers, which share the parent's streams, would
+    print them: a partial line goes out at once, and no newline is added at the end.
+    """
+
+    def __init__(self, prefix: str | None, target: Callable[[], TextIO]) -> None:
         self.prefix = prefix
         self.target = target
         self.partial = b""
+        # Used without a prefix: there a read may end inside a multi-byte character.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, data: bytes) -> None:
+        if self.prefix is None:
+            self._write_text(self._decoder.decode(data))
+            return
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
         if lines:
             self._write(lines)
 
     def close(self) -> None:
-        if self.partial:
+        if self.prefix is None:
+            self._write_text(self._decoder.decode(b"", final=True))
+        elif self.partial:
             self._write([self.partial])
             self.partial = b""
 
     def _write(self, lines: list[bytes]) -> None:
-        text = "".join(
+        self._write_text("".join(
             f"{self.prefix}{line.decode(errors='replace')}\n" for line in lines
-        )
+        ))
+
+    def _write_text(self, text: str) -> None:
+        if not text:
+            return
         try:
             stream = self.target()
             stream.write(text)
@@ -204,8 +221,10 @@ class ProcessPool:
         on_exit: Callable[[WorkerHandle, str], None],
         on_idle: Callable[[], None] = lambda: None,
         idle_pending: Callable[[], bool] = lambda: False,
+        output_prefix: bool = True,
     ) -> None:
         self._store_address = store_address
+        self._output_prefix = output_prefix  # "(worker N, pid P) " before each output line
         self._on_messages = on_messages
         self._on_exit = on_exit
         self._on_idle = on_idle  # must not block (see "Idle work")
@@ -423,7 +442,7 @@ class ProcessPool:
         for worker in new:
             self.workers[worker.id] = worker
             self._selector.register(worker.conn.sock, selectors.EVENT_READ, ("conn", worker, None))
-            prefix = f"(worker {worker.id}, pid {worker.pid}) "
+            prefix = f"(worker {worker.id}, pid {worker.pid}) " if self._output_prefix else None
             for pipe, target in (
                 (worker.proc.stdout, lambda: sys.stdout),
                 (worker.proc.stderr, lambda: sys.stderr),
