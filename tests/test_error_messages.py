@@ -6,20 +6,25 @@
 - an unserializable result names its function, the type and the place in the value;
 - workers take the driver's multiprocessing authkey (Manager proxies work in tasks);
 - worker output can pass through unprefixed (and does, under the Executor);
+- remote tracebacks show the source of code that travelled by value.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import pickle
 import signal
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -160,3 +165,101 @@ def test_executor_workers_print_exactly_what_the_task_printed(
     captured = capfd.readouterr()
     assert out + captured.out == "first line\npartial"
     assert err + captured.err == "to stderr\n"
+
+
+# -- remote tracebacks show the source of code pickled by value -------------------------------
+
+# Each case raises in a worker; the driver prints the remote traceback as JSON, by case.
+DRIVER = """
+import json, sys
+import sharedcompute as sc
+
+def main_function(x):
+    y = x + 1
+    raise ValueError("from main_function")
+
+class Shapes:
+    @classmethod
+    def build(cls, x):
+        raise KeyError("from Shapes.build")
+
+def traceback_of(x):
+    import traceback
+    try:
+        main_function(x)
+    except ValueError:
+        return traceback.format_exc()
+
+def submits_nested(x):
+    # A nested task's own remote traceback does not reach us: it brings back its text.
+    raise RuntimeError(sc.submit(traceback_of, x).result(timeout=60))
+
+def call_it(fn, x):
+    return fn(x)
+
+@sc.remote
+class Tally:
+    def add(self, x):
+        raise RuntimeError("from Tally.add")
+
+cases = {
+    "function": lambda: sc.submit(main_function, 1),
+    "lambda": lambda: sc.submit(lambda x: 1 / (x - x), 1),
+    "classmethod": lambda: sc.submit(Shapes.build, 1),
+    "nested submit": lambda: sc.submit(submits_nested, 1),
+    "lambda as an argument": lambda: sc.submit(call_it, lambda x: [][x], 3),
+    "actor method": lambda: Tally.remote().add.remote(1),
+}
+with sc.Runtime(num_workers=2):
+    tracebacks = {}
+    for name, start in cases.items():
+        error = start().exception(timeout=60)
+        tracebacks[name] = error.__cause__.tb
+print(json.dumps(tracebacks))
+"""
+
+# The line each case's innermost frame must show.
+EXPECTED_LINES = {
+    "function": 'raise ValueError("from main_function")',
+    "lambda": '"lambda": lambda: sc.submit(lambda x: 1 / (x - x), 1),',
+    "classmethod": 'raise KeyError("from Shapes.build")',
+    "nested submit": 'raise ValueError("from main_function")',
+    "lambda as an argument": (
+        '"lambda as an argument": lambda: sc.submit(call_it, lambda x: [][x], 3),'
+    ),
+    "actor method": 'raise RuntimeError("from Tally.add")',
+}
+
+
+def run_driver(args: list[str], cwd: Path) -> dict[str, str]:
+    # The sharedcompute under test, whatever the script's directory puts first on sys.path.
+    package_root = str(Path(sc.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=TIMEOUT * 2, cwd=cwd,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    assert proc.returncode == 0, proc.stderr
+    tracebacks: dict[str, str] = json.loads(proc.stdout.splitlines()[-1])
+    return tracebacks
+
+
+@pytest.mark.parametrize("how", ["python script.py", "python -c"])
+def test_remote_traceback_shows_source_of_code_pickled_by_value(tmp_path: Path, how: str) -> None:
+    source = textwrap.dedent(DRIVER)
+    if how == "python script.py":
+        script = tmp_path / "script.py"
+        script.write_text(source)
+        tracebacks = run_driver([str(script)], tmp_path)
+        filename = str(script)
+    else:
+        tracebacks = run_driver(["-c", source], tmp_path)  # no file anywhere to read
+        filename = "<string>"
+    assert set(tracebacks) == set(EXPECTED_LINES)
+    for name, tb in tracebacks.items():
+        assert "<dynamic-code>" not in tb, (name, tb)
+        lines = tb.splitlines()
+        frames = [i for i, line in enumerate(lines) if line.startswith(f'  File "{filename}"')]
+        assert frames, (name, tb)
+        innermost = lines[frames[-1] + 1].strip()
+        assert innermost == EXPECTED_LINES[name], (name, tb)
