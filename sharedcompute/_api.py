@@ -37,6 +37,7 @@ def init(
     store_capacity: int | None = None,
     spill_dir: str | None = None,
     resources: dict[str, float] | None = None,
+    worker_output_prefix: bool = True,
 ) -> Runtime:
     """Start the default runtime (worker processes, store, scheduler) and return it."""
     with _init_lock:
@@ -54,6 +55,7 @@ def init(
             store_capacity=store_capacity,
             spill_dir=spill_dir,
             resources=resources,
+            worker_output_prefix=worker_output_prefix,
         )
         _context.set_default(runtime)
         return runtime
@@ -284,6 +286,8 @@ class Executor(concurrent.futures.Executor):
     """A ``concurrent.futures.Executor`` backed by a runtime of its own."""
 
     def __init__(self, max_workers: int | None = None, **runtime_options: Any) -> None:
+        # Workers print what the task printed, unprefixed, as the stdlib executors' do.
+        runtime_options.setdefault("worker_output_prefix", False)
         self._runtime = Runtime(num_workers=max_workers, **runtime_options)
         self._futures: weakref.WeakSet[Future[Any]] = weakref.WeakSet()
         self._shutdown = False

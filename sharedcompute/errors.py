@@ -6,13 +6,17 @@ Everything the runtime itself raises derives from :class:`SharedComputeError`::
 
     Exception
      └── SharedComputeError
-          ├── WorkerCrashedError      (also concurrent.futures.BrokenExecutor)
+          ├── WorkerCrashedError      (also concurrent.futures.process.BrokenProcessPool,
+          │                            hence concurrent.futures.BrokenExecutor)
           ├── ActorDiedError
           ├── DependencyFailedError   (cause: the dependency's error)
           ├── ObjectLostError
           ├── ObjectStoreFullError
-          ├── SerializationError      (also TypeError)
+          ├── SerializationError      (also TypeError and pickle.PicklingError)
           └── AuthenticationError     (also PermissionError)
+
+The stdlib bases let code written for ``ProcessPoolExecutor`` and ``pickle`` catch
+these unchanged (loky does the same with its ``TerminatedWorkerError``).
 
 Cancellation and timeouts use the standard ``concurrent.futures.CancelledError``
 and the built-in ``TimeoutError``, so code written for ``concurrent.futures``
@@ -21,7 +25,8 @@ catches them unchanged.
 
 from __future__ import annotations
 
-from concurrent.futures import BrokenExecutor
+import pickle
+from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
     "ActorDiedError",
@@ -40,8 +45,11 @@ class SharedComputeError(Exception):
     """Root of every error the runtime raises on its own behalf."""
 
 
-class WorkerCrashedError(SharedComputeError, BrokenExecutor):
-    """A worker process died while running a task (signal or exit code in the message)."""
+class WorkerCrashedError(SharedComputeError, BrokenProcessPool):
+    """A worker process died while running a task (signal or exit code in the message).
+
+    ``BrokenProcessPool`` is a ``concurrent.futures.BrokenExecutor``, so both catch it.
+    """
 
 
 class ActorDiedError(SharedComputeError):
@@ -60,7 +68,7 @@ class ObjectStoreFullError(SharedComputeError):
     """
 
 
-class SerializationError(SharedComputeError, TypeError):
+class SerializationError(SharedComputeError, TypeError, pickle.PicklingError):
     """A value could not be serialized or deserialized; the message names its type and place."""
 
 

@@ -817,6 +817,7 @@ def test_public_names() -> None:
         "Kind",
         "Serialized",
         "deserialize",
+        "dumps_function",
         "serialize",
     }
     assert ALIGNMENT == 64

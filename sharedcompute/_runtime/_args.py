@@ -14,8 +14,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
-
 
 class DepMarker:
     __slots__ = ("key",)
@@ -96,10 +94,11 @@ class FunctionCache:
 
     @staticmethod
     def _pickle(fn: Callable[..., Any]) -> tuple[bytes, bytes]:
-        from sharedcompute._serialization import serialize
+        from sharedcompute._serialization import dumps_function, serialize
 
         try:
-            data = cloudpickle.dumps(fn, protocol=5)
+            # With the source of code pickled by value, for the worker's tracebacks.
+            data = dumps_function(fn)
         except Exception:
             # Let the serializer name what inside the function failed.
             serialize(fn)

@@ -103,7 +103,9 @@ def unpack_error(data: bytes) -> BaseException:
 class Runtime(RuntimeBase):
     """A sharedcompute runtime: worker processes, a shared-memory store and a scheduler.
 
-    Use it as a context manager, or through ``sharedcompute.init()``.
+    Use it as a context manager, or through ``sharedcompute.init()``. What workers print
+    reaches the driver's stdout and stderr, each line after ``(worker N, pid P) `` as in
+    Ray; ``worker_output_prefix=False`` passes it through exactly as printed.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class Runtime(RuntimeBase):
         store_capacity: int | None = None,
         spill_dir: str | None = None,
         resources: dict[str, float] | None = None,
+        worker_output_prefix: bool = True,
         *,
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
@@ -140,6 +143,7 @@ class Runtime(RuntimeBase):
         self.num_workers = num_workers or os.cpu_count() or 1
         self.scheduler = scheduler
         self.spill_dir = spill_dir
+        self.worker_output_prefix = worker_output_prefix
         self._store_capacity = store_capacity
         self._resources = {"CPU": float(self.num_workers), **(resources or {})}
         # One lock for all of it; releasing it also turns queued Future and handle
@@ -201,7 +205,7 @@ class Runtime(RuntimeBase):
             self._pool = ProcessPool(
                 store.address, self._on_messages, self._on_exit,
                 on_idle=self._release_lock.try_drain, idle_pending=self._releases_pending,
-                initializer=self._initializer,
+                initializer=self._initializer, output_prefix=self.worker_output_prefix,
             )
             for _ in range(self.num_workers):
                 self._spawn_pool_worker()

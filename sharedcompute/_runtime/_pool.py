@@ -36,6 +36,7 @@ so workers exit as soon as the driver does.
 
 from __future__ import annotations
 
+import codecs
 import heapq
 import json
 import os
@@ -182,6 +183,18 @@ def pickle_for_workers(value: Any) -> tuple[bytes, tuple[int, ...]]:
     return data, tuple(dict.fromkeys(spawning.fds))
 
 
+def _multiprocessing_authkey() -> bytes:
+    """The driver's ``multiprocessing`` authkey, which its workers take as their own.
+
+    ``multiprocessing.Manager()`` proxies, which authenticate with it, then work when
+    passed to a task, as they do with a ``multiprocessing.Pool``. Imported here, not at
+    start-up: only spawning pays for it.
+    """
+    from multiprocessing import process
+
+    return bytes(process.current_process().authkey)
+
+
 def describe_exit(pid: int, returncode: int | None) -> str:
     if returncode is None:
         return f"pid {pid} closed its connection"
@@ -190,6 +203,13 @@ def describe_exit(pid: int, returncode: int | None) -> str:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
+        if returncode == -signal.SIGKILL:
+            # What loky calls "excessive memory usage": the kernel's OOM killer sends SIGKILL.
+            return (
+                f"pid {pid} was killed by {name} (often the kernel's out-of-memory killer, "
+                "when memory runs short; check with `dmesg | grep -i oom` or "
+                "`journalctl -k | grep -i oom`)"
+            )
         return f"pid {pid} was killed by {name}"
     return f"pid {pid} exited with code {returncode}"
 
@@ -197,30 +217,43 @@ def describe_exit(pid: int, returncode: int | None) -> str:
 class _OutputForwarder:
     """Copies a worker's stdout or stderr into the driver's, each line prefixed.
 
-    The last lines stay in ``tail``, to quote when a worker cannot start.
+    Without a prefix (``prefix=None``) the bytes pass through as the task wrote them,
+    as a ``ProcessPoolExecutor``'s workers, which share the parent's streams, would
+    print them: a partial line goes out at once, and no newline is added at the end.
+    Either way the last lines stay in ``tail``, to quote when a worker cannot start.
     """
 
-    def __init__(self, prefix: str, target: Callable[[], TextIO]) -> None:
+    def __init__(self, prefix: str | None, target: Callable[[], TextIO]) -> None:
         self.prefix = prefix
         self.target = target
         self.partial = b""
         self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        # Used without a prefix: there a read may end inside a multi-byte character.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, data: bytes) -> None:
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
-        if lines:
-            self._write(lines)
-
-    def close(self) -> None:
-        if self.partial:
-            self._write([self.partial])
-            self.partial = b""
-
-    def _write(self, lines: list[bytes]) -> None:
         decoded = [line.decode(errors="replace") for line in lines]
         self.tail.extend(decoded)
-        text = "".join(f"{self.prefix}{line}\n" for line in decoded)
+        if self.prefix is None:
+            self._write_text(self._decoder.decode(data))
+        elif decoded:
+            self._write_text("".join(f"{self.prefix}{line}\n" for line in decoded))
+
+    def close(self) -> None:
+        partial = self.partial.decode(errors="replace")
+        self.partial = b""
+        if partial:
+            self.tail.append(partial)
+        if self.prefix is None:
+            self._write_text(self._decoder.decode(b"", final=True))
+        elif partial:
+            self._write_text(f"{self.prefix}{partial}\n")
+
+    def _write_text(self, text: str) -> None:
+        if not text:
+            return
         try:
             stream = self.target()
             stream.write(text)
@@ -240,8 +273,10 @@ class ProcessPool:
         on_idle: Callable[[], None] = lambda: None,
         idle_pending: Callable[[], bool] = lambda: False,
         initializer: tuple[Callable[..., object], tuple[Any, ...]] | None = None,
+        output_prefix: bool = True,
     ) -> None:
         self._store_address = store_address
+        self._output_prefix = output_prefix  # "(worker N, pid P) " before each output line
         # Pickled once, sent first to every worker; with the descriptors it refers to.
         self._init_message: tuple[Any, ...] | None = None
         self._init_fds: tuple[int, ...] = ()
@@ -286,6 +321,7 @@ class ProcessPool:
         config = {
             "path": sys.path, "store": self._store_address, "id": worker_id,
             "init": self._init_message is not None,
+            "authkey": _multiprocessing_authkey().hex(),
         }
         env = dict(os.environ)
         env[ENV_VAR] = json.dumps(config)
@@ -514,7 +550,7 @@ class ProcessPool:
         for worker in new:
             self.workers[worker.id] = worker
             self._selector.register(worker.conn.sock, selectors.EVENT_READ, ("conn", worker, None))
-            prefix = f"(worker {worker.id}, pid {worker.pid}) "
+            prefix = f"(worker {worker.id}, pid {worker.pid}) " if self._output_prefix else None
             for pipe, target in (
                 (worker.proc.stdout, lambda: sys.stdout),
                 (worker.proc.stderr, lambda: sys.stderr),

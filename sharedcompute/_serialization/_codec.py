@@ -71,8 +71,11 @@ _PLAIN_MAX_DEPTH = 2
 _PICKLE = int(Kind.PICKLE)
 
 
-def serialize(value: object) -> Serialized:
-    """Lay ``value`` out as a header plus a region recipe; see the module docstring."""
+def serialize(value: object, root: str = "value") -> Serialized:
+    """Lay ``value`` out as a header plus a region recipe; see the module docstring.
+
+    ``root`` names ``value`` in a failure's path (``result[2]['key']``).
+    """
     if type(value) in _TOP_SCALARS:
         # Inlined hot path (None, ints, floats, short strings): no try, no further dispatch.
         data = pickle.dumps(value, 5)
@@ -82,7 +85,7 @@ def serialize(value: object) -> Serialized:
     except (SerializationError, MemoryError):
         raise
     except Exception as exc:
-        raise describe_write_failure(value, exc) from exc
+        raise describe_write_failure(value, exc, root) from exc
 
 
 def _serialize(value: object) -> Serialized:

@@ -28,9 +28,12 @@ _repr.maxstring = 40
 _repr.maxother = 40
 
 
-def describe_write_failure(value: object, error: BaseException) -> SerializationError:
-    """A SerializationError naming the innermost unpicklable object and its path in ``value``."""
-    path, leaf, leaf_error = _innermost_failure(value, "value", error)
+def describe_write_failure(
+    value: object, error: BaseException, root: str = "value"
+) -> SerializationError:
+    """A SerializationError naming the innermost unpicklable object and its path in ``value``
+    (a path that starts at ``root``)."""
+    path, leaf, leaf_error = _innermost_failure(value, root, error)
     return SerializationError(
         f"cannot serialize object of type {type_name(leaf)!r} at {path}: "
         f"{type(leaf_error).__name__}: {leaf_error}"

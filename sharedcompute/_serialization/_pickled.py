@@ -18,11 +18,13 @@ import pickle
 import struct
 import sys
 from collections.abc import Callable
+from types import CodeType
 from typing import Any, Literal
 
 import cloudpickle
 
 from ._format import Chunk, Kind, Serialized, align, byte_view
+from ._source import Spans, reduce_code
 
 __all__ = ["PICKLE_HEADER", "dumps_plain", "read_pickled", "serialize_pickled"]
 
@@ -57,8 +59,11 @@ class _Pickler(cloudpickle.Pickler):
         numpy = sys.modules.get("numpy")
         # Resolved once per dump: reducer_override runs for every object pickled.
         self._ndarray: Any = numpy.ndarray if numpy is not None else None
+        self._spans: Spans = {}
 
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is CodeType:  # a lambda in an argument, say: its source goes along
+            return reduce_code(obj, self._spans)
         if type(obj) is self._ndarray and _needs_own_reducer(obj):
             if obj.flags.c_contiguous:
                 order, flat = "C", obj.reshape(-1)

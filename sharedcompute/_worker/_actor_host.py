@@ -119,12 +119,13 @@ class ActorHost:
             started = time.perf_counter()
             try:
                 args, kwargs = runtime._arguments(args_wire, dep_refs)
-                result = await getattr(self.instance, method)(*args, **kwargs)
+                bound = getattr(self.instance, method)
+                result = await bound(*args, **kwargs)
             except BaseException as exc:
                 where = f"Call {name} failed in {self.description} (pid {os.getpid()})"
                 runtime.conn.send((Msg.FAILED, key, pack_error(exc, where)))
                 return
-            runtime._report(key, result, name, started, method, runtime.conn.send, False)
+            runtime._report(key, result, name, started, method, runtime.conn.send, False, bound)
 
 
 __all__ = ["ActorHost"]

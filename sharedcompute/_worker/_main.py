@@ -18,6 +18,7 @@ the driver dies, however it dies, the read returns and the worker exits at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -81,6 +82,27 @@ def pack_error(exc: BaseException, where: str) -> bytes:
         )
         exc_bytes = cloudpickle.dumps(substitute, protocol=5)
     return pickle.dumps((tb, type(exc).__qualname__, text, exc_bytes), protocol=5)
+
+
+def callable_name(fn: Any) -> str:
+    """``module.QualName`` of a task's function (of the function a partial wraps)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{qualname}" if module and module != "builtins" else qualname
+
+
+def _result_error(exc: BaseException, function: str) -> BaseException:
+    """The error for a result that could not be stored, naming whose result it was.
+
+    serialize() already named the type that failed and where it sat in the result.
+    """
+    if not isinstance(exc, SerializationError):
+        return exc  # the store's own errors say what they are
+    named = SerializationError(f"the result of {function} cannot be sent back: {exc}")
+    named.__cause__ = exc.__cause__  # the remote traceback keeps the pickler's own error
+    return named.with_traceback(exc.__traceback__)
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -340,7 +362,7 @@ class WorkerRuntime(RuntimeBase):
                 where = f"Task {name or key} failed in worker {self.worker_id} (pid {os.getpid()})"
                 send((Msg.FAILED, key, pack_error(exc, where)))
                 return
-            self._report(key, result, name, started, batch_key, send, on_main)
+            self._report(key, result, name, started, batch_key, send, on_main, fn)
         finally:
             if on_main:
                 self._stack.pop()
@@ -362,13 +384,14 @@ class WorkerRuntime(RuntimeBase):
 
     def _report(
         self, key: int, result: Any, name: str, started: float, batch_key: bytes | str,
-        send: Callable[[tuple[Any, ...]], None], on_main: bool,
+        send: Callable[[tuple[Any, ...]], None], on_main: bool, fn: Any = None,
     ) -> None:
         try:
-            ref = self.store.put_serialized(serialize(result), for_owner=True)
+            ref = self.store.put_serialized(serialize(result, "result"), for_owner=True)
         except BaseException as exc:
             where = f"Task {name or key} returned a value that could not be stored"
-            send((Msg.FAILED, key, pack_error(exc, where)))
+            function = callable_name(fn) if fn is not None else name or str(key)
+            send((Msg.FAILED, key, pack_error(_result_error(exc, function), where)))
             return
         del result
         duration = time.perf_counter() - started
@@ -615,6 +638,11 @@ def main() -> None:
     config = json.loads(os.environ.pop(ENV_VAR))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.path[:] = config["path"]
+    if config.get("authkey"):
+        # The driver's, so multiprocessing.Manager() proxies passed to tasks can connect.
+        from multiprocessing import process
+
+        process.current_process().authkey = bytes.fromhex(config["authkey"])
     threading.Thread(
         target=_watch_driver, args=(int(sys.argv[2]),), name="driver-watch", daemon=True
     ).start()
