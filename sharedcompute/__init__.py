@@ -55,6 +55,7 @@ __all__ = [
 
 _LAZY = {
     "Future": "sharedcompute._runtime._future",
+    "Executor": "sharedcompute._executor",
     "Runtime": "sharedcompute._runtime._driver",
     "ActorClass": "sharedcompute._runtime._actor",
     "ActorHandle": "sharedcompute._runtime._actor",
@@ -62,7 +63,7 @@ _LAZY = {
     **{
         name: "sharedcompute._api"
         for name in (
-            "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Executor", "RemoteFunction",
+            "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "RemoteFunction",
             "as_completed", "gather", "get", "get_actor", "init", "is_initialized", "kill", "map",
             "put", "remote",
             "shutdown", "submit", "wait",
@@ -75,7 +76,6 @@ if TYPE_CHECKING:
         ALL_COMPLETED,
         FIRST_COMPLETED,
         FIRST_EXCEPTION,
-        Executor,
         RemoteFunction,
         as_completed,
         gather,
@@ -91,6 +91,7 @@ if TYPE_CHECKING:
         submit,
         wait,
     )
+    from sharedcompute._executor import Executor
     from sharedcompute._runtime._actor import ActorClass, ActorHandle, ActorPool
     from sharedcompute._runtime._driver import Runtime
     from sharedcompute._runtime._future import Future

@@ -6,7 +6,6 @@ import atexit
 import concurrent.futures
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -78,7 +77,11 @@ def is_initialized() -> bool:
 def _runtime() -> RuntimeBase:
     runtime = _context.current()
     if runtime is not None and not getattr(runtime, "closed", False):
+        if _context.exiting() and not _context.in_worker():
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         return runtime
+    if _context.exiting():
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
     with _init_lock:
         runtime = _context.default()
         if runtime is None or getattr(runtime, "closed", False):
@@ -89,8 +92,14 @@ def _runtime() -> RuntimeBase:
 
 @atexit.register
 def _shutdown_at_exit() -> None:
+    # The default runtime ends with the program, as a Ray driver's work does: what is still
+    # pending is cancelled (an Executor, like the stdlib's, finishes its work instead).
     if not _context.in_worker():
         shutdown()
+
+
+# Before the interpreter joins threads and runs atexit handlers (as concurrent.futures).
+threading._register_atexit(_context.mark_exiting)  # type: ignore[attr-defined]
 
 
 # -- futures API --------------------------------------------------------------------------
@@ -277,38 +286,3 @@ def kill(actor: Any, *, no_restart: bool = True) -> None:
     if not isinstance(runtime, Runtime):
         raise NotImplementedError("kill() is available in the driver only")
     runtime.kill(actor, no_restart=no_restart)
-
-
-# -- concurrent.futures drop-in -------------------------------------------------------------
-
-
-class Executor(concurrent.futures.Executor):
-    """A ``concurrent.futures.Executor`` backed by a runtime of its own."""
-
-    def __init__(self, max_workers: int | None = None, **runtime_options: Any) -> None:
-        # Workers print what the task printed, unprefixed, as the stdlib executors' do.
-        runtime_options.setdefault("worker_output_prefix", False)
-        self._runtime = Runtime(num_workers=max_workers, **runtime_options)
-        self._futures: weakref.WeakSet[Future[Any]] = weakref.WeakSet()
-        self._shutdown = False
-
-    @property
-    def runtime(self) -> Runtime:
-        return self._runtime
-
-    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        future = self._runtime.submit(fn, args, kwargs, _DEFAULT_OPTIONS)
-        self._futures.add(future)
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._shutdown = True
-        pending = [f for f in list(self._futures) if not f.done()]
-        if cancel_futures:
-            for future in pending:
-                future.cancel()
-        if wait:
-            concurrent.futures.wait(pending)
-        self._runtime.shutdown()

@@ -13,6 +13,7 @@ Everything the runtime itself raises derives from :class:`SharedComputeError`::
           ├── ObjectLostError
           ├── ObjectStoreFullError
           ├── SerializationError      (also TypeError and pickle.PicklingError)
+          │    └── DeserializationError  (also pickle.UnpicklingError and BrokenProcessPool)
           └── AuthenticationError     (also PermissionError)
 
 The stdlib bases let code written for ``ProcessPoolExecutor`` and ``pickle`` catch
@@ -32,6 +33,7 @@ __all__ = [
     "ActorDiedError",
     "AuthenticationError",
     "DependencyFailedError",
+    "DeserializationError",
     "ObjectLostError",
     "ObjectStoreFullError",
     "RemoteTraceback",
@@ -70,6 +72,12 @@ class ObjectStoreFullError(SharedComputeError):
 
 class SerializationError(SharedComputeError, TypeError, pickle.PicklingError):
     """A value could not be serialized or deserialized; the message names its type and place."""
+
+
+class DeserializationError(SerializationError, pickle.UnpicklingError, BrokenProcessPool):
+    """A value could not be rebuilt where it was needed: a task's arguments in its worker,
+    or a result where it is read. Also a ``BrokenProcessPool``, which is what code written
+    for ``ProcessPoolExecutor`` catches for these failures (there the pool breaks)."""
 
 
 class AuthenticationError(SharedComputeError, PermissionError):

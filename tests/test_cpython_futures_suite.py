@@ -60,12 +60,6 @@ def _stop_group(pgid: int) -> list[str]:
     return left
 
 
-# Remove this marker once sharedcompute.Executor passes the suite (see the tool's report).
-@pytest.mark.xfail(
-    strict=False,
-    reason="sharedcompute.Executor does not pass CPython's ProcessPoolExecutor tests yet "
-    "(mp_context, initializer, max_tasks_per_child, BrokenProcessPool, ...)",
-)
 @pytest.mark.slow
 @pytest.mark.timeout(SUITE_TIMEOUT + 3 * GROUP_GRACE + 30)
 def test_cpython_futures_suite(tmp_path: Path) -> None:

@@ -153,6 +153,10 @@ class RuntimeBase:
         """Run ``callback`` on a thread that does nothing else (for done-callbacks)."""
         callback()
 
+    def is_running(self, key: int) -> bool:
+        """Whether task ``key`` has started (or is queued where it will run next)."""
+        return False
+
     def in_task_thread(self) -> bool:
         """Whether this thread runs a task of this runtime (its waits lend the task's slot)."""
         return False

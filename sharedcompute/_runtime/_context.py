@@ -16,6 +16,17 @@ if TYPE_CHECKING:
 _lock = threading.Lock()
 _default: RuntimeBase | None = None
 _worker: RuntimeBase | None = None
+_exiting = False
+
+
+def mark_exiting() -> None:
+    """The interpreter is shutting down: public functions refuse new work from now on."""
+    global _exiting
+    _exiting = True
+
+
+def exiting() -> bool:
+    return _exiting
 
 
 def set_worker_runtime(runtime: RuntimeBase) -> None:

@@ -72,8 +72,8 @@ from sharedcompute._scheduler import (
 from sharedcompute._store import ObjectRef, OwnerStore, StoredObject, ref_from_wire, ref_to_wire
 from sharedcompute.errors import (
     ActorDiedError,
+    DeserializationError,
     RemoteTraceback,
-    SerializationError,
     SharedComputeError,
     WorkerCrashedError,
 )
@@ -91,8 +91,8 @@ def unpack_error(data: bytes) -> BaseException:
     tb, type_name, text, exc_bytes = pickle.loads(data)
     try:
         exc: BaseException = cloudpickle.loads(exc_bytes)
-    except Exception as error:
-        exc = SerializationError(
+    except (Exception, SystemExit) as error:
+        exc = DeserializationError(
             f"a task raised {type_name}: {text}, and that exception could not be loaded in "
             f"the driver ({type(error).__name__}: {error})"
         )
@@ -234,6 +234,7 @@ class Runtime(RuntimeBase):
                 return
             self._closed = True
             pool, threads = self._pool, self._threads
+            self._initializer = None  # its arguments (a Queue, say) are the caller's again
         if threads is not None:
             threads.close()
         if pool is not None:
@@ -300,6 +301,7 @@ class Runtime(RuntimeBase):
     def _handle(self, events: Event | list[Event]) -> None:
         """Feed the core and carry out its instructions (lock held)."""
         outbox: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
+        urgent: list[int] = []  # workers sent a DROP: they must read before their queue
         for instruction in self.core.handle(events):
             if type(instruction) is Dispatch:
                 self._dispatch(instruction, outbox)
@@ -311,6 +313,7 @@ class Runtime(RuntimeBase):
                 self._spawn_pool_worker()
             elif type(instruction) is Withdraw:
                 outbox[instruction.worker].append((Msg.DROP, instruction.key))
+                urgent.append(instruction.worker)
             elif type(instruction) is StopWorker:
                 outbox[instruction.worker].append((Msg.SHUTDOWN,))
         if self.actors.ending:
@@ -320,6 +323,10 @@ class Runtime(RuntimeBase):
                 worker = self._pool.workers.get(worker_id)
                 if worker is not None:
                     self._send_to(worker, messages)
+        for worker_id in urgent:
+            worker = self._pool.workers.get(worker_id) if self._pool is not None else None
+            if worker is not None:
+                worker.running.urgent_sent()  # after the send: it reads them before its queue
 
     @staticmethod
     def _send_to(worker: WorkerHandle, messages: list[tuple[Any, ...]]) -> None:
@@ -616,9 +623,22 @@ class Runtime(RuntimeBase):
             self._handle(events)
         self._settle_futures()
 
+    def new_key(self) -> int:
+        """A key no task or object of this runtime has."""
+        return self._next_key()
+
+    def wait_idle(self) -> None:
+        """Return once no Future this runtime settles is pending (more may come meanwhile)."""
+        while True:
+            with self._lock:
+                pending = list(self._futures.values())
+            if not pending:
+                return
+            concurrent.futures.wait(pending)
+
     def is_running(self, key: int) -> bool:
         """Whether the task was sent to a worker (it runs, or waits there to run next)."""
-        return self.core.state_of(key) is TaskState.RUNNING
+        return key in self._futures and self.core.state_of(key) is TaskState.RUNNING
 
     # -- what workers say (I/O thread) -----------------------------------------------------
 

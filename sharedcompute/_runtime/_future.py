@@ -93,6 +93,16 @@ class Future(concurrent.futures.Future, Generic[T]):
         raw = self._result if self._state == concurrent.futures._base.FINISHED else None
         return raw.ref if type(raw) is ValueRef else None
 
+    def running(self) -> bool:
+        """Whether a worker has it: it runs, or waits on that worker to run next.
+
+        As in ``ProcessPoolExecutor`` (whose call queue holds work it calls running),
+        such a Future can no longer be cancelled with ``cancel()``.
+        """
+        if self._state == concurrent.futures._base.PENDING:
+            return self._runtime.is_running(self.key)
+        return super().running()
+
     def cancel(self) -> bool:
         if self.done():
             return self.cancelled()

@@ -37,6 +37,8 @@ def run_inline(
     future: Future[Any], fn: Callable[..., Any], packed: Any, deps: dict[int, Future[Any]]
 ) -> None:
     """Run ``fn`` here and settle ``future``; the user's exception keeps its traceback."""
+    if not future.set_running_or_notify_cancel():
+        return  # cancelled while it waited
     try:
         if deps:
             packed = restore_dependencies(packed, dependency_values(future.key, deps))

@@ -37,7 +37,9 @@ so workers exit as soon as the driver does.
 from __future__ import annotations
 
 import codecs
+import collections
 import heapq
+import io
 import json
 import os
 import selectors
@@ -160,8 +162,10 @@ def pickle_for_workers(value: Any) -> tuple[bytes, tuple[int, ...]]:
     spawned, and then by the numbers of file descriptors the child inherits: this
     collects those numbers, for the worker's ``pass_fds``.
     """
+    import multiprocessing.connection  # noqa: F401 (registers the reducers of connections)
     from multiprocessing import context
     from multiprocessing.popen_spawn_posix import _DupFd
+    from multiprocessing.reduction import ForkingPickler
 
     class Spawning:
         def __init__(self) -> None:
@@ -175,12 +179,23 @@ def pickle_for_workers(value: Any) -> tuple[bytes, tuple[int, ...]]:
             return _DupFd(fd)
 
     spawning = Spawning()
+    buffer = io.BytesIO()
+
+    class SpawnPickler(cloudpickle.Pickler):
+        # multiprocessing's own reducers (connections, sockets...), which it gives only to
+        # its own pickler: without them a Queue's pipe travels as a bare descriptor number.
+        dispatch_table = collections.ChainMap(
+            ForkingPickler._extra_reducers,  # type: ignore[attr-defined]
+            cloudpickle.Pickler.dispatch_table,
+        )
+
+    pickler = SpawnPickler(buffer, protocol=5)
     context.set_spawning_popen(spawning)  # type: ignore[arg-type]
     try:
-        data = cloudpickle.dumps(value, protocol=5)
+        pickler.dump(value)
     finally:
         context.set_spawning_popen(None)
-    return data, tuple(dict.fromkeys(spawning.fds))
+    return buffer.getvalue(), tuple(dict.fromkeys(spawning.fds))
 
 
 def _multiprocessing_authkey() -> bytes:

@@ -180,6 +180,7 @@ class SchedulerCore:
         self._actors: dict[int, _Actor] = {}
         self._actor_workers: dict[WorkerId, _Actor] = {}
         self._out: list[Instruction] = []
+        self._broken: BaseException | None = None  # PoolBroken: tasks that become ready fail
 
     # -- queries (for tests, the dashboard and error messages) -------------
 
@@ -413,9 +414,17 @@ class SchedulerCore:
             self._on_CancelRequested(CancelRequested(event.key))
             return
         if (
-            task.state is TaskState.RUNNING and task.actor is None and task.worker is not None
-            and not task.blocked and not task.withdrawing and task.worker in self._workers
+            task.state is not TaskState.RUNNING or task.actor is not None or task.worker is None
+            or task.blocked or task.withdrawing or task.worker not in self._workers
         ):
+            return
+        # The first task a worker has that is not blocked runs, or runs next: it stays (as
+        # the work in ProcessPoolExecutor's call queue does). Those behind it are withdrawn.
+        head = next(
+            (key for key in self._workers[task.worker].assigned if not self._tasks[key].blocked),
+            None,
+        )
+        if head != task.key:
             task.withdrawing = True
             self._out.append(Withdraw(task.worker, task.key))
 
@@ -426,6 +435,7 @@ class SchedulerCore:
         self._terminate(task, TaskState.CANCELLED, CancelledError(f"task {task.key} was cancelled"))
 
     def _on_PoolBroken(self, event: PoolBroken) -> None:
+        self._broken = event.error
         for task in list(self._tasks.values()):
             if task.actor is None and task.state in (TaskState.WAITING, TaskState.READY):
                 self._fail(task, event.error)
@@ -667,6 +677,13 @@ class SchedulerCore:
                     break
 
     def _schedule(self) -> None:
+        if self._broken is not None:  # no worker will ever take them
+            for key in self._ready:
+                task = self._tasks.get(key)
+                if task is not None and task.state is TaskState.READY and task.actor is None:
+                    self._fail(task, self._broken)
+            self._ready.clear()
+            return
         if self._ready_children:
             self._serve_blocked()
         skipped: list[TaskKey] = []

@@ -46,7 +46,7 @@ from __future__ import annotations
 import pickle
 import sys
 
-from ..errors import SerializationError
+from ..errors import DeserializationError, SerializationError
 from ._format import Kind, Serialized
 from ._locate import describe_read_failure, describe_write_failure
 from ._pickled import PICKLE_HEADER, dumps_plain, read_pickled, serialize_pickled
@@ -145,19 +145,19 @@ def deserialize(header: bytes, region: object) -> object:
     numpy and Arrow results are views onto it and keep it alive.
     """
     if not header:
-        raise SerializationError("cannot deserialize: empty header")
+        raise DeserializationError("cannot deserialize: empty header")
     kind = header[0]
     if kind == _PICKLE:
         try:
             # pickle.loads stops at the STOP opcode, so a region longer than the stream is fine.
             return pickle.loads(region)  # type: ignore[arg-type]
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a __setstate__ is no exit here
             raise describe_read_failure("pickled value", exc) from exc
     try:
         return _read(kind, header, region)
     except SerializationError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise describe_read_failure(f"{_kind_name(kind)} value", exc) from exc
 
 
@@ -178,7 +178,7 @@ def _read(kind: int, header: bytes, region: object) -> object:
         return read_bytearray(header, region)
     if kind == Kind.MEMORYVIEW:
         return read_memoryview(header, region)
-    raise SerializationError(f"cannot deserialize: unknown kind byte {kind}")
+    raise DeserializationError(f"cannot deserialize: unknown kind byte {kind}")
 
 
 def _kind_name(kind: int) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import cloudpickle
 
-from ..errors import SerializationError
+from ..errors import DeserializationError, SerializationError
 
 __all__ = ["describe_read_failure", "describe_write_failure", "type_name"]
 
@@ -40,8 +40,8 @@ def describe_write_failure(
     )
 
 
-def describe_read_failure(what: str, error: BaseException) -> SerializationError:
-    return SerializationError(f"cannot deserialize {what}: {type(error).__name__}: {error}")
+def describe_read_failure(what: str, error: BaseException) -> DeserializationError:
+    return DeserializationError(f"cannot deserialize {what}: {type(error).__name__}: {error}")
 
 
 def type_name(obj: object) -> str:

@@ -42,7 +42,7 @@ from sharedcompute._serialization import deserialize, serialize
 from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
 from sharedcompute._worker._heap import IDLE_TRIM_SECONDS, Heap
 from sharedcompute._worker._running import RunningSlot
-from sharedcompute.errors import SerializationError, SharedComputeError
+from sharedcompute.errors import DeserializationError, SerializationError, SharedComputeError
 
 if TYPE_CHECKING:
     from sharedcompute._worker._actor_host import ActorHost
@@ -125,7 +125,8 @@ class WorkerRuntime(RuntimeBase):
         if running is None:
             running, fd = RunningSlot.create()
             os.close(fd)
-        self._running = running.word  # the key of the task executing on the main thread
+        self._running = running.word  # [the task executing on the main thread, urgent count]
+        self._urgent_seen = 0
         self.worker_id = worker_id
         self.conn = conn
         self.store = store
@@ -162,6 +163,8 @@ class WorkerRuntime(RuntimeBase):
         self.conn.send((Msg.READY, os.getpid(), self._store_client))
         while not self.shutting_down:
             if self._queue:
+                if self._running[1] != self._urgent_seen:
+                    self._read_urgent()
                 with self._queue_lock:  # a thread of a finished task may still take from it
                     message = self._queue.popleft() if self._queue else None
                 if message is not None:
@@ -239,6 +242,14 @@ class WorkerRuntime(RuntimeBase):
         for message in messages:
             self._dispatch(message)
         return bool(messages)
+
+    def _read_urgent(self) -> None:
+        """The driver sent something that must not wait behind the queue (DROP): read now."""
+        self._urgent_seen = self._running[1]
+        with self._reader:
+            messages = self._receive(block=False)
+        for message in messages:
+            self._dispatch(message)
 
     def _read(self, timeout: float | None) -> None:
         self._flush()
@@ -415,8 +426,8 @@ class WorkerRuntime(RuntimeBase):
                 raise SharedComputeError("the driver sent a task for a function this worker lacks")
             try:
                 fn = cloudpickle.loads(fn_bytes)
-            except Exception as exc:
-                raise SerializationError(
+            except (Exception, SystemExit) as exc:
+                raise DeserializationError(
                     f"cannot load the task's function in the worker: {type(exc).__name__}: {exc}"
                 ) from exc
             self._functions[fn_key] = fn

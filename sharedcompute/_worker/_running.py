@@ -1,12 +1,17 @@
-"""The word of shared memory through which a worker tells which task it is executing.
+"""Two words of memory a worker and its driver share, read without a message.
 
-The driver creates it (a memfd of 8 bytes) for each worker it starts and keeps
-its own mapping; the worker writes a task's key there before the task starts and
-clears it, or restores the task below on its stack, when the task ends. Writing
-it costs a store into memory, no message. After a worker dies the driver reads
-it: the task named there crashed the worker; the tasks sent before it had
-finished (their results may have sat in an unsent batch) and the ones after it
-never started, so only the crasher's retry budget is charged.
+The driver creates them (a memfd of 16 bytes) for each worker it starts.
+
+- Word 0, written by the worker: the key of the task it executes (0: none). It is
+  set before a task starts and cleared, or set back to the task below on the
+  stack, when it ends. After a worker dies the driver reads it: the task named
+  there crashed the worker; the tasks sent before it had finished (their
+  results may have sat in an unsent batch) and the ones after it never started,
+  so only the crasher's retry budget is charged.
+- Word 1, written by the driver: a count it raises after sending a message that
+  must not wait behind the worker's queued tasks (DROP). The worker looks at it
+  before each queued task and reads its connection when it has changed, which
+  costs a load from memory per task instead of a read from the socket.
 """
 
 from __future__ import annotations
@@ -16,23 +21,25 @@ import os
 
 
 class RunningSlot:
-    """The key of the task a worker executes (0: none), in memory both processes map."""
+    """The shared words; ``word[0]``: the executing task, ``word[1]``: urgent messages sent."""
 
     __slots__ = ("_map", "word")
 
     def __init__(self, fd: int) -> None:
-        self._map = mmap.mmap(fd, 8)
+        self._map = mmap.mmap(fd, 16)
         self.word = memoryview(self._map).cast("q")
 
     @classmethod
     def create(cls) -> tuple[RunningSlot, int]:
         """A new slot and its file descriptor (for the worker; close it once passed)."""
         fd = os.memfd_create("sharedcompute-running", os.MFD_CLOEXEC)
-        os.ftruncate(fd, 8)
+        os.ftruncate(fd, 16)
         return cls(fd), fd
 
     def get(self) -> int:
+        """The key of the task the worker executes (0: none)."""
         return int(self.word[0])
 
-    def set(self, key: int) -> None:
-        self.word[0] = key
+    def urgent_sent(self) -> None:
+        """An urgent message has been sent: the worker reads before its next queued task."""
+        self.word[1] += 1

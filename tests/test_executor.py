@@ -1,0 +1,109 @@
+"""``sharedcompute.Executor`` as a ProcessPoolExecutor drop-in: what CPython's own suite
+(tests/test_cpython_futures_suite.py) leaves out because it reads private attributes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from typing import Any
+
+import pytest
+from _helpers import wait_until
+
+import sharedcompute as sc
+
+TIMEOUT = 60
+
+
+def quick(how: str = "") -> int:
+    if how == "hold":
+        time.sleep(0.5)
+    return os.getpid()
+
+
+def test_max_tasks_per_child_recycles_the_worker() -> None:
+    with sc.Executor(1, max_tasks_per_child=2) as executor:
+        pids = [executor.submit(os.getpid).result(timeout=TIMEOUT) for _ in range(5)]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
+
+
+def test_max_tasks_per_child_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_tasks_per_child must be >= 1"):
+        sc.Executor(1, max_tasks_per_child=0)
+
+
+def test_a_fork_context_is_refused_with_the_reason() -> None:
+    with pytest.raises(ValueError, match="fresh interpreter"):
+        sc.Executor(1, mp_context=multiprocessing.get_context("fork"))
+
+
+def test_a_future_is_running_while_its_worker_runs_it() -> None:
+    with sc.Executor(1) as executor:
+        future = executor.submit(time.sleep, 0.5)
+        wait_until(future.running, what="the Future to run")
+        assert not future.cancel()  # running: too late, as with the stdlib
+        assert future.result(timeout=TIMEOUT) is None
+        assert not future.running() and future.done()
+
+
+def test_shutdown_cancels_tasks_queued_on_a_worker_behind_the_running_one() -> None:
+    executor = sc.Executor(1)
+    try:
+        for _ in range(5):  # the runtime learns that `quick` is short: it queues several
+            executor.submit(quick).result(timeout=TIMEOUT)
+        # While the first holds the worker, the rest reach its connection; it then reads
+        # them all and starts `head`: the others wait in its own queue, not the socket.
+        first = executor.submit(quick, "hold")
+        head = executor.submit(quick, "hold")
+        queued = [executor.submit(quick) for _ in range(8)]
+        first.result(timeout=TIMEOUT)
+        time.sleep(0.2)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+    assert head.result(timeout=0) > 0
+    assert all(f.cancelled() for f in queued), [f for f in queued if not f.cancelled()]
+
+
+def failing_initializer() -> None:
+    raise ValueError("no licence")
+
+
+def test_a_failing_initializer_breaks_the_executor() -> None:
+    with sc.Executor(2, initializer=failing_initializer) as executor:
+        future = executor.submit(abs, -1)
+        with pytest.raises(sc.errors.WorkerCrashedError, match="initializer failed") as caught:
+            future.result(timeout=TIMEOUT)
+        assert isinstance(caught.value.__cause__, ValueError)
+        with pytest.raises(sc.errors.WorkerCrashedError):
+            executor.submit(abs, -1)
+
+
+def remember(value: Any) -> None:
+    global REMEMBERED
+    REMEMBERED = value
+
+
+def remembered() -> Any:
+    return REMEMBERED
+
+
+def test_the_initializer_runs_in_replacement_workers_too() -> None:
+    with sc.Executor(1, initializer=remember, initargs=("set up",), max_tasks_per_child=1) as ex:
+        assert [ex.submit(remembered).result(timeout=TIMEOUT) for _ in range(3)] == ["set up"] * 3
+
+
+def test_an_unpicklable_argument_fails_the_future_not_submit() -> None:
+    import threading
+
+    with sc.Executor(1) as executor:
+        future = executor.submit(id, threading.Lock())
+        with pytest.raises(sc.errors.SerializationError, match="lock"):
+            future.result(timeout=TIMEOUT)
+
+
+def test_map_in_chunks_keeps_order_and_validates_chunksize() -> None:
+    with sc.Executor(2) as executor:
+        assert list(executor.map(abs, range(-10, 0), chunksize=3)) == list(range(10, 0, -1))
+        with pytest.raises(ValueError, match="chunksize must be >= 1"):
+            executor.map(abs, [1], chunksize=0)
