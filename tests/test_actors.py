@@ -1030,3 +1030,34 @@ def test_bench_quick_json() -> None:
     assert figures["leftover_processes"] == []
     assert {"sequential_ge_5x_ray", "pipelined_ge_5x_ray", "create_le_0_1x_ray",
             "big_arg_le_5ms"} <= set(report["targets"])
+
+
+# -- resources an actor reserves for its life ----------------------------------------------------
+
+
+def test_an_actor_holds_its_num_cpus_while_it_lives() -> None:
+    with sc.Runtime(num_workers=2) as rt:
+        counter = Counter.options(num_cpus=1).remote(0)
+        assert counter.incr.remote(1).result(timeout=TIMEOUT) == 1
+        assert rt.core.available["CPU"] == 1.0  # one CPU left for tasks
+        sc.kill(counter)
+        wait_until(lambda: rt.core.available["CPU"] == 2.0, what="the CPU given back")
+
+
+def test_an_actor_waits_for_a_custom_resource_another_actor_holds() -> None:
+    with sc.Runtime(num_workers=2, resources={"gpu": 1}):
+        first = Counter.options(resources={"gpu": 1}).remote(0)
+        assert first.incr.remote(1).result(timeout=TIMEOUT) == 1
+        second = Counter.options(resources={"gpu": 1}).remote(10)
+        waiting = second.incr.remote(1)
+        done, _ = sc.wait([waiting], timeout=0.5)
+        assert not done  # the only gpu is the first actor's
+        sc.kill(first)
+        assert waiting.result(timeout=TIMEOUT) == 11
+
+
+def test_an_actor_that_can_never_fit_is_refused_at_creation(rt: sc.Runtime) -> None:
+    with pytest.raises(ValueError, match="needs 64 CPU but the runtime has 2"):
+        Counter.options(num_cpus=64).remote(0)
+    with pytest.raises(ValueError, match="needs 1 gpu"):
+        Counter.options(resources={"gpu": 1}).remote(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import pickle
 import types
 
@@ -11,7 +12,7 @@ import pytest
 import sharedcompute as sc
 from sharedcompute import errors
 
-# Names DESIGN.md pins: tests and users depend on them.
+# The public API the README documents: users and the rest of this suite depend on these names.
 PINNED = {
     "init", "shutdown", "submit", "map", "put", "get", "wait", "as_completed", "gather",
     "remote", "config", "Executor", "Future", "Runtime", "errors", "get_actor", "kill",
@@ -96,12 +97,19 @@ def test_errors_all_is_exactly_the_classes_defined_there() -> None:
 
 HIERARCHY = [
     ("SharedComputeError", (Exception,)),
-    ("WorkerCrashedError", (errors.SharedComputeError, concurrent.futures.BrokenExecutor)),
+    ("WorkerCrashedError", (
+        errors.SharedComputeError, concurrent.futures.process.BrokenProcessPool,
+        concurrent.futures.BrokenExecutor,
+    )),
     ("ActorDiedError", (errors.SharedComputeError,)),
     ("DependencyFailedError", (errors.SharedComputeError,)),
     ("ObjectLostError", (errors.SharedComputeError,)),
     ("ObjectStoreFullError", (errors.SharedComputeError,)),
-    ("SerializationError", (errors.SharedComputeError, TypeError)),
+    ("SerializationError", (errors.SharedComputeError, TypeError, pickle.PicklingError)),
+    ("DeserializationError", (
+        errors.SerializationError, pickle.UnpicklingError,
+        concurrent.futures.process.BrokenProcessPool,
+    )),
     ("AuthenticationError", (errors.SharedComputeError, PermissionError)),
 ]
 

@@ -31,8 +31,10 @@ from sharedcompute._runtime._future import Future, when_all_done
 from sharedcompute._scheduler import (
     UNIT,
     ActorFailed,
+    ActorRequested,
     ActorStarted,
     Event,
+    Resources,
     TaskSubmitted,
     WorkerDied,
     WorkerRetired,
@@ -64,6 +66,13 @@ class ActorRecord:
     worker_holds: Counter[int] = field(default_factory=Counter)
     killed: bool = False
     dead: bool = False
+
+
+def actor_resources(options: ActorOptions) -> Resources | None:
+    """What the actor reserves for its life (None: nothing, as Ray's default of 0 CPUs)."""
+    if not options.num_cpus and not options.resources:
+        return None
+    return Resources(float(options.num_cpus), tuple(options.resources))
 
 
 @dataclass(slots=True)
@@ -98,10 +107,14 @@ class ActorManager:
     ) -> ActorHandle:
         if self.rt._pool is None:
             self.rt._start_processes()
+        label = f"actor {cls.__qualname__}" + (f" {options.name!r}" if options.name else "")
+        needs = actor_resources(options)
+        why = None if needs is None else self.rt.core.infeasible(needs, f"the {label}")
+        if why:
+            raise ValueError(f"cannot create the {label}: {why}")
         cls_key, cls_bytes = self.rt.functions.encode(cls)
         args_ref, deps = self.rt.prepare_args(args, kwargs)
         actor_id = self.rt._next_key()
-        label = f"actor {cls.__qualname__}" + (f" {options.name!r}" if options.name else "")
         record = ActorRecord(
             id=actor_id,
             description=f"{label} (id {actor_id})",
@@ -147,8 +160,18 @@ class ActorManager:
                 error.__cause__ = outcome[2]
                 self._end_actor(record, error)
                 return
-            self._place_actor(record)
+            needs = actor_resources(record.options)
+            if needs is None:
+                self._place_actor(record)
+            else:  # placed once they are free (PlaceActor), held until it ends
+                self.rt._handle(ActorRequested(record.id, needs))
         self.rt._settle_futures()
+
+    def place(self, actor_id: int) -> None:
+        """The core reserved the actor's resources: give it a process (lock held)."""
+        record = self._actor_records.get(actor_id)
+        if record is not None and not record.dead:
+            self._place_actor(record)
 
     def _place_actor(self, record: ActorRecord) -> None:
         """Give the actor a process: an idle pool worker if there is one (lock held)."""

@@ -50,6 +50,7 @@ from sharedcompute._scheduler import (
     Instruction,
     KeyReleased,
     ObjectPut,
+    PlaceActor,
     PoolBroken,
     Reject,
     Resolve,
@@ -316,6 +317,8 @@ class Runtime(RuntimeBase):
                 urgent.append(instruction.worker)
             elif type(instruction) is StopWorker:
                 outbox[instruction.worker].append((Msg.SHUTDOWN,))
+            elif type(instruction) is PlaceActor:
+                self.actors.place(instruction.actor)
         if self.actors.ending:
             self.actors.check_ending()
         if outbox and self._pool is not None:

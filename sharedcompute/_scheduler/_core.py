@@ -68,6 +68,7 @@ from sharedcompute._scheduler._events import (
     TERMINAL,
     UNIT,
     ActorFailed,
+    ActorRequested,
     ActorStarted,
     CancelRequested,
     Dispatch,
@@ -78,6 +79,7 @@ from sharedcompute._scheduler._events import (
     KeyReleased,
     KeyRetained,
     ObjectPut,
+    PlaceActor,
     PoolBroken,
     Reject,
     Resolve,
@@ -137,6 +139,7 @@ class _Actor:
     queue: deque[TaskKey] = field(default_factory=deque)
     assigned: list[TaskKey] = field(default_factory=list)
     error: BaseException | None = None
+    resources: Resources | None = None  # reserved for its whole life (ActorRequested)
 
 
 @dataclass(slots=True)
@@ -181,6 +184,8 @@ class SchedulerCore:
         self._actor_workers: dict[WorkerId, _Actor] = {}
         self._out: list[Instruction] = []
         self._broken: BaseException | None = None  # PoolBroken: tasks that become ready fail
+        # Actors waiting for their resources (ActorRequested), first come first placed.
+        self._actors_waiting: deque[tuple[int, Resources]] = deque()
 
     # -- queries (for tests, the dashboard and error messages) -------------
 
@@ -217,6 +222,8 @@ class SchedulerCore:
                 self._handlers[type(event)](self, event)
         else:
             self._handlers[type(events)](self, events)
+        if self._actors_waiting:
+            self._place_actors()
         if self._ready:
             self._schedule()
         out, self._out = self._out, []
@@ -569,13 +576,17 @@ class SchedulerCore:
 
     # -- resources and placement ---------------------------------------------------
 
-    def _infeasible(self, resources: Resources) -> str | None:
+    def infeasible(self, resources: Resources, what: str = "the task") -> str | None:
+        """Why ``resources`` can never be had here (None: they can)."""
+        return self._infeasible(resources, what)
+
+    def _infeasible(self, resources: Resources, what: str = "the task") -> str | None:
         if resources is UNIT and self.total.get("CPU", 0.0) >= 1.0:
             return None
         for name, amount in resources.as_dict().items():
             if amount > self.total.get(name, 0.0):
                 return (
-                    f"the task needs {amount:g} {name} but the runtime has "
+                    f"{what} needs {amount:g} {name} but the runtime has "
                     f"{self.total.get(name, 0.0):g} in all (resources: {self.total})"
                 )
         return None
@@ -761,9 +772,27 @@ class SchedulerCore:
         self._actor_workers[event.worker] = actor
         self._pump_actor(actor)
 
+    def _on_ActorRequested(self, event: ActorRequested) -> None:
+        self._actors_waiting.append((event.actor, event.resources))
+
+    def _place_actors(self) -> None:
+        """Reserve resources for waiting actors, in order, as far as they fit."""
+        while self._actors_waiting:
+            actor_id, resources = self._actors_waiting[0]
+            if not self._fits(resources):
+                return
+            self._actors_waiting.popleft()
+            self._reserve(resources)
+            self._actor(actor_id).resources = resources
+            self._out.append(PlaceActor(actor_id))
+
     def _on_ActorFailed(self, event: ActorFailed) -> None:
         actor = self._actor(event.actor)
         actor.error = event.error
+        if actor.resources is not None:  # it is over: what it reserved is free again
+            self._release(actor.resources)
+            actor.resources = None
+        self._actors_waiting = deque(w for w in self._actors_waiting if w[0] != event.actor)
         if actor.worker is not None:
             self._actor_workers.pop(actor.worker, None)
             actor.worker = None
@@ -830,6 +859,6 @@ SchedulerCore._handlers = {
         ActorStarted, ActorFailed, WorkerRetired, TaskReturned, TaskSubmitted, ExternalTask,
         ObjectPut, TaskFinished, TaskFailed, WorkerJoined, WorkerDied, WorkerBlocked,
         WorkerUnblocked, CancelRequested, KeyReleased, KeyRetained, PoolBroken,
-        WithdrawRequested,
+        WithdrawRequested, ActorRequested,
     )
 }

@@ -17,6 +17,7 @@ __all__ = [
     "TERMINAL",
     "UNIT",
     "ActorFailed",
+    "ActorRequested",
     "ActorStarted",
     "CancelRequested",
     "Dispatch",
@@ -27,6 +28,7 @@ __all__ = [
     "KeyReleased",
     "KeyRetained",
     "ObjectPut",
+    "PlaceActor",
     "PoolBroken",
     "Reject",
     "Resolve",
@@ -179,6 +181,14 @@ class ActorStarted:
 
 
 @dataclass(slots=True)
+class ActorRequested:
+    """An actor needs ``resources`` for as long as it lives: ``PlaceActor`` once they are free."""
+
+    actor: int
+    resources: Resources
+
+
+@dataclass(slots=True)
 class ActorFailed:
     """The actor is gone for good: its queued and future calls fail with ``error``."""
 
@@ -251,6 +261,7 @@ Event = (
     | KeyRetained
     | PoolBroken
     | WithdrawRequested
+    | ActorRequested
 )
 
 
@@ -310,5 +321,14 @@ class Withdraw:
     key: TaskKey
 
 
-Instruction = Dispatch | Resolve | Reject | FreeObject | StartWorker | StopWorker | Withdraw
+@dataclass(slots=True)
+class PlaceActor:
+    """The actor's resources are reserved (until it ends): give it a process now."""
+
+    actor: int
+
+
+Instruction = (
+    Dispatch | Resolve | Reject | FreeObject | StartWorker | StopWorker | Withdraw | PlaceActor
+)
 
