@@ -99,7 +99,10 @@ def _shutdown_at_exit() -> None:
 
 
 # Before the interpreter joins threads and runs atexit handlers (as concurrent.futures).
-threading._register_atexit(_context.mark_exiting)  # type: ignore[attr-defined]
+try:
+    threading._register_atexit(_context.mark_exiting)  # type: ignore[attr-defined]
+except RuntimeError:  # first imported while the interpreter exits
+    _context.mark_exiting()
 
 
 # -- futures API --------------------------------------------------------------------------

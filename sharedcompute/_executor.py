@@ -190,4 +190,7 @@ def _at_exit() -> None:
 
 # Like concurrent.futures: run before threads are joined and atexit handlers run, while
 # the runtime's threads still serve.
-threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+try:
+    threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
+except RuntimeError:  # first imported while the interpreter exits
+    _context.mark_exiting()

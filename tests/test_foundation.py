@@ -188,3 +188,26 @@ def test_done_callbacks_run_once_each_in_settling_order(rt: sc.Runtime) -> None:
     sc.wait(futures, timeout=TIMEOUT)
     wait_until(lambda: len(seen) == 50, what="every callback")
     assert sorted(seen) == list(range(50))
+
+
+def test_a_waiter_wakes_when_another_thread_cancels_its_future() -> None:
+    # The waiting thread reads the workers' sockets itself; a Future settled by another
+    # thread (not by a message) must still wake it.
+    with sc.Runtime(num_workers=1):
+        sc.submit(time.sleep, 20)  # no message comes from the worker meanwhile
+        queued = sc.submit(abs, -1)  # waits for the only worker
+        outcome: list[BaseException] = []
+
+        def wait_for_it() -> None:
+            try:
+                queued.result(timeout=TIMEOUT)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        time.sleep(0.2)  # it is waiting now
+        assert queued.cancel()
+        waiter.join(10)
+        assert not waiter.is_alive(), "the waiter slept through the cancellation"
+        assert type(outcome[0]).__name__ == "CancelledError"

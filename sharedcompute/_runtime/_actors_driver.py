@@ -148,24 +148,27 @@ class ActorManager:
 
     def _launch_actor(self, record: ActorRecord) -> None:
         with self.rt._lock:
-            if record.dead or self.rt._closed:
-                return
-            failed = [k for k in record.dep_keys if (o := self.rt.core.outcome(k)) and o[2]]
-            if failed:
-                outcome = self.rt.core.outcome(failed[0])
-                assert outcome is not None
-                error = ActorDiedError(
-                    f"{record.description} was not created: a constructor argument failed"
-                )
-                error.__cause__ = outcome[2]
-                self._end_actor(record, error)
-                return
-            needs = actor_resources(record.options)
-            if needs is None:
-                self._place_actor(record)
-            else:  # placed once they are free (PlaceActor), held until it ends
-                self.rt._handle(ActorRequested(record.id, needs))
-        self.rt._settle_futures()
+            self._launch_actor_locked(record)
+        self.rt._settle_futures()  # calls failed with it, if it cannot start
+
+    def _launch_actor_locked(self, record: ActorRecord) -> None:
+        if record.dead or self.rt._closed:
+            return
+        failed = [k for k in record.dep_keys if (o := self.rt.core.outcome(k)) and o[2]]
+        if failed:
+            outcome = self.rt.core.outcome(failed[0])
+            assert outcome is not None
+            error = ActorDiedError(
+                f"{record.description} was not created: a constructor argument failed"
+            )
+            error.__cause__ = outcome[2]
+            self._end_actor(record, error)
+            return
+        needs = actor_resources(record.options)
+        if needs is None:
+            self._place_actor(record)
+        else:  # placed once they are free (PlaceActor), held until it ends
+            self.rt._handle(ActorRequested(record.id, needs))
 
     def place(self, actor_id: int) -> None:
         """The core reserved the actor's resources: give it a process (lock held)."""

@@ -391,11 +391,13 @@ class Runtime(RuntimeBase):
             except IndexError:
                 break
             external.add_done_callback(self._external_done)
+        settled = False
         while self._settle:
             try:
                 future, instruction = self._settle.popleft()
             except IndexError:
-                return
+                break
+            settled = True
             if type(instruction) is Resolve:
                 future.set_result(ValueRef(instruction.ref))
             else:
@@ -404,6 +406,11 @@ class Runtime(RuntimeBase):
                     future._cancel_now()
                 else:
                     future.set_exception(instruction.error)
+        pool = self._pool
+        if settled and pool is not None and not pool.is_reading_thread():
+            # A thread reading the workers for a Future of its own sleeps in select: one
+            # settled here (a callback, a submit) must wake it.
+            pool.wake()
 
     # -- submit, put, cancel ------------------------------------------------------------
 

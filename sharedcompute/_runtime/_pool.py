@@ -396,6 +396,11 @@ class ProcessPool:
         finally:
             self._wake_lock.release()
 
+    def wake(self) -> None:
+        """Make the thread that reads now look at its condition again (never blocks)."""
+        if self._leader is not None or self._io_selecting:
+            self._wake()
+
     def is_reading_thread(self) -> bool:
         """Whether this thread reads the workers now (the I/O thread or a leading thread)."""
         me = threading.get_ident()
