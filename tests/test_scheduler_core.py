@@ -16,13 +16,17 @@ import pytest
 
 from sharedcompute._scheduler import (
     NO_TASK,
+    ActorRequested,
     CancelRequested,
     Dispatch,
     ExternalTask,
     FreeObject,
     KeyReleased,
     KeyRetained,
+    NodeJoined,
+    NodeLeft,
     ObjectPut,
+    PlaceActor,
     Reject,
     Resolve,
     Resources,
@@ -921,3 +925,87 @@ def test_a_batch_of_events_is_placed_once_in_order() -> None:
     out = core.handle([submit(1), submit(2), submit(3)])
     assert [show(i) for i in out] == [dispatch(0, 1), dispatch(1, 2)]
     assert core.state_of(3) is TaskState.READY
+
+
+# -- several nodes ----------------------------------------------------------------------------
+
+
+def make_cluster(**nodes: dict[str, float]) -> SchedulerCore:
+    """A core with no local node: node N (named ``nN``) joins with its resources and one
+    worker per CPU, numbered N*10, N*10+1, ..."""
+    core = SchedulerCore()
+    for name, resources in nodes.items():
+        node = int(name[1:])
+        core.handle(NodeJoined(node, resources))
+        core.handle([WorkerJoined(node * 10 + w, node) for w in range(int(resources["CPU"]))])
+    return core
+
+
+def test_a_task_fitting_the_cluster_but_no_single_node_fails_naming_the_largest_node() -> None:
+    core = make_cluster(n1={"CPU": 2.0}, n2={"CPU": 3.0})
+    assert core.total == {"CPU": 5.0}
+    out = core.handle(TaskSubmitted(1, resources=Resources(cpus=4.0)))
+    error = only(out, Reject).error
+    assert isinstance(error, ValueError)
+    assert "needs 4 CPU but the largest node (node 2) has 3" in str(error)
+
+
+def test_a_task_goes_to_the_node_with_its_custom_resource() -> None:
+    core = make_cluster(n1={"CPU": 2.0}, n2={"CPU": 1.0, "GPU": 1.0})
+    assert [show(i) for i in core.handle(submit(1, resources=GPU))] == [dispatch(20, 1)]
+    # The only GPU is taken: the next GPU task waits, though node 1 has idle CPUs.
+    assert core.handle(submit(2, resources=GPU)) == []
+    assert [show(i) for i in core.handle(TaskFinished(1, 20, "r1"))] == [
+        resolve(1, "r1"), dispatch(20, 2)
+    ]
+
+
+def test_resources_are_reserved_in_the_node_of_the_worker() -> None:
+    core = make_cluster(n1={"CPU": 2.0}, n2={"CPU": 2.0})
+    core.handle(submit(1, resources=TWO_CPUS))
+    assert {core.nodes[1].available["CPU"], core.nodes[2].available["CPU"]} == {0.0, 2.0}
+    assert core.available == {"CPU": 2.0}
+
+
+def test_a_task_is_placed_on_the_node_holding_most_of_its_input_bytes() -> None:
+    core = make_cluster(n1={"CPU": 2.0}, n2={"CPU": 2.0})
+    core.handle([ObjectPut(1, "big", nbytes=10_000_000, node=2), ObjectPut(2, "small", 10, node=1)])
+    assert [show(i) for i in core.handle(submit(3, 1, 2))] == [
+        dispatch(20, 3, (1, "big"), (2, "small"))
+    ]
+    core.handle([ObjectPut(4, "other", nbytes=10_000_000, node=1)])
+    assert [show(i) for i in core.handle(submit(5, 4))] == [dispatch(10, 5, (4, "other"))]
+
+
+def test_a_result_lives_on_its_workers_node_and_draws_its_dependents_there() -> None:
+    core = make_cluster(n1={"CPU": 1.0}, n2={"CPU": 2.0})
+    core.handle(submit(1))  # node 2 has the most CPUs free
+    core.handle(TaskFinished(1, 20, "r1", nbytes=1 << 20))
+    core.handle(submit(9))  # keeps a worker of node 2 busy; node 2 still has one idle
+    assert [show(i) for i in core.handle(submit(2, 1))] == [dispatch(21, 2, (1, "r1"))]
+
+
+def test_without_inputs_the_node_with_most_cpus_free_is_chosen() -> None:
+    core = make_cluster(n1={"CPU": 1.0}, n2={"CPU": 3.0})
+    placed = [only(core.handle(submit(key)), Dispatch).worker // 10 for key in range(1, 5)]
+    assert placed == [2, 2, 1, 2]  # 3 free vs 1, 2 vs 1, 1 vs 1 (the first), then node 2
+
+
+def test_a_node_that_leaves_has_its_tasks_rerun_elsewhere_and_is_never_chosen_again() -> None:
+    core = make_cluster(n1={"CPU": 1.0}, n2={"CPU": 1.0})
+    first = only(core.handle(submit(1)), Dispatch).worker
+    gone = first // 10
+    other = 3 - gone
+    out = core.handle(NodeLeft(gone, "node silent for 5 s"))
+    assert [show(i) for i in out] == [dispatch(other * 10, 1)]
+    assert core.total == {"CPU": 1.0}
+    assert core.handle(submit(2)) == []  # waits for the one node left, never the gone one
+    with pytest.raises(ValueError, match="unknown"):
+        core.handle(WorkerJoined(99, gone))
+
+
+def test_an_actor_is_placed_on_a_node_that_has_its_resources() -> None:
+    core = make_cluster(n1={"CPU": 2.0}, n2={"CPU": 1.0, "GPU": 1.0})
+    out = core.handle(ActorRequested(7, Resources(cpus=0.0, custom=(("GPU", 1.0),))))
+    assert out == [PlaceActor(7, 2)]
+    assert core.nodes[2].available["GPU"] == 0.0

@@ -6,6 +6,10 @@ instructions the runtime must carry out (send a task, resolve or reject a
 future, free an object, start a worker). Nothing here blocks, sleeps, touches
 a socket or a process, so the whole policy is tested with plain objects.
 
+Beside this file: ``_events`` (what goes in and out), ``_state`` (the records
+of tasks, workers and actors), ``_nodes`` (nodes and their resource pools) and
+``_actors`` (the actor half of the handlers, mixed in here).
+
 Task life cycle::
 
     WAITING --deps done--> READY --worker free--> RUNNING --> FINISHED
@@ -26,9 +30,14 @@ State:
   waits for).
 - ``_workers``: each worker's ``assigned`` keys in the order they were sent; a
   worker runs them in that order, so the started ones are always a prefix.
-- ``_available``: resources free on this node (CPU and custom).
+- ``nodes``: the nodes (host worker pools), each with its resource pool
+  (``_nodes.NodeTable``); a task's resources are reserved in its worker's node.
+- a FINISHED task's ``node`` and ``nbytes``: where its result lives and its size
+  (the object directory), so a task is placed on the node holding most of its inputs.
 
-Placement policy: an idle worker first (if the node has the task's resources);
+Placement policy: an idle worker first (if its node has the task's resources; with
+several nodes, on the node that holds most bytes of the task's inputs, then the one
+with most CPUs free);
 otherwise a short task (its function ran for under a millisecond before)
 needing one CPU may be queued, at most ``max_prefetch`` deep, on a worker
 whose tasks are all short, so workers never wait for a round trip between two
@@ -60,9 +69,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import CancelledError
-from dataclasses import dataclass, field
 from typing import Any
 
+from sharedcompute._scheduler._actors import ActorScheduling
 from sharedcompute._scheduler._events import (
     NO_TASK,
     TERMINAL,
@@ -78,8 +87,10 @@ from sharedcompute._scheduler._events import (
     Instruction,
     KeyReleased,
     KeyRetained,
+    NodeId,
+    NodeJoined,
+    NodeLeft,
     ObjectPut,
-    PlaceActor,
     PoolBroken,
     Reject,
     Resolve,
@@ -101,87 +112,32 @@ from sharedcompute._scheduler._events import (
     WorkerRetired,
     WorkerUnblocked,
 )
-from sharedcompute.errors import ActorDiedError, DependencyFailedError, WorkerCrashedError
+from sharedcompute._scheduler._nodes import LOCAL_NODE, NodeTable, fits, release, reserve
+from sharedcompute._scheduler._state import Actor, Task, Worker
+from sharedcompute.errors import DependencyFailedError, WorkerCrashedError
 
 
-@dataclass(slots=True)
-class _Task:
-    key: TaskKey
-    state: TaskState
-    resources: Resources = UNIT
-    dependencies: tuple[TaskKey, ...] = ()
-    waiting_on: set[TaskKey] = field(default_factory=set)
-    dependents: set[TaskKey] = field(default_factory=set)
-    pending_dependents: int = 0
-    holders: int = 1
-    retries_left: int = 0
-    retry_exceptions: bool = False
-    payload: Any = None
-    worker: WorkerId | None = None
-    reserved: bool = False
-    blocked: bool = False
-    ref: Any = None
-    error: BaseException | None = None
-    actor: int | None = None
-    parent: TaskKey | None = None
-    short: bool = False
-    followed: bool = False  # a dependent was once queued behind it (see Chains)
-    withdrawing: bool = False  # asked to be dropped unrun from its worker's queue
-
-
-@dataclass(slots=True)
-class _Actor:
-    """An actor's calls: ``queue`` in submission order (waiting or ready), ``assigned`` sent."""
-
-    id: int
-    worker: WorkerId | None = None
-    description: str = ""
-    queue: deque[TaskKey] = field(default_factory=deque)
-    assigned: list[TaskKey] = field(default_factory=list)
-    error: BaseException | None = None
-    resources: Resources | None = None  # reserved for its whole life (ActorRequested)
-
-
-@dataclass(slots=True)
-class _Worker:
-    id: WorkerId
-    assigned: list[TaskKey] = field(default_factory=list)
-    # Assigned tasks that are not blocked, and how many of those need more than one CPU
-    # (kept up to date on every change, so placement never walks the lists).
-    active: int = 0
-    active_non_unit: int = 0
-    active_long: int = 0  # active tasks not known to be short
-    # Tasks of this worker waiting on Futures, in the order they blocked: the last one
-    # is on top of the worker's stack, and only its own children may run nested above it.
-    blocked_order: list[TaskKey] = field(default_factory=list)
-    tasks_left: int | None = None  # more tasks it may be given (max_tasks_per_worker)
-
-    def count(self, task: _Task, sign: int) -> None:
-        self.active += sign
-        if task.resources is not UNIT and not task.resources.is_unit:
-            self.active_non_unit += sign
-        if not task.short:
-            self.active_long += sign
-
-
-class SchedulerCore:
+class SchedulerCore(ActorScheduling):
     _handlers: dict[type, Any]
 
     def __init__(
-        self, resources: dict[str, float], *, max_prefetch: int = 16,
+        self, resources: dict[str, float] | None = None, *, max_prefetch: int = 16,
         max_tasks_per_worker: int | None = None,
     ) -> None:
-        self.total = dict(resources)
-        self._available = dict(resources)
+        # Local mode is one node; a cluster's head starts with none (NodeJoined).
+        self.nodes = NodeTable()
+        if resources is not None:
+            self.nodes.join(LOCAL_NODE, resources)
         self.max_prefetch = max_prefetch
         self.max_tasks_per_worker = max_tasks_per_worker
-        self._tasks: dict[TaskKey, _Task] = {}
+        self._tasks: dict[TaskKey, Task] = {}
         self._ready: deque[TaskKey] = deque()
         # READY tasks by the task that submitted them (entries may be stale: check state).
         self._ready_children: dict[TaskKey, deque[TaskKey]] = {}
-        self._workers: dict[WorkerId, _Worker] = {}
-        self._actors: dict[int, _Actor] = {}
-        self._actor_workers: dict[WorkerId, _Actor] = {}
+        self._workers: dict[WorkerId, Worker] = {}
+        self._workers_by_node: dict[NodeId, int] = {}  # how many workers each node has
+        self._actors: dict[int, Actor] = {}
+        self._actor_workers: dict[WorkerId, Actor] = {}
         self._out: list[Instruction] = []
         self._broken: BaseException | None = None  # PoolBroken: tasks that become ready fail
         # Actors waiting for their resources (ActorRequested), first come first placed.
@@ -202,8 +158,14 @@ class SchedulerCore:
         return key in self._tasks
 
     @property
+    def total(self) -> dict[str, float]:
+        """Resources of all live nodes together."""
+        return self.nodes.total()
+
+    @property
     def available(self) -> dict[str, float]:
-        return dict(self._available)
+        """Free resources of all live nodes together."""
+        return self.nodes.available()
 
     def workers(self) -> dict[WorkerId, list[TaskKey]]:
         return {w.id: list(w.assigned) for w in self._workers.values()}
@@ -234,7 +196,7 @@ class SchedulerCore:
     def _on_TaskSubmitted(self, event: TaskSubmitted) -> None:
         if event.key in self._tasks:
             raise ValueError(f"task key {event.key} is already in use")
-        task = _Task(
+        task = Task(
             key=event.key,
             state=TaskState.WAITING,
             resources=event.resources,
@@ -253,7 +215,7 @@ class SchedulerCore:
                 self._fail(task, actor.error)
                 return
             actor.queue.append(task.key)
-        infeasible = None if event.actor is not None else self._infeasible(event.resources)
+        infeasible = None if event.actor is not None else self.nodes.infeasible(event.resources)
         if infeasible:
             self._fail(task, ValueError(infeasible))
             return
@@ -278,13 +240,17 @@ class SchedulerCore:
             self._follow(self._tasks[next(iter(task.waiting_on))])
 
     def _on_ExternalTask(self, event: ExternalTask) -> None:
-        self._tasks[event.key] = _Task(key=event.key, state=TaskState.RUNNING)
+        self._tasks[event.key] = Task(key=event.key, state=TaskState.RUNNING)
 
     def _on_ObjectPut(self, event: ObjectPut) -> None:
         task = self._tasks.get(event.key)
         if task is None:
-            self._tasks[event.key] = _Task(key=event.key, state=TaskState.FINISHED, ref=event.ref)
+            self._tasks[event.key] = Task(
+                key=event.key, state=TaskState.FINISHED, ref=event.ref, node=event.node,
+                nbytes=event.nbytes,
+            )
         else:  # an external task completed
+            task.node, task.nbytes = event.node, event.nbytes
             self._finish(task, event.ref)
 
     def _on_TaskFinished(self, event: TaskFinished) -> None:
@@ -295,6 +261,8 @@ class SchedulerCore:
             return
         worker = self._workers.get(event.worker)
         self._unassign(task)
+        if worker is not None:
+            task.node, task.nbytes = worker.node, event.nbytes
         self._finish(task, event.ref)
         if worker is not None and worker.assigned:
             # Room freed on this worker: the chain queued on it may grow.
@@ -316,27 +284,43 @@ class SchedulerCore:
                 return
         self._fail(task, event.error)
 
+    def _on_NodeJoined(self, event: NodeJoined) -> None:
+        self.nodes.join(event.node, event.resources)
+
+    def _on_NodeLeft(self, event: NodeLeft) -> None:
+        """Its workers died with it: their tasks rerun elsewhere under their retries."""
+        for worker in [w for w in self._workers.values() if w.node == event.node]:
+            self._on_WorkerDied(WorkerDied(worker.id, event.reason, replace=False))
+        self.nodes.leave(event.node)
+
     def _on_WorkerJoined(self, event: WorkerJoined) -> None:
-        self._workers[event.worker] = _Worker(event.worker, tasks_left=self.max_tasks_per_worker)
+        if event.node not in self.nodes:
+            raise ValueError(f"worker {event.worker} joined node {event.node}, which is unknown")
+        self._workers[event.worker] = Worker(
+            event.worker, event.node, self.nodes[event.node].available,
+            tasks_left=self.max_tasks_per_worker,
+        )
+        self._workers_by_node[event.node] = self._workers_by_node.get(event.node, 0) + 1
 
     def _on_WorkerDied(self, event: WorkerDied) -> None:
         actor = self._actor_workers.pop(event.worker, None)
         if actor is not None:
             self._actor_lost(actor, event.reason)
             return
-        worker = self._workers.pop(event.worker, None)
+        worker = self._workers.get(event.worker)
         if worker is None:
             return
+        self._remove_worker(worker)
         executing = self._executing(event)
         started = executing is None
-        requeue: list[_Task] = []
+        requeue: list[Task] = []
         for key in worker.assigned:
             task = self._tasks.get(key)
             if task is None or task.state in TERMINAL:
                 continue  # a speculative task that failed with a dependency just now
-            if task.reserved:
-                self._release(task.resources)
-                task.reserved = False
+            if task.reserved_in is not None:
+                release(task.reserved_in, task.resources)
+                task.reserved_in = None
             task.worker = None
             # Blocked tasks had started. Of the others, only the one executing crashed:
             # those sent before it finished (results lost with the worker), those after
@@ -461,7 +445,7 @@ class SchedulerCore:
 
     # -- transitions -------------------------------------------------------------
 
-    def _make_ready(self, task: _Task, *, front: bool = False) -> None:
+    def _make_ready(self, task: Task, *, front: bool = False) -> None:
         task.state = TaskState.READY
         if task.actor is not None:
             actor = self._actors[task.actor]
@@ -476,7 +460,7 @@ class SchedulerCore:
         if task.parent is not None:
             self._ready_children.setdefault(task.parent, deque()).append(task.key)
 
-    def _requeue(self, task: _Task) -> None:
+    def _requeue(self, task: Task) -> None:
         """A task that was sent but never ran goes back: READY, or WAITING if speculative."""
         if task.withdrawing:  # its worker died before it could drop it: cancel it here
             task.withdrawing = False
@@ -494,7 +478,7 @@ class SchedulerCore:
         else:
             self._make_ready(task, front=True)
 
-    def _finish(self, task: _Task, ref: Any) -> None:
+    def _finish(self, task: Task, ref: Any) -> None:
         task.state = TaskState.FINISHED
         task.ref = ref
         task.payload = None
@@ -509,10 +493,10 @@ class SchedulerCore:
         self._done_with_dependencies(task)
         self._maybe_forget(task)
 
-    def _fail(self, task: _Task, error: BaseException) -> None:
+    def _fail(self, task: Task, error: BaseException) -> None:
         self._terminate(task, TaskState.ERRED, error)
 
-    def _terminate(self, task: _Task, state: TaskState, error: BaseException) -> None:
+    def _terminate(self, task: Task, state: TaskState, error: BaseException) -> None:
         # A worklist, not recursion: a failure may run down a chain thousands long.
         pending = [(task, state, error)]
         while pending:
@@ -541,11 +525,11 @@ class SchedulerCore:
                     self._pump_actor(actor)
             self._maybe_forget(task)
 
-    def _fail_dependent(self, task: _Task, failed: _Task) -> None:
+    def _fail_dependent(self, task: Task, failed: Task) -> None:
         self._fail(task, self._dependency_error(task, failed))
 
     @staticmethod
-    def _dependency_error(task: _Task, failed: _Task) -> DependencyFailedError:
+    def _dependency_error(task: Task, failed: Task) -> DependencyFailedError:
         cause = failed.error
         # Name the root failure, not the whole chain of "did not run" messages before it.
         reason = getattr(cause, "reason", None) or f"{type(cause).__name__}: {cause}"
@@ -557,7 +541,7 @@ class SchedulerCore:
         error.__cause__ = cause
         return error
 
-    def _done_with_dependencies(self, task: _Task) -> None:
+    def _done_with_dependencies(self, task: Task) -> None:
         """``task`` no longer needs its dependencies' values."""
         for dep_key in dict.fromkeys(task.dependencies):
             dep = self._tasks.get(dep_key)
@@ -567,7 +551,7 @@ class SchedulerCore:
                 self._maybe_forget(dep)
         task.waiting_on.clear()
 
-    def _maybe_forget(self, task: _Task) -> None:
+    def _maybe_forget(self, task: Task) -> None:
         if task.state in TERMINAL and task.holders <= 0 and task.pending_dependents <= 0:
             del self._tasks[task.key]
             self._ready_children.pop(task.key, None)
@@ -577,42 +561,10 @@ class SchedulerCore:
     # -- resources and placement ---------------------------------------------------
 
     def infeasible(self, resources: Resources, what: str = "the task") -> str | None:
-        """Why ``resources`` can never be had here (None: they can)."""
-        return self._infeasible(resources, what)
+        """Why no node can ever fit ``resources`` (None: one can)."""
+        return self.nodes.infeasible(resources, what)
 
-    def _infeasible(self, resources: Resources, what: str = "the task") -> str | None:
-        if resources is UNIT and self.total.get("CPU", 0.0) >= 1.0:
-            return None
-        for name, amount in resources.as_dict().items():
-            if amount > self.total.get(name, 0.0):
-                return (
-                    f"{what} needs {amount:g} {name} but the runtime has "
-                    f"{self.total.get(name, 0.0):g} in all (resources: {self.total})"
-                )
-        return None
-
-    def _fits(self, resources: Resources) -> bool:
-        if resources is UNIT:
-            return self._available["CPU"] >= 1.0
-        return all(
-            self._available.get(name, 0.0) >= amount for name, amount in resources.as_dict().items()
-        )
-
-    def _reserve(self, resources: Resources) -> None:
-        if resources is UNIT:
-            self._available["CPU"] -= 1.0
-            return
-        for name, amount in resources.as_dict().items():
-            self._available[name] = self._available.get(name, 0.0) - amount
-
-    def _release(self, resources: Resources) -> None:
-        if resources is UNIT:
-            self._available["CPU"] += 1.0
-            return
-        for name, amount in resources.as_dict().items():
-            self._available[name] = self._available.get(name, 0.0) + amount
-
-    def _rebalance(self, worker: _Worker) -> None:
+    def _rebalance(self, worker: Worker) -> None:
         """Give the worker's one reservation to its first active task."""
         holder = None
         if worker.active:
@@ -622,14 +574,14 @@ class SchedulerCore:
                     break
         for key in worker.assigned:
             task = self._tasks[key]
-            if task is not holder and task.reserved:
-                self._release(task.resources)
-                task.reserved = False
-        if holder is not None and not holder.reserved:
-            self._reserve(holder.resources)
-            holder.reserved = True
+            if task is not holder and task.reserved_in is not None:
+                release(task.reserved_in, task.resources)
+                task.reserved_in = None
+        if holder is not None and holder.reserved_in is None:
+            reserve(worker.pool, holder.resources)
+            holder.reserved_in = worker.pool
 
-    def _unassign(self, task: _Task) -> None:
+    def _unassign(self, task: Task) -> None:
         if task.actor is not None:
             actor = self._actors[task.actor]
             if task.key in actor.assigned:
@@ -637,9 +589,9 @@ class SchedulerCore:
             task.worker = None
             return
         worker = self._workers.get(task.worker) if task.worker is not None else None
-        if task.reserved:
-            self._release(task.resources)
-            task.reserved = False
+        if task.reserved_in is not None:
+            release(task.reserved_in, task.resources)
+            task.reserved_in = None
         if worker is not None:
             worker.assigned.remove(task.key)
             if not task.blocked:
@@ -653,14 +605,24 @@ class SchedulerCore:
             if worker.tasks_left is not None and worker.tasks_left <= 0 and not worker.assigned:
                 self._retire(worker)
 
-    def _retire(self, worker: _Worker) -> None:
+    def _retire(self, worker: Worker) -> None:
         """The worker has had its share of tasks: it exits, and another takes its place."""
-        del self._workers[worker.id]
+        self._remove_worker(worker)
         self._out.append(StopWorker(worker.id))
         self._out.append(StartWorker(replaces=worker.id))
 
-    def _pick_worker(self, task: _Task) -> _Worker | None:
-        best: _Worker | None = None
+    def _remove_worker(self, worker: Worker) -> None:
+        del self._workers[worker.id]
+        left = self._workers_by_node[worker.node] - 1
+        if left:
+            self._workers_by_node[worker.node] = left
+        else:
+            del self._workers_by_node[worker.node]
+
+    def _pick_worker(self, task: Task) -> Worker | None:
+        if len(self._workers_by_node) > 1:
+            return self._pick_worker_of_nodes(task)
+        best: Worker | None = None
         best_load = 1 + self.max_prefetch
         for worker in self._workers.values():
             if worker.blocked_order:
@@ -668,10 +630,40 @@ class SchedulerCore:
             if worker.tasks_left is not None and worker.tasks_left <= 0:
                 continue  # it retires once its tasks are done
             if not worker.active:
-                return worker if self._fits(task.resources) else None
+                return worker if fits(worker.pool, task.resources) else None
             if worker.active < best_load and not worker.active_long:
                 best, best_load = worker, worker.active
         return best if task.short and task.resources.is_unit else None
+
+    def _pick_worker_of_nodes(self, task: Task) -> Worker | None:
+        """Several nodes: an idle worker on the node holding most input bytes, then the one
+        with most CPUs free; else a short task may queue behind short ones, as on one node."""
+        held = self._input_bytes_by_node(task)
+        best: Worker | None = None
+        best_rank: tuple[float, float] | None = None
+        queue_behind: Worker | None = None
+        best_load = 1 + self.max_prefetch
+        for worker in self._workers.values():
+            if worker.blocked_order or (worker.tasks_left is not None and worker.tasks_left <= 0):
+                continue
+            if not worker.active:
+                if fits(worker.pool, task.resources):
+                    rank = (held.get(worker.node, 0), worker.pool.get("CPU", 0.0))
+                    if best_rank is None or rank > best_rank:
+                        best, best_rank = worker, rank
+            elif worker.active < best_load and not worker.active_long:
+                queue_behind, best_load = worker, worker.active
+        if best is not None:
+            return best
+        return queue_behind if task.short and task.resources.is_unit else None
+
+    def _input_bytes_by_node(self, task: Task) -> dict[NodeId, int]:
+        held: dict[NodeId, int] = {}
+        for key in task.dependencies:
+            dependency = self._tasks.get(key)
+            if dependency is not None and dependency.node is not None:
+                held[dependency.node] = held.get(dependency.node, 0) + dependency.nbytes
+        return held
 
     def _serve_blocked(self) -> None:
         """A worker whose tasks all wait runs the top one's ready children, nested."""
@@ -681,8 +673,8 @@ class SchedulerCore:
             children = self._ready_children.get(worker.blocked_order[-1])
             while children:
                 task = self._tasks.get(children.popleft())
-                if task is not None and task.state is TaskState.READY and self._fits(
-                    task.resources
+                if task is not None and task.state is TaskState.READY and fits(
+                    worker.pool, task.resources
                 ):
                     self._assign(task, worker)
                     break
@@ -714,9 +706,9 @@ class SchedulerCore:
                 self._follow(task)
         self._ready.extendleft(reversed(skipped))
 
-    def _follow(self, first: _Task) -> None:
+    def _follow(self, first: Task) -> None:
         """Queue the short task waiting only for ``first`` right behind it (see Chains)."""
-        dependency: _Task | None = first
+        dependency: Task | None = first
         while dependency is not None:
             task, dependency = dependency, None
             if task.state is not TaskState.RUNNING or task.worker is None or task.blocked:
@@ -742,99 +734,7 @@ class SchedulerCore:
                     dependency = dependent  # one per task: a fan-out spreads once it is done
                     break
 
-    # -- actors ------------------------------------------------------------------------------
-
-    def actor_busy(self, actor_id: int) -> bool:
-        """Whether the actor has calls queued or running."""
-        actor = self._actors.get(actor_id)
-        return actor is not None and bool(actor.queue or actor.assigned)
-
-    def idle_workers(self) -> list[WorkerId]:
-        return [w.id for w in self._workers.values() if not w.assigned]
-
-    def _on_WorkerRetired(self, event: WorkerRetired) -> None:
-        worker = self._workers.get(event.worker)
-        if worker is None or worker.assigned:
-            raise ValueError(f"worker {event.worker} is not an idle pool worker")
-        del self._workers[event.worker]
-        self._out.append(StartWorker(replaces=event.worker))
-
-    def _actor(self, actor_id: int) -> _Actor:
-        actor = self._actors.get(actor_id)
-        if actor is None:
-            actor = self._actors[actor_id] = _Actor(actor_id)
-        return actor
-
-    def _on_ActorStarted(self, event: ActorStarted) -> None:
-        actor = self._actor(event.actor)
-        actor.worker = event.worker
-        actor.description = event.description
-        self._actor_workers[event.worker] = actor
-        self._pump_actor(actor)
-
-    def _on_ActorRequested(self, event: ActorRequested) -> None:
-        self._actors_waiting.append((event.actor, event.resources))
-
-    def _place_actors(self) -> None:
-        """Reserve resources for waiting actors, in order, as far as they fit."""
-        while self._actors_waiting:
-            actor_id, resources = self._actors_waiting[0]
-            if not self._fits(resources):
-                return
-            self._actors_waiting.popleft()
-            self._reserve(resources)
-            self._actor(actor_id).resources = resources
-            self._out.append(PlaceActor(actor_id))
-
-    def _on_ActorFailed(self, event: ActorFailed) -> None:
-        actor = self._actor(event.actor)
-        actor.error = event.error
-        if actor.resources is not None:  # it is over: what it reserved is free again
-            self._release(actor.resources)
-            actor.resources = None
-        self._actors_waiting = deque(w for w in self._actors_waiting if w[0] != event.actor)
-        if actor.worker is not None:
-            self._actor_workers.pop(actor.worker, None)
-            actor.worker = None
-        for key in [*actor.assigned, *actor.queue]:
-            task = self._tasks.get(key)
-            if task is not None and task.state not in TERMINAL:
-                task.worker = None
-                self._fail(task, event.error)
-        actor.assigned.clear()
-        actor.queue.clear()
-
-    def _actor_lost(self, actor: _Actor, reason: str) -> None:
-        """The actor's process died: retry or fail the calls it had; wait for a restart."""
-        actor.worker = None
-        lost, actor.assigned = actor.assigned, []
-        retry = []
-        for key in lost:
-            task = self._tasks[key]
-            task.worker = None
-            if task.retries_left > 0:
-                task.retries_left -= 1
-                retry.append(task)
-            else:
-                self._fail(task, ActorDiedError(
-                    f"{actor.description or f'actor {actor.id}'} died while running call "
-                    f"{key}: {reason}"
-                ))
-        for task in reversed(retry):
-            task.state = TaskState.READY
-            actor.queue.appendleft(task.key)
-
-    def _pump_actor(self, actor: _Actor) -> None:
-        """Send the actor its calls in submission order, as far as they are ready."""
-        while actor.worker is not None and actor.queue:
-            task = self._tasks[actor.queue[0]]
-            if task.state is not TaskState.READY:
-                return
-            actor.queue.popleft()
-            actor.assigned.append(task.key)
-            self._send(task, actor.worker)
-
-    def _assign(self, task: _Task, worker: _Worker) -> None:
+    def _assign(self, task: Task, worker: Worker) -> None:
         if worker.tasks_left is not None:
             worker.tasks_left -= 1  # nested children too (never refused: they must run)
         worker.assigned.append(task.key)
@@ -842,7 +742,7 @@ class SchedulerCore:
         self._send(task, worker.id)
         self._rebalance(worker)
 
-    def _send(self, task: _Task, worker: WorkerId) -> None:
+    def _send(self, task: Task, worker: WorkerId) -> None:
         """RUNNING on ``worker``, with its dependencies' refs (None: not finished yet)."""
         task.state = TaskState.RUNNING
         task.worker = worker
@@ -859,6 +759,6 @@ SchedulerCore._handlers = {
         ActorStarted, ActorFailed, WorkerRetired, TaskReturned, TaskSubmitted, ExternalTask,
         ObjectPut, TaskFinished, TaskFailed, WorkerJoined, WorkerDied, WorkerBlocked,
         WorkerUnblocked, CancelRequested, KeyReleased, KeyRetained, PoolBroken,
-        WithdrawRequested, ActorRequested,
+        WithdrawRequested, ActorRequested, NodeJoined, NodeLeft,
     )
 }

@@ -27,6 +27,9 @@ __all__ = [
     "Instruction",
     "KeyReleased",
     "KeyRetained",
+    "NodeId",
+    "NodeJoined",
+    "NodeLeft",
     "ObjectPut",
     "PlaceActor",
     "PoolBroken",
@@ -53,6 +56,7 @@ __all__ = [
 
 TaskKey = int
 WorkerId = int
+NodeId = int
 
 
 class TaskState(enum.Enum):
@@ -107,6 +111,8 @@ class ObjectPut:
 
     key: TaskKey
     ref: Any
+    nbytes: int = 0  # its size, for placing the tasks that read it near it
+    node: NodeId = 0  # where it lives
 
 
 @dataclass(slots=True)
@@ -115,6 +121,7 @@ class TaskFinished:
     worker: WorkerId
     ref: Any  # where the result lives (inline bytes or a store descriptor)
     duration: float = 0.0  # seconds the task ran, as the worker measured it
+    nbytes: int = 0  # the result's size (it lives on the worker's node)
 
 
 @dataclass(slots=True)
@@ -127,8 +134,25 @@ class TaskFailed:
 
 
 @dataclass(slots=True)
+class NodeJoined:
+    """A node (a host's worker pool) with these resources takes part from now on."""
+
+    node: NodeId
+    resources: dict[str, float]
+
+
+@dataclass(slots=True)
+class NodeLeft:
+    """A node is gone: its workers are dead, and it is never chosen again."""
+
+    node: NodeId
+    reason: str
+
+
+@dataclass(slots=True)
 class WorkerJoined:
     worker: WorkerId
+    node: NodeId = 0
 
 
 NO_TASK: TaskKey = 0  # no key is 0: "the worker was executing nothing"
@@ -262,6 +286,8 @@ Event = (
     | PoolBroken
     | WithdrawRequested
     | ActorRequested
+    | NodeJoined
+    | NodeLeft
 )
 
 
@@ -323,9 +349,10 @@ class Withdraw:
 
 @dataclass(slots=True)
 class PlaceActor:
-    """The actor's resources are reserved (until it ends): give it a process now."""
+    """The actor's resources are reserved on ``node`` (until it ends): start it there now."""
 
     actor: int
+    node: NodeId = 0
 
 
 Instruction = (
