@@ -1,0 +1,1 @@
+"""The cluster (private): the token, and (to come) the head, nodes and their transport."""
