@@ -31,7 +31,8 @@ import os
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from sharedcompute.errors import AuthenticationError
 
@@ -194,12 +195,28 @@ def accept_handshake(
 # -- over asyncio streams ----------------------------------------------------------------------
 
 
+async def open_handshake_async(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: bytes, peer: str,
+    *, timeout: float = HANDSHAKE_TIMEOUT, version: int = PROTOCOL_VERSION,
+) -> None:
+    """``open_handshake`` on asyncio streams."""
+
+    async def exchange() -> None:
+        server_nonce = check_hello(await reader.readexactly(HELLO_SIZE), peer, version)
+        client_nonce = os.urandom(_NONCE)
+        writer.write(proof(token, server_nonce, client_nonce, version))
+        await writer.drain()
+        answer = await reader.readexactly(ANSWER_SIZE)
+        check_answer(answer, token, server_nonce, client_nonce, peer)
+
+    await _bounded(exchange(), timeout, peer)
+
+
 async def accept_handshake_async(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: bytes, peer: str,
     *, timeout: float = HANDSHAKE_TIMEOUT,
 ) -> None:
     """``accept_handshake`` for a server that serves many connections on one event loop."""
-    import asyncio  # only servers pay for it
 
     async def exchange() -> None:
         server_nonce = os.urandom(_NONCE)
@@ -212,8 +229,14 @@ async def accept_handshake_async(
         if status != ACCEPTED:
             raise AuthenticationError(why)
 
+    await _bounded(exchange(), timeout, peer)
+
+
+async def _bounded(exchange: Coroutine[Any, Any, None], timeout: float, peer: str) -> None:
+    import asyncio
+
     try:
-        await asyncio.wait_for(exchange(), timeout)
+        await asyncio.wait_for(exchange, timeout)
     except TimeoutError:
         raise AuthenticationError(f"{peer} did not finish the handshake in time") from None
     except (asyncio.IncompleteReadError, ConnectionError) as error:
