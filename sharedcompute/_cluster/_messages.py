@@ -1,0 +1,47 @@
+"""Typed messages of the cluster's control connections (the header of each channel message).
+
+Each is a frozen dataclass; a server dispatches on the type, one handler per request.
+They travel only on channels whose peer has proved the token (``_handshake``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """Ask the head for its nodes and task counts."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node, as ``sc.nodes()`` and ``sharedcompute status --json`` give it."""
+
+    node_id: int
+    address: str
+    alive: bool
+    resources: dict[str, float]
+    available: dict[str, float]
+    store_used: int
+    store_capacity: int
+    workers: int
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    nodes: list[NodeInfo]
+    tasks: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"nodes": [node.as_dict() for node in self.nodes], "tasks": dict(self.tasks)}
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """The request could not be answered; ``message`` says why."""
+
+    message: str

@@ -1,0 +1,272 @@
+"""The ``sharedcompute`` command: start, inspect and stop a head on this host.
+
+::
+
+    sharedcompute start --head [--host 127.0.0.1] [--port 6380] [--num-workers N]
+                        [--resources JSON] [--store-capacity BYTES] [--token-file PATH] [--block]
+    sharedcompute status [--address HOST:PORT] [--json]
+    sharedcompute stop
+
+``start`` runs the head in the background and returns once it answers (``--block``:
+in the foreground, for containers and systemd), printing its address and how to
+join it. Its pid, address and log live in the sharedcompute home
+(``$SHAREDCOMPUTE_HOME``, default ``~/.sharedcompute``), with the cluster token
+(see ``_cluster/_token.py``). ``stop`` ends what ``start`` began on this host and
+leaves no process and no shared memory behind. Joining a head from another host
+(``start --address``) comes with the next step of the cluster work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sharedcompute._cluster._token import find_token, home
+from sharedcompute.errors import AuthenticationError
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+
+
+def _files() -> dict[str, Path]:
+    base = home()
+    return {"pid": base / "head.pid", "address": base / "head.address", "log": base / "head.log"}
+
+
+def _running_pid() -> int | None:
+    pid_file = _files()["pid"]
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+def _parse_resources(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+        return {str(k): float(v) for k, v in value.items()}
+    except (ValueError, AttributeError, TypeError) as error:
+        raise SystemExit(f"--resources must be a JSON object of numbers, like '{{\"gpu\": 2}}': "
+                         f"{error}") from None
+
+
+# -- start ---------------------------------------------------------------------------------------
+
+
+def _start(args: argparse.Namespace) -> int:
+    if not args.head:
+        print("sharedcompute start --address: joining a head from another host is not in this "
+              "version yet; start a head with --head", file=sys.stderr)
+        return 2
+    pid = _running_pid()
+    if pid is not None:
+        address = _files()["address"].read_text().strip() if _files()["address"].exists() else "?"
+        print(f"a head already runs on this host (pid {pid}, address {address}); "
+              "stop it first with: sharedcompute stop", file=sys.stderr)
+        return 1
+    token = find_token(args.token_file, create=True)
+    if args.block:
+        return _run_head(args, token)
+    return _start_in_background(args)
+
+
+def _run_head(args: argparse.Namespace, token: str) -> int:
+    from sharedcompute._cluster._head import Head
+
+    files = _files()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    head = Head(
+        token, host=args.host, port=args.port, num_workers=args.num_workers,
+        resources=_parse_resources(args.resources), store_capacity=args.store_capacity,
+    )
+    try:
+        files["pid"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files["pid"].write_text(f"{os.getpid()}\n")
+        files["address"].write_text(f"{head.address}\n")
+        print(f"sharedcompute head at {head.address}", flush=True)
+        print(f"  join from another host: sharedcompute start --address {head.address}  "
+              f"(with the token of {home() / 'token'} there)", flush=True)
+        print(f"  connect a driver: sc.init(address={head.address!r})", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        head.close()
+        for name in ("pid", "address"):
+            files[name].unlink(missing_ok=True)
+    return 0
+
+
+def _start_in_background(args: argparse.Namespace) -> int:
+    files = _files()
+    files["log"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "sharedcompute.cli", "start", "--head", "--block",
+               "--host", args.host, "--port", str(args.port)]
+    for option in ("num_workers", "resources", "store_capacity", "token_file"):
+        value = getattr(args, option)
+        if value is not None:
+            command += [f"--{option.replace('_', '-')}", str(value)]
+    with open(files["log"], "ab") as log:
+        proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = files["log"].read_text(errors="replace").splitlines()[-15:]
+            print(f"the head exited with code {proc.returncode} before it answered; the end of "
+                  f"{files['log']}:\n" + "\n".join(f"    {line}" for line in tail),
+                  file=sys.stderr)
+            return 1
+        if files["address"].exists() and _running_pid() == proc.pid:
+            address = files["address"].read_text().strip()
+            try:
+                _status_reply(address, args.token_file)
+            except (ConnectionError, OSError):
+                time.sleep(0.1)
+                continue
+            print(f"sharedcompute head at {address} (pid {proc.pid}, log {files['log']})")
+            print(f"  join from another host: sharedcompute start --address {address}  "
+                  f"(with the token of {home() / 'token'} there)")
+            print(f"  connect a driver: sc.init(address={address!r})")
+            return 0
+        time.sleep(0.1)
+    proc.kill()
+    print(f"the head did not answer within {START_TIMEOUT:.0f} s; see {files['log']}",
+          file=sys.stderr)
+    return 1
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+def _status_reply(address: str, token_file: str | None) -> Any:
+    from sharedcompute._cluster._head import request
+    from sharedcompute._cluster._messages import StatusRequest
+
+    return request(address, find_token(token_file), StatusRequest())
+
+
+def _status(args: argparse.Namespace) -> int:
+    address = args.address or os.environ.get("SHAREDCOMPUTE_ADDRESS")
+    if not address:
+        address_file = _files()["address"]
+        if not address_file.exists():
+            print("no head runs on this host; pass --address HOST:PORT", file=sys.stderr)
+            return 1
+        address = address_file.read_text().strip()
+    try:
+        reply = _status_reply(address, args.token_file)
+    except AuthenticationError:
+        raise  # said by main, in one line
+    except (ConnectionError, OSError) as error:
+        print(f"cannot reach the head at {address}: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply.as_dict(), indent=2))
+        return 0
+    print(f"head {address}")
+    print(f"{'node':>4}  {'address':<22} {'alive':<5} {'workers':>7}  {'CPU used/total':<15} "
+          f"{'store used/capacity':<24} custom")
+    for node in reply.nodes:
+        cpu_total = node.resources.get("CPU", 0.0)
+        cpu_used = cpu_total - node.available.get("CPU", 0.0)
+        custom = {k: v for k, v in node.resources.items() if k != "CPU"}
+        store = f"{node.store_used / 2**20:.0f}/{node.store_capacity / 2**20:.0f} MiB"
+        print(f"{node.node_id:>4}  {node.address:<22} {str(node.alive).lower():<5} "
+              f"{node.workers:>7}  {f'{cpu_used:g}/{cpu_total:g}':<15} {store:<24} "
+              f"{custom or ''}")
+    counts = ", ".join(f"{state} {count}" for state, count in reply.tasks.items() if count)
+    print(f"tasks: {counts or 'none'}")
+    return 0
+
+
+# -- stop ----------------------------------------------------------------------------------------
+
+
+def _stop(args: argparse.Namespace) -> int:
+    pid = _running_pid()
+    files = _files()
+    if pid is None:
+        for name in ("pid", "address"):
+            files[name].unlink(missing_ok=True)
+        print("nothing to stop: no head runs on this host")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline and _running_pid() == pid:
+        time.sleep(0.1)
+    if _running_pid() == pid:
+        # Its workers end with it (they watch a pipe only the head holds).
+        if os.getpgid(pid) == pid:  # started by `start`: a session of its own
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        print(f"the head (pid {pid}) did not stop within {STOP_TIMEOUT:.0f} s: killed")
+    else:
+        print(f"stopped the head (pid {pid})")
+    for name in ("pid", "address"):
+        files[name].unlink(missing_ok=True)
+    return 0
+
+
+# -- the parser ----------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    main_parser = argparse.ArgumentParser(
+        prog="sharedcompute", description="Start, inspect and stop a sharedcompute head."
+    )
+    verbs = main_parser.add_subparsers(dest="verb", required=True)
+    start = verbs.add_parser("start", help="start a head on this host (in the background)")
+    role = start.add_mutually_exclusive_group(required=True)
+    role.add_argument("--head", action="store_true", help="start the head (it runs a node too)")
+    role.add_argument("--address", help="HOST:PORT of a head to join (not in this version)")
+    start.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    start.add_argument("--port", type=int, default=6380, help="port (default 6380; 0: any)")
+    start.add_argument("--num-workers", type=int, help="worker processes (default: CPUs)")
+    start.add_argument("--resources", help='custom resources as JSON, e.g. \'{"gpu": 2}\'')
+    start.add_argument("--store-capacity", type=int, help="object store bytes")
+    start.add_argument("--token-file", help="the cluster token's file (created if missing)")
+    start.add_argument("--block", action="store_true", help="stay in the foreground")
+    start.set_defaults(run=_start)
+    status = verbs.add_parser("status", help="nodes and tasks of a running head")
+    status.add_argument("--address", help="HOST:PORT (default: the head started on this host)")
+    status.add_argument("--json", action="store_true", help='{"nodes": [...], "tasks": {...}}')
+    status.add_argument("--token-file", help="the cluster token's file")
+    status.set_defaults(run=_status)
+    stop = verbs.add_parser("stop", help="stop what `start` began on this host")
+    stop.set_defaults(run=_stop)
+    return main_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result: int = args.run(args)
+    except Exception as error:  # an AuthenticationError, say: one line, not a traceback
+        print(f"sharedcompute {args.verb}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The ``sharedcompute`` command: start a head, ask its status, stop it; nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+TIMEOUT = 120
+
+
+def run(
+    home: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "SHAREDCOMPUTE_HOME": str(home), **(env or {})}
+    for name in ("SHAREDCOMPUTE_TOKEN", "SHAREDCOMPUTE_TOKEN_FILE", "SHAREDCOMPUTE_ADDRESS"):
+        if name not in (env or {}):
+            environment.pop(name, None)
+    return subprocess.run(
+        [sys.executable, "-m", "sharedcompute.cli", *args], capture_output=True, text=True,
+        timeout=TIMEOUT, env=environment,
+    )
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    home = tmp_path / "home"
+    yield home
+    pid_file = home / "head.pid"
+    if pid_file.exists():  # a failed test must not leave its head running
+        run(home, "stop")
+
+
+def test_every_verb_has_help(tmp_path: Path) -> None:
+    for verb in ([], ["start"], ["status"], ["stop"]):
+        result = run(tmp_path, *verb, "--help")
+        assert result.returncode == 0 and "usage: sharedcompute" in result.stdout
+
+
+def test_start_status_stop_leave_nothing_behind(home: Path) -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    started = run(home, "start", "--head", "--port", "0", "--num-workers", "1",
+                  "--resources", '{"gpu": 2}')
+    assert started.returncode == 0, started.stderr
+    address = (home / "head.address").read_text().strip()
+    assert f"sharedcompute head at {address}" in started.stdout
+    assert f"sharedcompute start --address {address}" in started.stdout
+    pid = int((home / "head.pid").read_text())
+    head = psutil.Process(pid)
+    token = home / "token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+
+    status = run(home, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    (node,) = report["nodes"]
+    assert node["alive"] and node["address"] == address and node["workers"] == 1
+    assert node["resources"] == {"CPU": 1.0, "gpu": 2.0}
+    assert set(report["tasks"]) >= {"waiting", "running", "finished"}
+    table = run(home, "status")
+    assert table.returncode == 0 and address in table.stdout and "'gpu': 2.0" in table.stdout
+
+    again = run(home, "start", "--head", "--port", "0")
+    assert again.returncode == 1 and "a head already runs on this host" in again.stderr
+
+    workers = [child.pid for child in head.children(recursive=True)]
+    assert len(workers) >= 1
+    stopped = run(home, "stop")
+    assert stopped.returncode == 0 and f"stopped the head (pid {pid})" in stopped.stdout
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(p) for p in [pid, *workers]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in [pid, *workers] if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not (home / "head.pid").exists()
+    assert set(os.listdir("/dev/shm")) - shm_before == set()
+    assert run(home, "stop").stdout.startswith("nothing to stop")
+
+
+def test_a_wrong_token_is_refused_and_said_in_one_line(home: Path) -> None:
+    assert run(home, "start", "--head", "--port", "0", "--num-workers", "1").returncode == 0
+    refused = run(home, "status", env={"SHAREDCOMPUTE_TOKEN": "not-the-token"})
+    assert refused.returncode == 1
+    assert "AuthenticationError" in refused.stderr and "refused the cluster token" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    log = (home / "head.log").read_text()
+    assert "refused a connection" in log and "sent a wrong token" in log
+    assert "not-the-token" not in log  # a token never reaches a log
+    assert run(home, "stop").returncode == 0
+
+
+def test_status_without_a_head_and_joining_are_explained(home: Path) -> None:
+    missing = run(home, "status")
+    assert missing.returncode == 1 and "no head runs on this host" in missing.stderr
+    joining = run(home, "start", "--address", "127.0.0.1:6380")
+    assert joining.returncode == 2 and "not in this version yet" in joining.stderr
