@@ -275,6 +275,29 @@ def _wrap(target: Any, options: TaskOptions, actor_options: dict[str, Any]) -> A
     return RemoteFunction(target, options)
 
 
+def nodes() -> list[dict[str, Any]]:
+    """The nodes work runs on, each a dict: ``node_id``, ``address``, ``alive``, ``resources``,
+    ``available``, ``store_used``, ``store_capacity``, ``workers`` (local mode: one node)."""
+    return _driver_runtime("nodes").node_table()
+
+
+def cluster_resources() -> dict[str, float]:
+    """Resources of all live nodes together (``{"CPU": 8.0, "gpu": 1.0}``, say)."""
+    return _driver_runtime("cluster_resources").core.total
+
+
+def available_resources() -> dict[str, float]:
+    """What of ``cluster_resources()`` no task or actor holds now."""
+    return _driver_runtime("available_resources").core.available
+
+
+def _driver_runtime(what: str) -> Runtime:
+    runtime = _runtime()
+    if not isinstance(runtime, Runtime):
+        raise NotImplementedError(f"{what}() is available in the driver only")
+    return runtime
+
+
 def get_actor(name: str) -> Any:
     """The handle of the live actor started with ``options(name=name)``."""
     runtime = _runtime()

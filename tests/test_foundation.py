@@ -211,3 +211,21 @@ def test_a_waiter_wakes_when_another_thread_cancels_its_future() -> None:
         waiter.join(10)
         assert not waiter.is_alive(), "the waiter slept through the cancellation"
         assert type(outcome[0]).__name__ == "CancelledError"
+
+
+# -- local mode is a one-node cluster ------------------------------------------------------------
+
+
+def test_nodes_and_resources_of_local_mode() -> None:
+    with sc.Runtime(num_workers=2, resources={"gpu": 1}):
+        (node,) = sc.nodes()
+        assert set(node) == {
+            "node_id", "address", "alive", "resources", "available", "store_used",
+            "store_capacity", "workers",
+        }
+        assert node["alive"] and node["workers"] == 2
+        assert sc.cluster_resources() == {"CPU": 2.0, "gpu": 1.0} == node["resources"]
+        busy = sc.submit(time.sleep, 2)
+        wait_until(lambda: sc.available_resources()["CPU"] == 1.0, what="one CPU taken")
+        assert sc.available_resources()["gpu"] == 1.0
+        busy.cancel()

@@ -65,15 +65,8 @@ class Head:
         return self._status(StatusRequest())
 
     def _status(self, _: StatusRequest) -> StatusReply:
-        runtime = self.runtime
-        stats = runtime.store.stats()
-        node = NodeInfo(
-            node_id=0, address=self.address, alive=True,
-            resources=runtime.core.total, available=runtime.core.available,
-            store_used=stats["used_bytes"], store_capacity=stats["capacity"],
-            workers=len(runtime.worker_pids()),
-        )
-        return StatusReply(nodes=[node], tasks=runtime.core.counts())
+        nodes = [NodeInfo(**node) for node in self.runtime.node_table(self.address)]
+        return StatusReply(nodes=nodes, tasks=self.runtime.core.counts())
 
     # -- the server -------------------------------------------------------------------------
 

@@ -911,6 +911,23 @@ class Runtime(RuntimeBase):
 
     # -- introspection -------------------------------------------------------------------
 
+    def node_table(self, address: str | None = None) -> list[dict[str, Any]]:
+        """This runtime's nodes as ``sc.nodes()`` gives them (local mode: one node)."""
+        import socket
+
+        store = self._store
+        stats = store.stats() if store is not None else {"used_bytes": 0, "capacity": 0}
+        return [{
+            "node_id": 0,
+            "address": address or socket.gethostname(),
+            "alive": not self._closed,
+            "resources": self.core.total,
+            "available": self.core.available,
+            "store_used": stats["used_bytes"],
+            "store_capacity": stats["capacity"],
+            "workers": len(self.worker_pids()),
+        }]
+
     def worker_pids(self) -> list[int]:
         pool = self._pool
         return [w.pid for w in pool.workers.values()] if pool is not None else []
