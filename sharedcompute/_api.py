@@ -92,17 +92,12 @@ def _runtime() -> RuntimeBase:
 
 @atexit.register
 def _shutdown_at_exit() -> None:
-    # The default runtime ends with the program, as a Ray driver's work does: what is still
-    # pending is cancelled (an Executor, like the stdlib's, finishes its work instead).
+    # The default runtime ends with the program (after its other threads), as a Ray
+    # driver's work does: what is still pending is cancelled, and new work refused (an
+    # Executor, like the stdlib's, finishes its work instead).
     if not _context.in_worker():
+        _context.mark_exiting()
         shutdown()
-
-
-# Before the interpreter joins threads and runs atexit handlers (as concurrent.futures).
-try:
-    threading._register_atexit(_context.mark_exiting)  # type: ignore[attr-defined]
-except RuntimeError:  # first imported while the interpreter exits
-    _context.mark_exiting()
 
 
 # -- futures API --------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
-from sharedcompute._runtime import _context
 from sharedcompute._runtime._base import TaskOptions
 from sharedcompute._runtime._driver import Runtime
 from sharedcompute._runtime._future import Future
@@ -39,6 +38,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _DEFAULT_OPTIONS = TaskOptions()
+# Set once the interpreter exits (before its threads are joined, as concurrent.futures).
+_exiting = False
 _live: weakref.WeakSet[Executor] = weakref.WeakSet()
 _closers: set[threading.Thread] = set()
 _closers_lock = threading.Lock()
@@ -83,7 +84,7 @@ class Executor(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         with self._shutdown_lock:
-            if _context.exiting():
+            if _exiting:
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -179,7 +180,8 @@ def _close_and_forget(runtime: Runtime) -> None:
 
 def _at_exit() -> None:
     """Before the interpreter's own exit: no new work; pending work completes first."""
-    _context.mark_exiting()
+    global _exiting
+    _exiting = True
     for executor in list(_live):
         executor.shutdown(wait=False)
     with _closers_lock:
@@ -193,4 +195,4 @@ def _at_exit() -> None:
 try:
     threading._register_atexit(_at_exit)  # type: ignore[attr-defined]
 except RuntimeError:  # first imported while the interpreter exits
-    _context.mark_exiting()
+    _exiting = True

@@ -107,3 +107,42 @@ def test_map_in_chunks_keeps_order_and_validates_chunksize() -> None:
         assert list(executor.map(abs, range(-10, 0), chunksize=3)) == list(range(10, 0, -1))
         with pytest.raises(ValueError, match="chunksize must be >= 1"):
             executor.map(abs, [1], chunksize=0)
+
+
+def payload_length(data: bytes) -> int:
+    return len(data)
+
+
+def test_a_large_initializer_argument_reaches_every_worker() -> None:
+    # More than the socket takes at once: the rest waits in a backlog, which must be sent
+    # even when it fills before the I/O thread has registered the new worker.
+    for _ in range(4):
+        with sc.Executor(2, initializer=remember, initargs=(b"x" * 2_000_000,)) as executor:
+            assert executor.submit(remembered).result(timeout=TIMEOUT) == b"x" * 2_000_000
+
+
+def test_an_initializer_that_cannot_be_sent_fails_at_once_leaving_nothing() -> None:
+    fork_queue = multiprocessing.get_context("fork").Queue()
+    with pytest.raises(RuntimeError, match="SemLock"):
+        sc.Executor(1, initializer=remember, initargs=(fork_queue,))
+    fork_queue.close()
+
+
+def slow_square(data: bytes, seconds: float) -> int:
+    time.sleep(seconds)
+    return len(data)
+
+
+def test_tasks_queued_behind_large_ones_are_still_withdrawn() -> None:
+    executor = sc.Executor(1)
+    try:
+        for _ in range(5):
+            executor.submit(slow_square, b"", 0).result(timeout=TIMEOUT)
+        head = executor.submit(slow_square, b"", 0.5)  # known short: the rest queue behind
+        queued = [executor.submit(slow_square, b"y" * 60_000, 0.05) for _ in range(15)]
+        time.sleep(0.1)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+    assert head.result(timeout=0) == 0
+    ran = [f for f in queued if not f.cancelled()]
+    assert len(ran) <= 2, f"{len(ran)} of 15 queued tasks ran after their withdrawal"

@@ -229,3 +229,25 @@ def test_nodes_and_resources_of_local_mode() -> None:
         wait_until(lambda: sc.available_resources()["CPU"] == 1.0, what="one CPU taken")
         assert sc.available_resources()["gpu"] == 1.0
         busy.cancel()
+
+
+def test_a_thread_still_running_after_main_returns_may_use_the_default_runtime() -> None:
+    import subprocess
+    import sys
+
+    script = textwrap.dedent("""
+        import threading, time
+        import sharedcompute as sc
+
+        def late() -> None:
+            time.sleep(0.5)
+            print(sc.submit(pow, 7, 2).result(timeout=30), flush=True)
+
+        sc.init(num_workers=1)
+        threading.Thread(target=late).start()   # not a daemon: the interpreter waits for it
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "49"

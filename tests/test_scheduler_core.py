@@ -37,6 +37,8 @@ from sharedcompute._scheduler import (
     TaskReturned,
     TaskState,
     TaskSubmitted,
+    Withdraw,
+    WithdrawRequested,
     WorkerBlocked,
     WorkerDied,
     WorkerJoined,
@@ -64,6 +66,8 @@ def show(instruction: Any) -> tuple[Any, ...]:
         return ("free", instruction.key, instruction.ref)
     if isinstance(instruction, StartWorker):
         return ("start", instruction.replaces)
+    if isinstance(instruction, Withdraw):
+        return ("withdraw", instruction.worker, instruction.key)
     raise AssertionError(f"unknown instruction {instruction!r}")
 
 
@@ -466,6 +470,27 @@ SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[Any, list[tuple[Any, ...]]]]
             (WorkerDied(0, "pid 11 exited with code 3", executing=3),
              [reject(3, WorkerCrashedError), ("start", 0)]),
             (WorkerJoined(1), [dispatch(1, 1), dispatch(1, 2), dispatch(1, 4)]),
+        ],
+    ),
+    "withdrawn: a queued task dropped by its worker is cancelled, the head is left alone": (
+        {"cpus": 1, "workers": 1},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2), [dispatch(0, 2)]),
+            ([WithdrawRequested(1), WithdrawRequested(2)], [("withdraw", 0, 2)]),
+            (TaskReturned(0, 2), [cancelled(2)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+        ],
+    ),
+    "withdrawn too late: a task that had started when its worker died is retried": (
+        {"cpus": 1, "workers": 1},
+        [
+            (short(1), [dispatch(0, 1)]),
+            (short(2), [dispatch(0, 2)]),
+            (WithdrawRequested(2), [("withdraw", 0, 2)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+            (WorkerDied(0, "pid 11 was killed by SIGKILL", executing=2), [("start", 0)]),
+            (WorkerJoined(1), [dispatch(1, 2)]),
         ],
     ),
     "worker death while executing nothing charges nobody": (

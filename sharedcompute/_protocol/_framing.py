@@ -89,6 +89,11 @@ class Connection:
             self._send_lock.release()
         return True
 
+    @property
+    def backlogged(self) -> bool:
+        """Whether bytes wait to be sent (``flush_backlog`` when the socket is writable)."""
+        return bool(self._backlog)
+
     def flush_backlog(self) -> bool:
         """Send what the backlog holds, as far as the socket takes it; True once empty."""
         with self._send_lock:

@@ -141,6 +141,7 @@ class ActorManager:
             events: list[Event] = self.rt._register_dependencies(deps) if deps else []
             if events:
                 self.rt._handle(events)
+        self.rt.watch_external()
         # Futures among the constructor's arguments must be done before it can run.
         when_all_done(list(deps.values()), lambda: self._launch_actor(record))
         self.rt._settle_futures()
@@ -241,6 +242,7 @@ class ActorManager:
                 )))
             events.append(event)
             self.rt._handle(events)
+        self.rt.watch_external()
         self.rt._settle_futures()
         return future
 

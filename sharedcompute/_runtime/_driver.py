@@ -38,7 +38,7 @@ from sharedcompute._runtime._base import (
 )
 from sharedcompute._runtime._future import Future, ValueRef, is_done, when_all_done
 from sharedcompute._runtime._local import ThreadPool, run_inline
-from sharedcompute._runtime._pool import ProcessPool, WorkerHandle
+from sharedcompute._runtime._pool import ProcessPool, WorkerHandle, pickle_for_workers
 from sharedcompute._scheduler import (
     UNIT,
     ActorFailed,
@@ -139,8 +139,13 @@ class Runtime(RuntimeBase):
             raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        # Run in every worker before its first task (replacements too).
+        # Run in every worker before its first task (replacements too): pickled now, so a
+        # value that cannot travel fails here, before any process or memory is made. The
+        # objects are kept while workers may start: the descriptors sent refer to them.
         self._initializer = (initializer, tuple(initargs)) if initializer is not None else None
+        self._init_payload = (
+            pickle_for_workers(self._initializer) if self._initializer is not None else None
+        )
         self.num_workers = num_workers or os.cpu_count() or 1
         self.scheduler = scheduler
         self.spill_dir = spill_dir
@@ -200,16 +205,21 @@ class Runtime(RuntimeBase):
             if self._closed:
                 raise RuntimeError("this runtime has been shut down")
         store = self.store
-        with self._lock:
-            if self._pool is not None:
-                return
-            self._pool = ProcessPool(
-                store.address, self._on_messages, self._on_exit,
-                on_idle=self._release_lock.try_drain, idle_pending=self._releases_pending,
-                initializer=self._initializer, output_prefix=self.worker_output_prefix,
-            )
-            for _ in range(self.num_workers):
-                self._spawn_pool_worker()
+        try:
+            with self._lock:
+                if self._pool is not None:
+                    return
+                self._pool = ProcessPool(
+                    store.address, self._on_messages, self._on_exit,
+                    on_idle=self._release_lock.try_drain, idle_pending=self._releases_pending,
+                    initializer=self._init_payload, output_prefix=self.worker_output_prefix,
+                )
+                for _ in range(self.num_workers):
+                    self._spawn_pool_worker()
+        except BaseException:
+            # Nothing half-made may stay: the workers started, the I/O thread, the store.
+            self.shutdown()
+            raise
         self._settle_futures()
 
     def _spawn_pool_worker(self) -> None:
@@ -235,7 +245,7 @@ class Runtime(RuntimeBase):
                 return
             self._closed = True
             pool, threads = self._pool, self._threads
-            self._initializer = None  # its arguments (a Queue, say) are the caller's again
+            self._initializer = self._init_payload = None  # its arguments are the caller's again
         if threads is not None:
             threads.close()
         if pool is not None:
@@ -326,10 +336,10 @@ class Runtime(RuntimeBase):
                 worker = self._pool.workers.get(worker_id)
                 if worker is not None:
                     self._send_to(worker, messages)
-        for worker_id in urgent:
+        for worker_id in urgent:  # once per DROP, after the send: read before its queue
             worker = self._pool.workers.get(worker_id) if self._pool is not None else None
             if worker is not None:
-                worker.running.urgent_sent()  # after the send: it reads them before its queue
+                worker.running.urgent_sent()
 
     @staticmethod
     def _send_to(worker: WorkerHandle, messages: list[tuple[Any, ...]]) -> None:
@@ -383,14 +393,22 @@ class Runtime(RuntimeBase):
             for worker_id in waiting:
                 outbox[worker_id].append(message)
 
-    def _settle_futures(self) -> None:
-        """Settle Futures outside the lock: their callbacks may call back into us."""
+    def watch_external(self) -> None:
+        """Hook the Futures of other schedulers just registered as dependencies.
+
+        Called by the submitting thread once it has let go of the lock: a Future
+        already done calls back at once, and its value is stored then, in this
+        thread (never in the one that reads the workers).
+        """
         while self._to_watch:
             try:
                 external = self._to_watch.popleft()
             except IndexError:
-                break
+                return
             external.add_done_callback(self._external_done)
+
+    def _settle_futures(self) -> None:
+        """Settle Futures outside the lock: their callbacks may call back into us."""
         settled = False
         while self._settle:
             try:
@@ -468,7 +486,9 @@ class Runtime(RuntimeBase):
                 self._handle(event)
         finally:
             self._lock.release()
-        if self._settle or self._to_watch:
+        if self._to_watch:
+            self.watch_external()
+        if self._settle:
             self._settle_futures()
         return future
 
@@ -485,8 +505,7 @@ class Runtime(RuntimeBase):
                 continue
             self._registered_local.add(key)
             events.append(ExternalTask(key))
-            # Hooked by _settle_futures, after the lock: a done Future calls back at once.
-            self._to_watch.append(dep)
+            self._to_watch.append(dep)  # hooked by watch_external, after the lock
         return events
 
     def _external_done(self, future: concurrent.futures.Future[Any]) -> None:

@@ -118,12 +118,17 @@ class Future(concurrent.futures.Future, Generic[T]):
 
     def _invoke_callbacks(self) -> None:
         # Settled by the thread that reads the workers: a slow callback there would stall
-        # every worker's messages, so callbacks run on the runtime's callback thread.
-        invoke = super()._invoke_callbacks  # type: ignore[misc]
-        if self._done_callbacks and self._runtime.defer_callbacks():  # type: ignore[attr-defined]
-            self._runtime.call_soon(invoke)
-        else:
-            invoke()
+        # every worker's messages, so the user's callbacks run on the runtime's callback
+        # thread. The runtime's own (``inline``: short, never blocking) run here.
+        callbacks: list[Callable[[Any], object]] = self._done_callbacks  # type: ignore[attr-defined]
+        if not callbacks or not self._runtime.defer_callbacks():
+            super()._invoke_callbacks()  # type: ignore[misc]
+            return
+        deferred = [cb for cb in callbacks if not getattr(cb, "inline", False)]
+        if deferred:
+            self._runtime.call_soon(lambda: _call_each(self, deferred))
+        if len(deferred) < len(callbacks):
+            _call_each(self, [cb for cb in callbacks if getattr(cb, "inline", False)])
 
     def __await__(self) -> Generator[Any, None, T]:
         import asyncio  # only code that awaits pays for importing asyncio
@@ -149,6 +154,16 @@ class Future(concurrent.futures.Future, Generic[T]):
                 pass
 
 
+def _call_each(future: Future[Any], callbacks: list[Callable[[Any], object]]) -> None:
+    for callback in callbacks:
+        try:
+            callback(future)
+        except Exception:  # as concurrent.futures does: logged, the others still run
+            concurrent.futures._base.LOGGER.exception(
+                "exception calling callback for %r", future
+            )
+
+
 def when_all_done(futures: Collection[Future[Any]], callback: Callable[[], None]) -> None:
     """Call ``callback()`` once every one of ``futures`` is done (at once if they all are).
 
@@ -168,5 +183,6 @@ def when_all_done(futures: Collection[Future[Any]], callback: Callable[[], None]
         if last:
             callback()
 
+    one_done.inline = True  # type: ignore[attr-defined]  # the runtime's own: never deferred
     for future in futures:
         future.add_done_callback(one_done)

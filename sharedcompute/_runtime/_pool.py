@@ -287,17 +287,17 @@ class ProcessPool:
         on_exit: Callable[[WorkerHandle, str], None],
         on_idle: Callable[[], None] = lambda: None,
         idle_pending: Callable[[], bool] = lambda: False,
-        initializer: tuple[Callable[..., object], tuple[Any, ...]] | None = None,
+        initializer: tuple[bytes, tuple[int, ...]] | None = None,
         output_prefix: bool = True,
     ) -> None:
         self._store_address = store_address
         self._output_prefix = output_prefix  # "(worker N, pid P) " before each output line
-        # Pickled once, sent first to every worker; with the descriptors it refers to.
+        # Sent first to every worker (from pickle_for_workers), with the descriptors it names.
         self._init_message: tuple[Any, ...] | None = None
         self._init_fds: tuple[int, ...] = ()
         if initializer is not None:
-            init_bytes, self._init_fds = pickle_for_workers(initializer)
-            self._init_message = (Msg.INIT, init_bytes)
+            self._init_message = (Msg.INIT, initializer[0])
+            self._init_fds = initializer[1]
         self._on_messages = on_messages
         self._on_exit = on_exit
         self._on_idle = on_idle  # must not block (see "Idle work")
@@ -360,13 +360,13 @@ class ProcessPool:
             os.close(running_fd)
         conn = Connection(parent_sock, on_backlog=self._on_backlog)
         worker = WorkerHandle(worker_id, proc, conn, watch_w, running)
-        if self._init_message is not None:
-            conn.send(self._init_message)  # never blocks: what does not fit waits in a backlog
-        # Known at once (the runtime may send it tasks now); read once the polling thread
-        # has registered its connection.
+        # Known at once (the runtime may send it tasks now); read, and written when its
+        # socket is full, once the polling thread has registered its connection.
         self.workers[worker_id] = worker
         with self._new_lock:
             self._new.append(worker)
+        if self._init_message is not None:
+            conn.send(self._init_message)  # never blocks: what does not fit waits in a backlog
         self._wake()
         return worker
 
@@ -582,12 +582,20 @@ class ProcessPool:
                     worker.stderr = forwarder
                 self._selector.register(pipe, selectors.EVENT_READ, ("out", worker, forwarder))
         registered = self._selector.get_map()
+        for worker in new:
+            if worker.conn.backlogged:  # filled before it was registered: watch for writing
+                backlogged.append(worker.conn)
         for conn in backlogged:
+            if conn.sock.fileno() < 0:
+                continue  # closed since
             if conn.sock in registered:
                 key = self._selector.get_key(conn.sock)
                 self._selector.modify(
                     conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, key.data
                 )
+            else:  # its worker is not registered yet: look again at the next drain
+                with self._new_lock:
+                    self._backlogged.append(conn)
 
     def _write_conn(self, worker: WorkerHandle, key: selectors.SelectorKey) -> None:
         try:

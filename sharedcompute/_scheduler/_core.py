@@ -331,6 +331,8 @@ class SchedulerCore(ActorScheduling):
                     started = False
             else:
                 was_running = task.blocked or key == executing
+            if was_running:
+                task.withdrawing = False  # its DROP came too late: it had started
             task.blocked = False
             if not was_running:
                 requeue.append(task)

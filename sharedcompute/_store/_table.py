@@ -56,6 +56,9 @@ class ObjectTable:
         self._holders: dict[int, Counter[int]] = {}
         self._in_transit: dict[int, set[int]] = {}  # client -> objects it made for the owner
         self._courier: dict[int, int] = {}  # object in transit -> the client that made it
+        # Clients whose deliveries were dropped (they died): a create for the owner that
+        # reaches the table after that, from one of them, is refused.
+        self._gone: set[int] = set()
         self._next_id = 1
 
     @property
@@ -70,6 +73,8 @@ class ObjectTable:
 
         ``courier``: the client that makes the object for ``client`` (the owner).
         """
+        if courier in self._gone:
+            raise ObjectLostError(f"client {courier} has died: nobody would take this object")
         if nbytes > self.capacity:
             raise ObjectStoreFullError(
                 f"an object of {nbytes:,} bytes cannot fit in the object store, whose "
@@ -108,7 +113,12 @@ class ObjectTable:
                 del self._in_transit[courier]
 
     def drop_deliveries(self, client: int, owner: int) -> int:
-        """Free what ``client`` made for ``owner`` that never arrived; return how many."""
+        """Free what ``client`` made for ``owner`` that never arrived; return how many.
+
+        The client is gone for good: what it asks for afterwards (a request still
+        queued when it died) is refused.
+        """
+        self._gone.add(client)
         lost = self._in_transit.pop(client, set())
         for object_id in lost:
             del self._courier[object_id]

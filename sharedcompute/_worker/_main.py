@@ -125,8 +125,8 @@ class WorkerRuntime(RuntimeBase):
         if running is None:
             running, fd = RunningSlot.create()
             os.close(fd)
-        self._running = running.word  # [the task executing on the main thread, urgent count]
-        self._urgent_seen = 0
+        self._running = running.word  # [the task executing on the main thread, DROPs sent]
+        self._drops_read = 0  # DROP messages read so far (word 1 counts those sent)
         self.worker_id = worker_id
         self.conn = conn
         self.store = store
@@ -163,7 +163,7 @@ class WorkerRuntime(RuntimeBase):
         self.conn.send((Msg.READY, os.getpid(), self._store_client))
         while not self.shutting_down:
             if self._queue:
-                if self._running[1] != self._urgent_seen:
+                if self._running[1] != self._drops_read:
                     self._read_urgent()
                 with self._queue_lock:  # a thread of a finished task may still take from it
                     message = self._queue.popleft() if self._queue else None
@@ -244,12 +244,20 @@ class WorkerRuntime(RuntimeBase):
         return bool(messages)
 
     def _read_urgent(self) -> None:
-        """The driver sent something that must not wait behind the queue (DROP): read now."""
-        self._urgent_seen = self._running[1]
-        with self._reader:
-            messages = self._receive(block=False)
-        for message in messages:
-            self._dispatch(message)
+        """The driver sent DROPs this worker has not read: read what has arrived, now.
+
+        Called before each queued task while the counts differ (a DROP may still be on
+        its way), so a withdrawn task is dropped as soon as its DROP can be read.
+        """
+        while True:  # all that has arrived: a DROP comes after the RUNs sent before it
+            with self._reader:
+                messages = self._receive(block=False)
+            if not messages:
+                return
+            for message in messages:
+                self._dispatch(message)
+            if self._running[1] == self._drops_read:
+                return
 
     def _read(self, timeout: float | None) -> None:
         self._flush()
@@ -299,6 +307,7 @@ class WorkerRuntime(RuntimeBase):
             with self._progress:
                 self._progress.notify_all()
         elif kind == Msg.DROP:
+            self._drops_read += 1
             self._drop(message[1])
         elif kind == Msg.FORGET:
             for fn_key in message[1]:

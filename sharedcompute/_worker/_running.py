@@ -8,10 +8,10 @@ The driver creates them (a memfd of 16 bytes) for each worker it starts.
   there crashed the worker; the tasks sent before it had finished (their
   results may have sat in an unsent batch) and the ones after it never started,
   so only the crasher's retry budget is charged.
-- Word 1, written by the driver: a count it raises after sending a message that
-  must not wait behind the worker's queued tasks (DROP). The worker looks at it
-  before each queued task and reads its connection when it has changed, which
-  costs a load from memory per task instead of a read from the socket.
+- Word 1, written by the driver: how many DROPs (messages that must not wait
+  behind the worker's queued tasks) it has sent. The worker compares it with the
+  DROPs it has read before each queued task, and reads its connection while they
+  differ: a load from memory per task instead of a read from the socket.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 
 
 class RunningSlot:
-    """The shared words; ``word[0]``: the executing task, ``word[1]``: urgent messages sent."""
+    """The shared words; ``word[0]``: the executing task, ``word[1]``: DROPs sent."""
 
     __slots__ = ("_map", "word")
 
@@ -40,6 +40,6 @@ class RunningSlot:
         """The key of the task the worker executes (0: none)."""
         return int(self.word[0])
 
-    def urgent_sent(self) -> None:
-        """An urgent message has been sent: the worker reads before its next queued task."""
-        self.word[1] += 1
+    def urgent_sent(self, count: int = 1) -> None:
+        """``count`` DROPs have been sent: the worker reads before its next queued task."""
+        self.word[1] += count
