@@ -4,16 +4,18 @@
 
     sharedcompute start --head [--host 127.0.0.1] [--port 6380] [--num-workers N]
                         [--resources JSON] [--store-capacity BYTES] [--token-file PATH] [--block]
+    sharedcompute start --address HOST:PORT [--num-workers N] [--resources JSON]
+                        [--token-file PATH] [--block]
     sharedcompute status [--address HOST:PORT] [--json]
     sharedcompute stop
 
-``start`` runs the head in the background and returns once it answers (``--block``:
-in the foreground, for containers and systemd), printing its address and how to
-join it. Its pid, address and log live in the sharedcompute home
-(``$SHAREDCOMPUTE_HOME``, default ``~/.sharedcompute``), with the cluster token
-(see ``_cluster/_token.py``). ``stop`` ends what ``start`` began on this host and
-leaves no process and no shared memory behind. Joining a head from another host
-(``start --address``) comes with the next step of the cluster work.
+``start --head`` runs the head in the background and returns once it answers
+(``--block``: in the foreground, for containers and systemd), printing its address
+and how to join it; ``start --address`` runs a node that joins that head and
+returns once it has joined. Their pid, address and log files live in the
+sharedcompute home (``$SHAREDCOMPUTE_HOME``, default ``~/.sharedcompute``), with the
+cluster token (see ``_cluster/_token.py``). ``stop`` ends what ``start`` began on
+this host and leaves no process and no shared memory behind.
 """
 
 from __future__ import annotations
@@ -36,13 +38,17 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
 
 
-def _files() -> dict[str, Path]:
+def _files(role: str = "head") -> dict[str, Path]:
+    """The pid, address (head) or node id (node) and log files of ``role`` on this host."""
     base = home()
-    return {"pid": base / "head.pid", "address": base / "head.address", "log": base / "head.log"}
+    return {
+        "pid": base / f"{role}.pid", "address": base / f"{role}.address",
+        "log": base / f"{role}.log",
+    }
 
 
-def _running_pid() -> int | None:
-    pid_file = _files()["pid"]
+def _running_pid(role: str = "head") -> int | None:
+    pid_file = _files(role)["pid"]
     try:
         pid = int(pid_file.read_text().strip())
     except (FileNotFoundError, ValueError):
@@ -71,20 +77,45 @@ def _parse_resources(text: str | None) -> dict[str, float] | None:
 
 
 def _start(args: argparse.Namespace) -> int:
-    if not args.head:
-        print("sharedcompute start --address: joining a head from another host is not in this "
-              "version yet; start a head with --head", file=sys.stderr)
-        return 2
-    pid = _running_pid()
+    role = "head" if args.head else "node"
+    pid = _running_pid(role)
     if pid is not None:
-        address = _files()["address"].read_text().strip() if _files()["address"].exists() else "?"
-        print(f"a head already runs on this host (pid {pid}, address {address}); "
+        files = _files(role)
+        address = files["address"].read_text().strip() if files["address"].exists() else "?"
+        print(f"a {role} already runs on this host (pid {pid}, {address}); "
               "stop it first with: sharedcompute stop", file=sys.stderr)
         return 1
-    token = find_token(args.token_file, create=True)
+    token = find_token(args.token_file, create=args.head)
     if args.block:
-        return _run_head(args, token)
-    return _start_in_background(args)
+        return _run_head(args, token) if args.head else _run_node(args, token)
+    return _start_in_background(args, role)
+
+
+def _run_node(args: argparse.Namespace, token: str) -> int:
+    from sharedcompute._cluster._node import Node
+
+    files = _files("node")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    node = Node(
+        args.address, token, num_workers=args.num_workers,
+        resources=_parse_resources(args.resources), store_capacity=args.store_capacity,
+    )
+    try:
+        files["pid"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        files["pid"].write_text(f"{os.getpid()}\n")
+        files["address"].write_text(f"node {node.node_id} of {args.address}\n")
+        print(f"sharedcompute node {node.node_id} joined the head at {args.address}", flush=True)
+        while not stop.wait(0.5) and not node.lost.is_set():
+            pass
+        if node.lost.is_set():
+            print(f"sharedcompute node {node.node_id}: {node.lost_reason}; stopping", flush=True)
+    finally:
+        node.close()
+        for name in ("pid", "address"):
+            files[name].unlink(missing_ok=True)
+    return 1 if node.lost.is_set() else 0
 
 
 def _run_head(args: argparse.Namespace, token: str) -> int:
@@ -97,6 +128,7 @@ def _run_head(args: argparse.Namespace, token: str) -> int:
     head = Head(
         token, host=args.host, port=args.port, num_workers=args.num_workers,
         resources=_parse_resources(args.resources), store_capacity=args.store_capacity,
+        node_timeout=args.node_timeout,
     )
     try:
         files["pid"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -115,11 +147,15 @@ def _run_head(args: argparse.Namespace, token: str) -> int:
     return 0
 
 
-def _start_in_background(args: argparse.Namespace) -> int:
-    files = _files()
+def _start_in_background(args: argparse.Namespace, role: str) -> int:
+    files = _files(role)
     files["log"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "sharedcompute.cli", "start", "--head", "--block",
-               "--host", args.host, "--port", str(args.port)]
+    command = [sys.executable, "-m", "sharedcompute.cli", "start", "--block"]
+    if role == "head":
+        command += ["--head", "--host", args.host, "--port", str(args.port),
+                    "--node-timeout", str(args.node_timeout)]
+    else:
+        command += ["--address", args.address]
     for option in ("num_workers", "resources", "store_capacity", "token_file"):
         value = getattr(args, option)
         if value is not None:
@@ -136,8 +172,11 @@ def _start_in_background(args: argparse.Namespace) -> int:
                   f"{files['log']}:\n" + "\n".join(f"    {line}" for line in tail),
                   file=sys.stderr)
             return 1
-        if files["address"].exists() and _running_pid() == proc.pid:
+        if files["address"].exists() and _running_pid(role) == proc.pid:
             address = files["address"].read_text().strip()
+            if role == "node":
+                print(f"sharedcompute {address} (pid {proc.pid}, log {files['log']})")
+                return 0
             try:
                 _status_reply(address, args.token_file)
             except (ConnectionError, OSError):
@@ -188,11 +227,11 @@ def _status(args: argparse.Namespace) -> int:
           f"{'store used/capacity':<24} custom")
     for node in reply.nodes:
         cpu_total = node.resources.get("CPU", 0.0)
-        cpu_used = cpu_total - node.available.get("CPU", 0.0)
+        cpu_used: float | str = cpu_total - node.available.get("CPU", 0.0) if node.alive else "-"
         custom = {k: v for k, v in node.resources.items() if k != "CPU"}
         store = f"{node.store_used / 2**20:.0f}/{node.store_capacity / 2**20:.0f} MiB"
         print(f"{node.node_id:>4}  {node.address:<22} {str(node.alive).lower():<5} "
-              f"{node.workers:>7}  {f'{cpu_used:g}/{cpu_total:g}':<15} {store:<24} "
+              f"{node.workers:>7}  {f'{cpu_used}/{cpu_total:g}':<15} {store:<24} "
               f"{custom or ''}")
     counts = ", ".join(f"{state} {count}" for state, count in reply.tasks.items() if count)
     print(f"tasks: {counts or 'none'}")
@@ -203,29 +242,35 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    pid = _running_pid()
-    files = _files()
+    stopped = [_stop_role(role) for role in ("node", "head")]
+    if not any(stopped):
+        print("nothing to stop: no head or node runs on this host")
+    return 0
+
+
+def _stop_role(role: str) -> bool:
+    pid = _running_pid(role)
+    files = _files(role)
     if pid is None:
         for name in ("pid", "address"):
             files[name].unlink(missing_ok=True)
-        print("nothing to stop: no head runs on this host")
-        return 0
+        return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline and _running_pid() == pid:
+    while time.monotonic() < deadline and _running_pid(role) == pid:
         time.sleep(0.1)
-    if _running_pid() == pid:
-        # Its workers end with it (they watch a pipe only the head holds).
+    if _running_pid(role) == pid:
+        # Its workers end with it (they watch a pipe only it holds).
         if os.getpgid(pid) == pid:  # started by `start`: a session of its own
             os.killpg(pid, signal.SIGKILL)
         else:
             os.kill(pid, signal.SIGKILL)
-        print(f"the head (pid {pid}) did not stop within {STOP_TIMEOUT:.0f} s: killed")
+        print(f"the {role} (pid {pid}) did not stop within {STOP_TIMEOUT:.0f} s: killed")
     else:
-        print(f"stopped the head (pid {pid})")
+        print(f"stopped the {role} (pid {pid})")
     for name in ("pid", "address"):
         files[name].unlink(missing_ok=True)
-    return 0
+    return True
 
 
 # -- the parser ----------------------------------------------------------------------------------
@@ -239,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
     start = verbs.add_parser("start", help="start a head on this host (in the background)")
     role = start.add_mutually_exclusive_group(required=True)
     role.add_argument("--head", action="store_true", help="start the head (it runs a node too)")
-    role.add_argument("--address", help="HOST:PORT of a head to join (not in this version)")
+    role.add_argument("--address", help="HOST:PORT of the head to join as a node")
     start.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     start.add_argument("--port", type=int, default=6380, help="port (default 6380; 0: any)")
     start.add_argument("--num-workers", type=int, help="worker processes (default: CPUs)")
@@ -247,6 +292,8 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--store-capacity", type=int, help="object store bytes")
     start.add_argument("--token-file", help="the cluster token's file (created if missing)")
     start.add_argument("--block", action="store_true", help="stay in the foreground")
+    start.add_argument("--node-timeout", type=float, default=5.0,
+                       help="seconds a node may be silent before it is dead (default 5)")
     start.set_defaults(run=_start)
     status = verbs.add_parser("status", help="nodes and tasks of a running head")
     status.add_argument("--address", help="HOST:PORT (default: the head started on this host)")

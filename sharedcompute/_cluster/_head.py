@@ -8,9 +8,12 @@
                                   Runtime (the head's own node: workers, store, core)
 
 What it serves today: the head's own node (``start --head`` runs one, as
-``ray start --head`` does) and status requests. Nodes joining from other
-hosts and drivers connecting are the next steps of the cluster work; the
-control server, the handshake and the typed messages are what they build on.
+``ray start --head`` does), status requests, and nodes that join
+(``RegisterNode``) and then say they live (``Heartbeat``, answered so that they
+know the head lives too). A node silent for ``node_timeout`` seconds, or whose
+connection drops, is dead from then on; one that comes back registers anew,
+with a new id. Running tasks on joined nodes, and drivers connecting, are the
+next steps of the cluster work.
 
 Requests and replies are typed (``_messages``), one handler per request type.
 A connection that fails the handshake is logged once with its address and
@@ -22,13 +25,43 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
-from sharedcompute._cluster._messages import ErrorReply, NodeInfo, StatusReply, StatusRequest
+from sharedcompute._cluster._messages import (
+    ErrorReply,
+    Heartbeat,
+    HeartbeatAck,
+    NodeInfo,
+    Registered,
+    RegisterNode,
+    StatusReply,
+    StatusRequest,
+)
 from sharedcompute._protocol._channel import Channel, accept
 from sharedcompute._runtime._driver import Runtime
 from sharedcompute.errors import AuthenticationError
+
+HEARTBEAT_SECONDS = 1.0
+NODE_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass
+class _Connection:
+    """What the head knows of one connection: the node it registered, if any."""
+
+    sock: socket.socket
+    peer: str
+    node_id: int | None = None
+
+
+@dataclass
+class _RemoteNode:
+    info: NodeInfo
+    last_seen: float
+    connection: _Connection
 
 
 class Head:
@@ -37,8 +70,11 @@ class Head:
     def __init__(
         self, token: str, *, host: str = "127.0.0.1", port: int = 6380,
         num_workers: int | None = None, resources: dict[str, float] | None = None,
-        store_capacity: int | None = None,
+        store_capacity: int | None = None, node_timeout: float = NODE_TIMEOUT_SECONDS,
     ) -> None:
+        self.node_timeout = node_timeout
+        self._nodes: dict[int, _RemoteNode] = {}
+        self._next_node_id = 1
         self.runtime = Runtime(
             num_workers=num_workers, resources=resources, store_capacity=store_capacity
         )
@@ -50,7 +86,9 @@ class Head:
         bound_host, bound_port = self._listener.getsockname()[:2]
         self.address = f"{bound_host}:{bound_port}"
         self._token = token.encode()
-        self._handlers: dict[type, Callable[[Any], Any]] = {StatusRequest: self._status}
+        self._handlers: dict[type, Callable[[Any, _Connection], Any]] = {
+            StatusRequest: self._status, RegisterNode: self._register, Heartbeat: self._heartbeat,
+        }
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -58,15 +96,73 @@ class Head:
             target=self._accept_loop, name="sharedcompute-head-accept", daemon=True
         )
         self._thread.start()
+        self._stop_watch = threading.Event()
+        self._watch_thread = threading.Thread(
+            target=self._watch_nodes, name="sharedcompute-head-watch", daemon=True
+        )
+        self._watch_thread.start()
 
     # -- requests ---------------------------------------------------------------------------
 
     def status(self) -> StatusReply:
-        return self._status(StatusRequest())
+        return self._status(StatusRequest(), None)
 
-    def _status(self, _: StatusRequest) -> StatusReply:
+    def _status(self, _: StatusRequest, __: _Connection | None) -> StatusReply:
         nodes = [NodeInfo(**node) for node in self.runtime.node_table(self.address)]
+        with self._lock:
+            nodes += [remote.info for _, remote in sorted(self._nodes.items())]
         return StatusReply(nodes=nodes, tasks=self.runtime.core.counts())
+
+    def _register(self, request: RegisterNode, connection: _Connection) -> Registered:
+        with self._lock:
+            node_id = self._next_node_id
+            self._next_node_id += 1
+            info = NodeInfo(
+                node_id=node_id, address=request.address, alive=True,
+                resources=dict(request.resources), available=dict(request.resources),
+                store_used=0, store_capacity=request.store_capacity, workers=request.workers,
+            )
+            self._nodes[node_id] = _RemoteNode(info, time.monotonic(), connection)
+            connection.node_id = node_id
+        print(f"sharedcompute head: node {node_id} joined from {connection.peer} "
+              f"({request.workers} workers, {request.resources})", file=sys.stderr)
+        return Registered(node_id, HEARTBEAT_SECONDS, self.node_timeout)
+
+    def _heartbeat(self, request: Heartbeat, connection: _Connection) -> Any:
+        with self._lock:
+            remote = self._nodes.get(request.node_id)
+            if remote is None or remote.connection is not connection or not remote.info.alive:
+                return ErrorReply(f"node {request.node_id} is not alive here; register anew")
+            remote.last_seen = time.monotonic()
+            remote.info = replace(
+                remote.info, available=dict(request.available), store_used=request.store_used
+            )
+        return HeartbeatAck()
+
+    def _node_lost(self, node_id: int, reason: str) -> None:
+        with self._lock:
+            remote = self._nodes.get(node_id)
+            if remote is None or not remote.info.alive:
+                return
+            remote.info = replace(remote.info, alive=False, available={}, workers=0)
+            sock = remote.connection.sock
+        print(f"sharedcompute head: node {node_id} is dead: {reason}", file=sys.stderr)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # its serving thread ends too
+        except OSError:
+            pass
+
+    def _watch_nodes(self) -> None:
+        """Declare dead the nodes silent for ``node_timeout`` (a thread of its own)."""
+        while not self._stop_watch.wait(min(0.5, self.node_timeout / 4)):
+            now = time.monotonic()
+            with self._lock:
+                silent = [
+                    node_id for node_id, remote in self._nodes.items()
+                    if remote.info.alive and now - remote.last_seen > self.node_timeout
+                ]
+            for node_id in silent:
+                self._node_lost(node_id, f"silent for more than {self.node_timeout:g} s")
 
     # -- the server -------------------------------------------------------------------------
 
@@ -94,22 +190,25 @@ class Head:
             print(f"sharedcompute head: refused a connection: {error}", file=sys.stderr)
             self._forget(sock)
             return
+        connection = _Connection(sock, peer)
         try:
             while True:
                 request, _ = channel.receive()
-                channel.send(self._answer(request))
+                channel.send(self._answer(request, connection))
         except ConnectionError:
             pass
         finally:
             channel.close()
             self._forget(sock)
+            if connection.node_id is not None:
+                self._node_lost(connection.node_id, f"its connection from {peer} closed")
 
-    def _answer(self, request: Any) -> Any:
+    def _answer(self, request: Any, connection: _Connection) -> Any:
         handler = self._handlers.get(type(request))
         if handler is None:
             return ErrorReply(f"unknown request {type(request).__name__}")
         try:
-            return handler(request)
+            return handler(request, connection)
         except Exception as error:  # the caller gets it; the head goes on
             return ErrorReply(f"{type(error).__name__}: {error}")
 
@@ -135,6 +234,8 @@ class Head:
             except OSError:
                 pass
         self._thread.join(10)
+        self._stop_watch.set()
+        self._watch_thread.join(10)
         self.runtime.shutdown()
 
 

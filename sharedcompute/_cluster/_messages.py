@@ -45,3 +45,34 @@ class ErrorReply:
     """The request could not be answered; ``message`` says why."""
 
     message: str
+
+
+@dataclass(frozen=True)
+class RegisterNode:
+    """A node joins: what it has. The head answers ``Registered``."""
+
+    address: str
+    resources: dict[str, float]
+    workers: int
+    store_capacity: int
+
+
+@dataclass(frozen=True)
+class Registered:
+    node_id: int
+    heartbeat_s: float  # how often the node must say it lives
+    node_timeout_s: float  # silent this long, it is dead (and so is the head, for the node)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A node lives; what it has free now. The head answers ``HeartbeatAck``."""
+
+    node_id: int
+    available: dict[str, float]
+    store_used: int
+
+
+@dataclass(frozen=True)
+class HeartbeatAck:
+    """The head lives."""
