@@ -422,7 +422,13 @@ def _child_pids() -> list[int]:
 
 
 def _kill_children() -> list[int]:
-    pids = _child_pids()
+    """Kill this process's children, but for multiprocessing's resource tracker: it unlinks
+    the named semaphores (``/dev/shm/sem.mp-*``) of a test's Queue once this process exits,
+    and killed, it would leave them behind."""
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    pids = [pid for pid in _child_pids() if pid != tracker]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
