@@ -134,10 +134,7 @@ def _run_head(args: argparse.Namespace, token: str) -> int:
         files["pid"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         files["pid"].write_text(f"{os.getpid()}\n")
         files["address"].write_text(f"{head.address}\n")
-        print(f"sharedcompute head at {head.address}", flush=True)
-        print(f"  join from another host: sharedcompute start --address {head.address}  "
-              f"(with the token of {home() / 'token'} there)", flush=True)
-        print(f"  connect a driver: sc.init(address={head.address!r})", flush=True)
+        _print_head(head.address, "")
         while not stop.wait(0.5):
             pass
     finally:
@@ -145,6 +142,13 @@ def _run_head(args: argparse.Namespace, token: str) -> int:
         for name in ("pid", "address"):
             files[name].unlink(missing_ok=True)
     return 0
+
+
+def _print_head(address: str, where: str) -> None:
+    print(f"sharedcompute head at {address}{where}", flush=True)
+    print(f"  join from another host: sharedcompute start --address {address}  "
+          f"(with the token of {home() / 'token'} there)", flush=True)
+    print(f"  connect a driver: sc.init(address={address!r})", flush=True)
 
 
 def _start_in_background(args: argparse.Namespace, role: str) -> int:
@@ -182,10 +186,7 @@ def _start_in_background(args: argparse.Namespace, role: str) -> int:
             except (ConnectionError, OSError):
                 time.sleep(0.1)
                 continue
-            print(f"sharedcompute head at {address} (pid {proc.pid}, log {files['log']})")
-            print(f"  join from another host: sharedcompute start --address {address}  "
-                  f"(with the token of {home() / 'token'} there)")
-            print(f"  connect a driver: sc.init(address={address!r})")
+            _print_head(address, f" (pid {proc.pid}, log {files['log']})")
             return 0
         time.sleep(0.1)
     proc.kill()

@@ -223,22 +223,23 @@ def connect(address: tuple[str, int], token: bytes, allocate: Allocate = bytearr
         sock = socket.create_connection(address, timeout=timeout)
     except OSError as error:
         raise ConnectionError(f"cannot connect to {peer}: {error}") from error
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        open_handshake(sock, token, peer, timeout=timeout)
-        sock.settimeout(None)
-    except BaseException:
-        sock.close()
-        raise
-    return Channel(sock, peer, allocate, **limits)
+    return _channel(sock, peer, lambda: open_handshake(sock, token, peer, timeout=timeout),
+                    allocate, limits)
 
 
 def accept(sock: socket.socket, peer: str, token: bytes, allocate: Allocate = bytearray, *,
            timeout: float = HANDSHAKE_TIMEOUT, **limits: int) -> Channel:
     """The server's side of ``connect`` on an accepted socket (closed if refused)."""
+    return _channel(sock, peer, lambda: accept_handshake(sock, token, peer, timeout=timeout),
+                    allocate, limits)
+
+
+def _channel(sock: socket.socket, peer: str, handshake: Callable[[], None], allocate: Allocate,
+             limits: dict[str, int]) -> Channel:
+    """A Channel over ``sock`` once ``handshake`` has passed; the socket closed if not."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        accept_handshake(sock, token, peer, timeout=timeout)
+        handshake()
         sock.settimeout(None)
     except BaseException:
         sock.close()

@@ -19,8 +19,8 @@ seconds (default 10), so a peer that sends one byte a second is dropped, not
 waited for. Failures raise :class:`~sharedcompute.errors.AuthenticationError`
 naming the peer's address; a server should log that once and close.
 
-``open_handshake`` / ``accept_handshake`` work on a blocking socket; the ``_async``
-pair on asyncio streams (the head serves many connections at once).
+``open_handshake`` / ``accept_handshake`` work on a blocking socket;
+``accept_handshake_async`` on asyncio streams (for a server of many connections).
 """
 
 from __future__ import annotations
@@ -193,23 +193,6 @@ def accept_handshake(
 
 
 # -- over asyncio streams ----------------------------------------------------------------------
-
-
-async def open_handshake_async(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, token: bytes, peer: str,
-    *, timeout: float = HANDSHAKE_TIMEOUT, version: int = PROTOCOL_VERSION,
-) -> None:
-    """``open_handshake`` on asyncio streams."""
-
-    async def exchange() -> None:
-        server_nonce = check_hello(await reader.readexactly(HELLO_SIZE), peer, version)
-        client_nonce = os.urandom(_NONCE)
-        writer.write(proof(token, server_nonce, client_nonce, version))
-        await writer.drain()
-        answer = await reader.readexactly(ANSWER_SIZE)
-        check_answer(answer, token, server_nonce, client_nonce, peer)
-
-    await _bounded(exchange(), timeout, peer)
 
 
 async def accept_handshake_async(

@@ -288,7 +288,7 @@ class Runtime(RuntimeBase):
         if pool is None or self._closed:
             self._release_lock.try_drain()
         else:
-            pool.request_idle_work()
+            pool.wake()
 
     def _releases_pending(self) -> bool:
         return bool(self._released) or self.actors.pending_holds()

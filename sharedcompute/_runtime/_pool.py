@@ -396,22 +396,18 @@ class ProcessPool:
         finally:
             self._wake_lock.release()
 
-    def wake(self) -> None:
-        """Make the thread that reads now look at its condition again (never blocks)."""
-        if self._leader is not None or self._io_selecting:
-            self._wake()
-
     def is_reading_thread(self) -> bool:
         """Whether this thread reads the workers now (the I/O thread or a leading thread)."""
         me = threading.get_ident()
         return me == self._leader or me == self._thread.ident
 
-    def request_idle_work(self) -> None:
-        """Idle work was queued: wake the thread that sleeps in ``select``, if one does.
+    def wake(self) -> None:
+        """Wake the thread that sleeps in ``select``, if one does (never blocks): idle work
+        was queued, or a Future it may wait for was settled by another thread.
 
-        The caller queues first, then looks at the flags; a polling thread sets its
-        flag, then looks at the queue before each ``select``: one of the two always
-        sees the other.
+        The caller queues (or settles) first, then looks at the flags; a polling thread
+        sets its flag, then looks at the queue (or its condition) before each
+        ``select``: one of the two always sees the other.
         """
         if (self._io_selecting or self._leader is not None) and not self._stopping:
             self._wake()

@@ -16,6 +16,7 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sharedcompute._scheduler._events import UNIT, NodeId, Resources
@@ -122,9 +123,9 @@ def _covers(total: dict[str, float], needs: dict[str, float]) -> bool:
     return all(amount <= total.get(name, 0.0) for name, amount in needs.items())
 
 
-def _summed(pools: object) -> dict[str, float]:
+def _summed(pools: Iterable[dict[str, float]]) -> dict[str, float]:
     summed: dict[str, float] = {}
-    for pool in pools:  # type: ignore[attr-defined]
+    for pool in pools:
         for name, amount in pool.items():
             summed[name] = summed.get(name, 0.0) + amount
     return summed
