@@ -68,7 +68,7 @@ class MessageParser:
         self, allocate: Allocate = bytearray, *, max_header: int = DEFAULT_MAX_HEADER,
         max_buffers: int = DEFAULT_MAX_BUFFERS, max_buffer: int = DEFAULT_MAX_BUFFER,
     ) -> None:
-        self._allocate = allocate
+        self.allocate = allocate
         self.max_header, self.max_buffers, self.max_buffer = max_header, max_buffers, max_buffer
         self._stage = "lengths"  # then "header", then "buffers", then the next message
         self._pending = bytearray()  # bytes of LENGTHS and header not parsed yet
@@ -148,9 +148,10 @@ class MessageParser:
         if len(self._buffers) == len(self._lengths):
             self.messages.append((self._header, self._buffers))
             self._header, self._buffers, self._stage = None, [], "lengths"
+            self._target = memoryview(b"")  # holds no buffer it handed out
             return
         size = self._lengths[len(self._buffers)]
-        buffer = self._allocate(size)
+        buffer = self.allocate(size)
         target = memoryview(buffer).cast("B")
         if target.nbytes != size:
             raise FrameError(f"allocate({size}) gave {target.nbytes} bytes")
@@ -173,6 +174,7 @@ class Channel:
                  **limits: int) -> None:
         self.sock = sock
         self.peer = peer
+        self._allocate = allocate
         self._parser = MessageParser(allocate, **limits)
         self._scratch = bytearray(_SCRATCH)
 
@@ -188,9 +190,14 @@ class Channel:
         except OSError as error:
             raise ConnectionError(f"sending to {self.peer} failed: {error}") from error
 
-    def receive(self) -> tuple[Any, list[Buffer]]:
-        """The next message (blocks); ``ConnectionError`` when the peer is gone."""
+    def receive(self, allocate: Allocate | None = None) -> tuple[Any, list[Buffer]]:
+        """The next message (blocks); ``ConnectionError`` when the peer is gone.
+
+        ``allocate``: where this message's buffers go, instead of the channel's own.
+        """
         parser = self._parser
+        if allocate is not None:
+            parser.allocate = allocate
         while not parser.messages:
             target = parser.direct()
             try:
@@ -206,6 +213,7 @@ class Channel:
                 raise ConnectionError(f"receiving from {self.peer} failed: {error}") from error
             if not received:
                 raise ConnectionError(f"{self.peer} closed the connection")
+        parser.allocate = self._allocate
         return parser.messages.pop(0)
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from sharedcompute._store._store import (
     ObjectRef,
     ObjectStore,
     OwnerStore,
+    RemoteObject,
     ref_from_wire,
     ref_to_wire,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "ObjectRef",
     "ObjectStore",
     "OwnerStore",
+    "RemoteObject",
     "StoredObject",
     "default_capacity",
     "free_shm_bytes",

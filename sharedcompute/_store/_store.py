@@ -55,7 +55,7 @@ from sharedcompute._store._segment import (
 )
 from sharedcompute._store._table import ObjectTable, StoredObject
 from sharedcompute._sync import DrainingLock
-from sharedcompute.errors import SharedComputeError
+from sharedcompute.errors import ObjectLostError, SharedComputeError
 
 # Values whose serialized form is smaller than this travel inline in messages.
 INLINE_THRESHOLD = 64 * 1024
@@ -76,19 +76,43 @@ class InlineObject:
         return len(self.payload)
 
 
-ObjectRef = StoredObject | InlineObject
+@dataclass(frozen=True, slots=True)
+class RemoteObject:
+    """An object in the store of another node: the cluster-wide name of a stored value.
+
+    ``object_id`` is that node's id for it (never an offset: each node resolves an
+    id to its own memory); a process of another node reads it only once its node
+    has pulled a copy (``_cluster._transfer``).
+    """
+
+    node: int
+    object_id: int
+    nbytes: int
+    header: bytes
+
+
+ObjectRef = StoredObject | InlineObject | RemoteObject
 
 
 def ref_to_wire(ref: ObjectRef) -> tuple[Any, ...]:
-    """A plain tuple for messages: it pickles ~6x faster than the dataclass."""
+    """A plain tuple for messages: it pickles ~6x faster than the dataclass.
+
+    The length tells the kinds apart: 2 inline, 4 stored here, 5 on another node.
+    """
     if type(ref) is InlineObject:
         return (ref.header, ref.payload)
+    if type(ref) is RemoteObject:
+        return (ref.node, ref.object_id, ref.nbytes, ref.header, None)
     assert isinstance(ref, StoredObject)
     return (ref.object_id, ref.offset, ref.nbytes, ref.header)
 
 
 def ref_from_wire(wire: tuple[Any, ...]) -> ObjectRef:
-    return InlineObject(*wire) if len(wire) == 2 else StoredObject(*wire)
+    if len(wire) == 2:
+        return InlineObject(*wire)
+    if len(wire) == 5:
+        return RemoteObject(*wire[:4])
+    return StoredObject(*wire)
 
 
 class _Pin:
@@ -158,6 +182,10 @@ class ObjectStore:
         """Return the value; arrays and Arrow data are read-only views of the store."""
         if isinstance(ref, InlineObject):
             return deserialize(ref.header, ref.payload)
+        if isinstance(ref, RemoteObject):
+            raise ObjectLostError(
+                f"object {ref.object_id} lives on node {ref.node}: pull it to this node first"
+            )
         return deserialize(ref.header, self.buffer(ref))
 
     def buffer(self, ref: StoredObject) -> Any:
@@ -270,6 +298,24 @@ class OwnerStore(ObjectStore):
 
     def _abort(self, object_id: int) -> None:
         self._table.abort(_OWNER, object_id)
+
+    def allocate_incoming(self, nbytes: int) -> tuple[int, memoryview]:
+        """Room for an object that arrives from elsewhere: (its id, the memory to fill).
+
+        Seal it with ``seal_incoming`` once every byte is in, or give it back with
+        ``delete_incoming`` if the transfer fails; this process holds it as a ``put``.
+        """
+        with self._lock:
+            object_id, offset = self._create(nbytes)
+            self._local[object_id] += 1
+        return object_id, self.segment.writable(offset, nbytes)
+
+    def seal_incoming(self, object_id: int, header: bytes) -> StoredObject:
+        with self._lock:
+            return self._seal(object_id, header)
+
+    def delete_incoming(self, object_id: int) -> None:
+        self._queue_release(object_id)
 
     def adopt(self, ref: ObjectRef) -> None:
         """Take the reference a client handed over with ``put_serialized(for_owner=True)``."""
