@@ -14,6 +14,7 @@ from sharedcompute._runtime import _context
 from sharedcompute._runtime._base import RuntimeBase, TaskOptions
 from sharedcompute._runtime._driver import Runtime
 from sharedcompute._runtime._future import Future
+from sharedcompute._scheduler import public_resources
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -187,7 +188,7 @@ def as_completed(
 
 _DEFAULT_OPTIONS = TaskOptions()
 _OPTION_NAMES = frozenset(
-    {"num_cpus", "resources", "max_retries", "retry_exceptions", "scheduler", "name"}
+    {"num_cpus", "resources", "max_retries", "retry_exceptions", "scheduler", "name", "node"}
 )
 
 
@@ -202,6 +203,7 @@ def _make_options(base: TaskOptions, **changes: Any) -> TaskOptions:
         "retry_exceptions": base.retry_exceptions,
         "scheduler": base.scheduler,
         "name": base.name,
+        "node": base.node,
     }
     values.update(changes)
     resources = values["resources"]
@@ -215,6 +217,11 @@ def _make_options(base: TaskOptions, **changes: Any) -> TaskOptions:
         raise ValueError(
             f"scheduler must be 'sync', 'threads' or 'processes', got {values['scheduler']!r}"
         )
+    if values["node"] is not None and (
+        not isinstance(values["node"], int) or isinstance(values["node"], bool)
+    ):
+        raise TypeError(f"node must be a node id (an int, see sharedcompute.nodes()), "
+                        f"got {values['node']!r}")
     values["num_cpus"] = float(values["num_cpus"])
     return TaskOptions(**values)
 
@@ -278,12 +285,12 @@ def nodes() -> list[dict[str, Any]]:
 
 def cluster_resources() -> dict[str, float]:
     """Resources of all live nodes together (``{"CPU": 8.0, "gpu": 1.0}``, say)."""
-    return _driver_runtime("cluster_resources").core.total
+    return public_resources(_driver_runtime("cluster_resources").core.total)
 
 
 def available_resources() -> dict[str, float]:
     """What of ``cluster_resources()`` no task or actor holds now."""
-    return _driver_runtime("available_resources").core.available
+    return public_resources(_driver_runtime("available_resources").core.available)
 
 
 def _driver_runtime(what: str) -> Runtime:

@@ -7,13 +7,14 @@
                                      │                 receive request ─▶ handler ─▶ reply
                                   Runtime (the head's own node: workers, store, core)
 
-What it serves today: the head's own node (``start --head`` runs one, as
+What it serves: the head's own node (``start --head`` runs one, as
 ``ray start --head`` does), status requests, and nodes that join
 (``RegisterNode``) and then say they live (``Heartbeat``, answered so that they
 know the head lives too). A node silent for ``node_timeout`` seconds, or whose
-connection drops, is dead from then on; one that comes back registers anew,
-with a new id. Running tasks on joined nodes, and drivers connecting, are the
-next steps of the cluster work.
+connection drops, is dead from then on: its tasks rerun elsewhere under their
+retries; one that comes back registers anew, with a new id. A registered node
+opens a second connection for its workers' traffic (``AttachWork``), served by
+``ClusterHost`` (``_links``): the head's scheduler places tasks on its workers.
 
 Requests and replies are typed (``_messages``), one handler per request type.
 A connection that fails the handshake is logged once with its address and
@@ -30,7 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from sharedcompute._cluster._links import ClusterHost, NodeLink
 from sharedcompute._cluster._messages import (
+    AttachWork,
     ErrorReply,
     Heartbeat,
     HeartbeatAck,
@@ -42,6 +45,7 @@ from sharedcompute._cluster._messages import (
 )
 from sharedcompute._protocol._channel import Channel, accept
 from sharedcompute._runtime._driver import Runtime
+from sharedcompute._scheduler import PINS_PER_NODE, node_resource, public_resources
 from sharedcompute.errors import AuthenticationError
 
 HEARTBEAT_SECONDS = 1.0
@@ -62,6 +66,8 @@ class _RemoteNode:
     info: NodeInfo
     last_seen: float
     connection: _Connection
+    data_address: str
+    attached: bool = False
 
 
 class Head:
@@ -86,6 +92,12 @@ class Head:
         bound_host, bound_port = self._listener.getsockname()[:2]
         self.address = f"{bound_host}:{bound_port}"
         self._token = token.encode()
+        try:
+            self.cluster = ClusterHost(self.runtime, self._token, bound_host)
+        except BaseException:
+            self._listener.close()
+            self.runtime.shutdown()
+            raise
         self._handlers: dict[type, Callable[[Any, _Connection], Any]] = {
             StatusRequest: self._status, RegisterNode: self._register, Heartbeat: self._heartbeat,
         }
@@ -109,8 +121,15 @@ class Head:
 
     def _status(self, _: StatusRequest, __: _Connection | None) -> StatusReply:
         nodes = [NodeInfo(**node) for node in self.runtime.node_table(self.address)]
+        with self.runtime._lock:
+            table = self.runtime.core.nodes
+            available = {n: dict(table[n].available) for n in self._nodes if n in table}
         with self._lock:
-            nodes += [remote.info for _, remote in sorted(self._nodes.items())]
+            for node_id, remote in sorted(self._nodes.items()):
+                info = remote.info
+                if info.alive:
+                    info = replace(info, available=public_resources(available.get(node_id, {})))
+                nodes.append(info)
         return StatusReply(nodes=nodes, tasks=self.runtime.core.counts())
 
     def _register(self, request: RegisterNode, connection: _Connection) -> Registered:
@@ -119,10 +138,13 @@ class Head:
             self._next_node_id += 1
             info = NodeInfo(
                 node_id=node_id, address=request.address, alive=True,
-                resources=dict(request.resources), available=dict(request.resources),
+                resources=public_resources(request.resources),
+                available=public_resources(request.resources),
                 store_used=0, store_capacity=request.store_capacity, workers=request.workers,
             )
-            self._nodes[node_id] = _RemoteNode(info, time.monotonic(), connection)
+            self._nodes[node_id] = _RemoteNode(
+                info, time.monotonic(), connection, request.data_address
+            )
             connection.node_id = node_id
         print(f"sharedcompute head: node {node_id} joined from {connection.peer} "
               f"({request.workers} workers, {request.resources})", file=sys.stderr)
@@ -134,9 +156,7 @@ class Head:
             if remote is None or remote.connection is not connection or not remote.info.alive:
                 return ErrorReply(f"node {request.node_id} is not alive here; register anew")
             remote.last_seen = time.monotonic()
-            remote.info = replace(
-                remote.info, available=dict(request.available), store_used=request.store_used
-            )
+            remote.info = replace(remote.info, store_used=request.store_used)
         return HeartbeatAck()
 
     def _node_lost(self, node_id: int, reason: str) -> None:
@@ -147,6 +167,7 @@ class Head:
             remote.info = replace(remote.info, alive=False, available={}, workers=0)
             sock = remote.connection.sock
         print(f"sharedcompute head: node {node_id} is dead: {reason}", file=sys.stderr)
+        self.cluster.node_lost(node_id, f"node {node_id} ({remote.info.address}) died: {reason}")
         try:
             sock.shutdown(socket.SHUT_RDWR)  # its serving thread ends too
         except OSError:
@@ -194,6 +215,9 @@ class Head:
         try:
             while True:
                 request, _ = channel.receive()
+                if type(request) is AttachWork:
+                    self._serve_work(request.node_id, channel)
+                    return
                 channel.send(self._answer(request, connection))
         except ConnectionError:
             pass
@@ -202,6 +226,22 @@ class Head:
             self._forget(sock)
             if connection.node_id is not None:
                 self._node_lost(connection.node_id, f"its connection from {peer} closed")
+
+    def _serve_work(self, node_id: int, channel: Any) -> None:
+        """A node's work connection: its workers join the head's runtime, until it ends."""
+        with self._lock:
+            remote = self._nodes.get(node_id)
+            if remote is None or not remote.info.alive or remote.attached:
+                print(f"sharedcompute head: refused a work connection for node {node_id} "
+                      f"from {channel.peer}", file=sys.stderr)
+                return
+            remote.attached = True
+        resources = {**remote.info.resources, node_resource(node_id): PINS_PER_NODE}
+        link: NodeLink = self.cluster.attach(
+            node_id, channel, resources, remote.info.workers, remote.data_address
+        )
+        reason = self.cluster.serve(link)
+        self._node_lost(node_id, f"its work connection closed ({reason})")
 
     def _answer(self, request: Any, connection: _Connection) -> Any:
         handler = self._handlers.get(type(request))
@@ -236,7 +276,9 @@ class Head:
         self._thread.join(10)
         self._stop_watch.set()
         self._watch_thread.join(10)
+        self.cluster.close()
         self.runtime.shutdown()
+        self.cluster.close_data()
 
 
 def request(address: str, token: str, message: Any, *, timeout: float = 10.0) -> Any:

@@ -55,6 +55,7 @@ class RegisterNode:
     resources: dict[str, float]
     workers: int
     store_capacity: int
+    data_address: str = ""  # its transfer server, where other nodes pull its objects
 
 
 @dataclass(frozen=True)
@@ -76,3 +77,77 @@ class Heartbeat:
 @dataclass(frozen=True)
 class HeartbeatAck:
     """The head lives."""
+
+
+# -- the work connection: a node's second connection, for its workers' traffic ----------------
+#
+# Opened once the node is registered, beside the control connection that carries its
+# heartbeats: the two never wait on each other. Worker messages (``_protocol.Msg``
+# tuples) ride inside, their object references named cluster-wide (``RemoteObject``
+# wire tuples) on this connection.
+
+
+@dataclass(frozen=True)
+class AttachWork:
+    """The first message of a work connection: whose it is."""
+
+    node_id: int
+
+
+@dataclass(frozen=True)
+class WorkAttached:
+    """Head -> node, once its workers are the scheduler's: ``start`` may return now."""
+
+
+@dataclass(frozen=True)
+class StartWorkers:
+    """Head -> node: start workers with these ids (the head numbers every worker)."""
+
+    worker_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ToWorker:
+    """Head -> node: messages for one of its workers, in order."""
+
+    worker_id: int
+    messages: list[tuple[object, ...]]
+
+
+@dataclass(frozen=True)
+class FromWorker:
+    """Node -> head: what one of its workers said, in order."""
+
+    worker_id: int
+    messages: list[tuple[object, ...]]
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    """Node -> head: a worker's process ended (everything it said was sent before)."""
+
+    worker_id: int
+    reason: str
+    executing: int  # the task it was executing (0: none)
+    ready: bool
+
+
+@dataclass(frozen=True)
+class FreeObjects:
+    """Head -> node: objects of this node that nobody needs any more."""
+
+    object_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ForgetCopies:
+    """Head -> node: objects freed where they lived (node, id): drop copies pulled here."""
+
+    names: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class NodeAddresses:
+    """Head -> node: where each node's transfer server listens (the whole table)."""
+
+    addresses: dict[int, str]

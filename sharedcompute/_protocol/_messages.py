@@ -33,6 +33,8 @@ Worker -> driver
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+from typing import Any
 
 
 class Msg(enum.IntEnum):
@@ -61,3 +63,45 @@ class Msg(enum.IntEnum):
     SUBMIT_CALL = 24
     RETURN = 25
     INIT_FAILED = 26
+
+
+# Where messages carry object references (as ``ref_to_wire`` tuples), for the code that
+# rewrites them on their way between nodes: single references, by position ...
+_REF_AT: dict[int, int] = {
+    Msg.RUN: 4, Msg.CALL: 3, Msg.CREATE: 4, Msg.DONE: 2, Msg.SUBMIT: 4, Msg.PUT: 2,
+    Msg.SUBMIT_CALL: 5,
+}
+# ... and tuples of (key, reference or None) pairs.
+_DEPS_AT: dict[int, int] = {Msg.RUN: 5, Msg.CALL: 4, Msg.CREATE: 5}
+
+
+def map_refs(
+    message: tuple[Any, ...], convert: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+) -> tuple[Any, ...]:
+    """``message`` with every object reference in it passed through ``convert``."""
+    kind = message[0]
+    if kind == Msg.RESOLVED:
+        return message if not message[2] else (*message[:3], convert(message[3]))
+    at = _REF_AT.get(kind)
+    if at is None:
+        return message
+    items = list(message)
+    items[at] = convert(items[at])
+    deps_at = _DEPS_AT.get(kind)
+    if deps_at is not None:
+        items[deps_at] = tuple(
+            (key, None if ref is None else convert(ref)) for key, ref in items[deps_at]
+        )
+    return tuple(items)
+
+
+def refs_of(message: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Every object reference ``message`` carries."""
+    found: list[tuple[Any, ...]] = []
+
+    def note(ref: tuple[Any, ...]) -> tuple[Any, ...]:
+        found.append(ref)
+        return ref
+
+    map_refs(message, note)
+    return found

@@ -44,7 +44,7 @@ from sharedcompute.errors import ActorDiedError
 
 if TYPE_CHECKING:
     from sharedcompute._runtime._driver import Runtime
-    from sharedcompute._runtime._pool import WorkerHandle
+    from sharedcompute._runtime._pool import WorkerHandle, WorkerSlot
 
 
 @dataclass(eq=False)
@@ -273,7 +273,7 @@ class ActorManager:
         return []
 
     def _actor_constructor_failed(
-        self, worker: WorkerHandle, error: BaseException
+        self, worker: WorkerSlot, error: BaseException
     ) -> None:
         record = self._actor_records.get(worker.actor_id) if worker.actor_id else None
         if record is None:
@@ -343,7 +343,7 @@ class ActorManager:
         self._try_flush_actor_holds()
 
     def _worker_actor_hold(
-        self, worker: WorkerHandle, actor_id: int, delta: int
+        self, worker: WorkerSlot, actor_id: int, delta: int
     ) -> None:
         """A worker took (+1), converted a lease into (0 net), or dropped (-1) a handle."""
         record = self._actor_records.get(actor_id)
@@ -358,7 +358,7 @@ class ActorManager:
             record.worker_holds[worker.id] -= 1
         self._change_holds(record, delta)
 
-    def _drop_worker_actor_holds(self, worker: WorkerHandle) -> None:
+    def _drop_worker_actor_holds(self, worker: WorkerSlot) -> None:
         for record in list(self._actor_records.values()):
             held = record.worker_holds.pop(worker.id, 0)
             if held:

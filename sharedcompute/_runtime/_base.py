@@ -33,12 +33,13 @@ class TaskOptions:
     retry_exceptions: bool = False
     scheduler: str | None = None
     name: str = ""
+    node: int | None = None  # run only on this node
 
 
 def options_to_wire(options: TaskOptions) -> tuple[Any, ...]:
     return (
         options.num_cpus, options.resources, options.max_retries, options.retry_exceptions,
-        options.scheduler, options.name,
+        options.scheduler, options.name, options.node,
     )
 
 

@@ -20,7 +20,7 @@ import weakref
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import cloudpickle
 
@@ -38,8 +38,9 @@ from sharedcompute._runtime._base import (
 )
 from sharedcompute._runtime._future import Future, ValueRef, is_done, when_all_done
 from sharedcompute._runtime._local import ThreadPool, run_inline
-from sharedcompute._runtime._pool import ProcessPool, WorkerHandle, pickle_for_workers
+from sharedcompute._runtime._pool import ProcessPool, WorkerHandle, WorkerSlot, pickle_for_workers
 from sharedcompute._scheduler import (
+    PINS_PER_NODE,
     UNIT,
     ActorFailed,
     CancelRequested,
@@ -49,6 +50,8 @@ from sharedcompute._scheduler import (
     FreeObject,
     Instruction,
     KeyReleased,
+    NodeJoined,
+    NodeLeft,
     ObjectPut,
     PlaceActor,
     PoolBroken,
@@ -69,8 +72,17 @@ from sharedcompute._scheduler import (
     WorkerDied,
     WorkerJoined,
     WorkerUnblocked,
+    node_resource,
+    public_resources,
 )
-from sharedcompute._store import ObjectRef, OwnerStore, StoredObject, ref_from_wire, ref_to_wire
+from sharedcompute._store import (
+    ObjectRef,
+    OwnerStore,
+    RemoteObject,
+    StoredObject,
+    ref_from_wire,
+    ref_to_wire,
+)
 from sharedcompute.errors import (
     ActorDiedError,
     DeserializationError,
@@ -99,6 +111,22 @@ def unpack_error(data: bytes) -> BaseException:
         )
     exc.__cause__ = RemoteTraceback(tb)
     return exc
+
+
+class NodeHost(Protocol):
+    """What a head adds to its runtime: the workers and objects of other nodes."""
+
+    def deliver(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None:
+        """Send to a worker (of any node) once the objects the messages name are there."""
+
+    def spawn(self, node: int, worker_id: int) -> WorkerSlot | None:
+        """Start a worker on a node other than this one (None: that node is gone)."""
+
+    def freed(self, refs: list[ObjectRef]) -> None:
+        """Objects nobody needs: free them where they live, and drop their copies."""
+
+    def pull(self, ref: RemoteObject) -> StoredObject:
+        """A copy here of another node's object (held by the host)."""
 
 
 class Runtime(RuntimeBase):
@@ -151,7 +179,10 @@ class Runtime(RuntimeBase):
         self.spill_dir = spill_dir
         self.worker_output_prefix = worker_output_prefix
         self._store_capacity = store_capacity
-        self._resources = {"CPU": float(self.num_workers), **(resources or {})}
+        self._resources = {
+            "CPU": float(self.num_workers), **(resources or {}),
+            node_resource(0): PINS_PER_NODE,
+        }
         # One lock for all of it; releasing it also turns queued Future and handle
         # finalizations into events (see _sync.DrainingLock).
         self._lock = self._release_lock
@@ -185,6 +216,9 @@ class Runtime(RuntimeBase):
         self._failed_starts = 0
         self.broken: BaseException | None = None
         self.actors = ActorManager(self)
+        # Set by a head: the workers of other nodes (by id), and how to reach them.
+        self.cluster: NodeHost | None = None
+        self._remote_workers: dict[int, WorkerSlot] = {}
         if scheduler == "processes":
             self._start_processes()
 
@@ -313,15 +347,16 @@ class Runtime(RuntimeBase):
         """Feed the core and carry out its instructions (lock held)."""
         outbox: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
         urgent: list[int] = []  # workers sent a DROP: they must read before their queue
+        freed: list[ObjectRef] = []
         for instruction in self.core.handle(events):
             if type(instruction) is Dispatch:
                 self._dispatch(instruction, outbox)
             elif type(instruction) is Resolve or type(instruction) is Reject:
-                self._conclude(instruction, outbox)
+                self._conclude(instruction, outbox, freed)
             elif type(instruction) is FreeObject:
-                self.store.delete(instruction.ref)
+                freed.append(instruction.ref)
             elif type(instruction) is StartWorker and self._pool is not None and not self._closed:
-                self._spawn_pool_worker()
+                self._replace_worker(instruction.replaces)
             elif type(instruction) is Withdraw:
                 outbox[instruction.worker].append((Msg.DROP, instruction.key))
                 urgent.append(instruction.worker)
@@ -331,27 +366,57 @@ class Runtime(RuntimeBase):
                 self.actors.place(instruction.actor)
         if self.actors.ending:
             self.actors.check_ending()
+        if freed:
+            self._free(freed)
         if outbox and self._pool is not None:
             for worker_id, messages in outbox.items():
-                worker = self._pool.workers.get(worker_id)
+                worker = self._worker(worker_id)
                 if worker is not None:
                     self._send_to(worker, messages)
         for worker_id in urgent:  # once per DROP, after the send: read before its queue
-            worker = self._pool.workers.get(worker_id) if self._pool is not None else None
+            worker = self._worker(worker_id) if self._pool is not None else None
             if worker is not None:
                 worker.running.urgent_sent()
 
-    @staticmethod
-    def _send_to(worker: WorkerHandle, messages: list[tuple[Any, ...]]) -> None:
+    def _worker(self, worker_id: int) -> WorkerSlot | None:
+        """The worker with this id, on this node or (on a head) another."""
+        assert self._pool is not None
+        worker = self._pool.workers.get(worker_id)
+        if worker is None and self._remote_workers:
+            return self._remote_workers.get(worker_id)
+        return worker
+
+    def _free(self, refs: list[ObjectRef]) -> None:
+        """Objects nobody needs any more (lock held)."""
+        for ref in refs:
+            self.store.delete(ref)
+        if self.cluster is not None:
+            self.cluster.freed(refs)
+
+    def _replace_worker(self, replaces: int | None) -> None:
+        """A worker for the core, on the node of the one it replaces (lock held)."""
+        old = self._remote_workers.pop(replaces, None) if replaces is not None else None
+        if old is None or self.cluster is None:
+            self._spawn_pool_worker()
+            return
+        worker_id = self._next_worker_id()
+        worker = self.cluster.spawn(old.node, worker_id)
+        if worker is not None:
+            self._remote_workers[worker_id] = worker
+            self._handle(WorkerJoined(worker_id, old.node))
+
+    def _send_to(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None:
         if worker.serial_calls:
             messages = worker.hold_calls(messages)
         if messages:
+            if self.cluster is not None:
+                self.cluster.deliver(worker, messages)
+                return
             with contextlib.suppress(ConnectionClosed):
                 worker.conn.send_many(messages)
 
     def _dispatch(self, instruction: Dispatch, outbox: dict[int, list[tuple[Any, ...]]]) -> None:
-        assert self._pool is not None
-        worker = self._pool.workers.get(instruction.worker)
+        worker = self._worker(instruction.worker)
         if worker is None:
             return  # it just died; WorkerDied will send the task back to READY
         spec = instruction.payload
@@ -374,13 +439,14 @@ class Runtime(RuntimeBase):
         ))
 
     def _conclude(
-        self, instruction: Resolve | Reject, outbox: dict[int, list[tuple[Any, ...]]]
+        self, instruction: Resolve | Reject, outbox: dict[int, list[tuple[Any, ...]]],
+        freed: list[ObjectRef],
     ) -> None:
         key = instruction.key
         self._release_function(key)
         args_ref = self._args_refs.pop(key, None)
         if args_ref is not None:
-            self.store.delete(args_ref)
+            freed.append(args_ref)
         future = self._futures.pop(key, None)
         if future is not None:
             self._settle.append((future, instruction))
@@ -461,10 +527,7 @@ class Runtime(RuntimeBase):
         args_ref, deps = self.prepare_args(args, kwargs)
         key = self._next_key()
         future: Future[Any] = Future(self, key, name)
-        if options.num_cpus == 1.0 and not options.resources:
-            resources = UNIT
-        else:
-            resources = Resources(options.num_cpus, options.resources)
+        resources = task_resources(options)
         event = TaskSubmitted(
             key, tuple(deps), resources, options.max_retries, options.retry_exceptions,
             TaskSpec(fn_key, args_ref, name), short=fn_key in self._short_functions,
@@ -611,6 +674,11 @@ class Runtime(RuntimeBase):
     # -- values already in the store --------------------------------------------------
 
     def load(self, ref: ObjectRef) -> Any:
+        if type(ref) is RemoteObject:
+            if self.cluster is None:
+                raise SharedComputeError(f"object {ref.object_id} lives on node {ref.node}, "
+                                         "and this runtime has no other nodes")
+            ref = self.cluster.pull(ref)
         value = super().load(ref)
         if type(ref) is StoredObject and type(value).__name__ == "ndarray":
             # Remember the view, so that passing it on again passes the object by reference.
@@ -671,7 +739,7 @@ class Runtime(RuntimeBase):
 
     # -- what workers say (I/O thread) -----------------------------------------------------
 
-    def _on_messages(self, worker: WorkerHandle, messages: list[tuple[Any, ...]]) -> None:
+    def _on_messages(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None:
         events: list[Event] = []
         answered = 0
         with self._lock:
@@ -728,7 +796,7 @@ class Runtime(RuntimeBase):
                 self._short_functions.pop(fn_key, None)
 
     def _on_request(
-        self, worker: WorkerHandle, message: tuple[Any, ...], events: list[Event]
+        self, worker: WorkerSlot, message: tuple[Any, ...], events: list[Event]
     ) -> None:
         kind = message[0]
         if kind == Msg.READY:
@@ -741,11 +809,13 @@ class Runtime(RuntimeBase):
                     if events:
                         self._handle(events)
                         events.clear()
+                    assert isinstance(worker, WorkerHandle)  # actors run on this node
                     self.actors._start_actor_on(record, worker)
         elif kind == Msg.INIT_FAILED:
             error = unpack_error(message[1])
             broken = WorkerCrashedError(
-                f"the initializer failed in worker {worker.id} (pid {worker.pid}): "
+                f"the initializer failed in worker {worker.id} "
+                f"(pid {getattr(worker, 'pid', '?')}): "
                 f"{type(error).__name__}: {error}; no task can run"
             )
             broken.__cause__ = error
@@ -767,11 +837,11 @@ class Runtime(RuntimeBase):
             options = options_from_wire(options_wire)
             self._hold_function(key, fn_key, fn_bytes)
             self.store.adopt(args_ref)
-            if isinstance(args_ref, StoredObject):
+            if isinstance(args_ref, (StoredObject, RemoteObject)):
                 self._args_refs[key] = args_ref
             worker.held_keys.add(key)
             events.append(TaskSubmitted(
-                key, dep_keys, Resources(options.num_cpus, options.resources),
+                key, dep_keys, task_resources(options),
                 options.max_retries, options.retry_exceptions,
                 TaskSpec(fn_key, args_ref, options.name or str(key), parent), parent=parent,
                 short=fn_key in self._short_functions,
@@ -780,7 +850,7 @@ class Runtime(RuntimeBase):
             _, key, actor_id, class_name, method, args_wire, dep_keys = message
             args_ref = ref_from_wire(args_wire)
             self.store.adopt(args_ref)
-            if isinstance(args_ref, StoredObject):
+            if isinstance(args_ref, (StoredObject, RemoteObject)):
                 self._args_refs[key] = args_ref
             worker.held_keys.add(key)
             record = self.actors.record(actor_id)
@@ -810,7 +880,7 @@ class Runtime(RuntimeBase):
         elif kind == Msg.RETURN:
             events.append(TaskReturned(worker.id, message[1]))
 
-    def _answer_wait(self, worker: WorkerHandle, keys: list[int]) -> None:
+    def _answer_wait(self, worker: WorkerSlot, keys: list[int]) -> None:
         replies: list[tuple[Any, ...]] = []
         for key in keys:
             outcome = self.core.outcome(key)
@@ -827,7 +897,7 @@ class Runtime(RuntimeBase):
             with contextlib.suppress(ConnectionClosed):
                 worker.conn.send_many(replies)
 
-    def _on_exit(self, worker: WorkerHandle, reason: str) -> None:
+    def _on_exit(self, worker: WorkerSlot, reason: str) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -835,8 +905,15 @@ class Runtime(RuntimeBase):
                 # Everything it said has been read: results it stored but never reported
                 # are nobody's now.
                 self.store.drop_deliveries(worker.store_client)
-            if worker.actor_id is not None:
+            if isinstance(worker, WorkerHandle) and worker.actor_id is not None:
                 events = self.actors._actor_exited(worker, reason)
+            elif worker.node:
+                # Another node's worker: replaced there, unless it never started (that
+                # node shrinks rather than retry a worker that cannot start).
+                if not worker.ready:
+                    self._remote_workers.pop(worker.id, None)
+                # (else kept until StartWorker names it: its node gets the replacement)
+                events = [WorkerDied(worker.id, reason, worker.running.get(), worker.ready)]
             else:
                 events = [WorkerDied(worker.id, reason, worker.running.get(), worker.ready)]
                 if not worker.ready:
@@ -851,7 +928,7 @@ class Runtime(RuntimeBase):
 
     # -- workers that cannot start -----------------------------------------------------------
 
-    def _start_failed(self, worker: WorkerHandle, reason: str) -> list[Event]:
+    def _start_failed(self, worker: WorkerSlot, reason: str) -> list[Event]:
         """A pool worker exited before it was ready: start another later, or give up (lock held).
 
         Restarts back off (0.1 s, doubling, at most ``_START_BACKOFF_MAX``); after
@@ -867,7 +944,7 @@ class Runtime(RuntimeBase):
             delay = min(_START_BACKOFF_MAX, _START_BACKOFF * 2 ** (self._failed_starts - 1))
             self._pool.call_later(delay, self._respawn)
             return []
-        tail = worker.stderr_tail()
+        tail = worker.stderr_tail() if isinstance(worker, WorkerHandle) else []
         said = (
             "; the last lines it wrote to stderr:\n" + "\n".join(f"    {line}" for line in tail)
             if tail else "; it wrote nothing to stderr"
@@ -928,10 +1005,53 @@ class Runtime(RuntimeBase):
     def release_actor(self, actor_id: int) -> None:
         self.actors.release_actor(actor_id)
 
+    # -- other nodes (on a head) ---------------------------------------------------------
+
+    def add_node(self, node: int, resources: dict[str, float], workers: list[WorkerSlot]) -> None:
+        """A node joins with these workers (ids from ``new_worker_id``); tasks may go there now."""
+        with self._lock:
+            if self._closed:
+                return
+            events: list[Event] = [NodeJoined(node, dict(resources))]
+            for worker in workers:
+                self._remote_workers[worker.id] = worker
+                events.append(WorkerJoined(worker.id, node))
+            self._handle(events)
+        self._settle_futures()
+
+    def remove_node(self, node: int, reason: str) -> None:
+        """A node is gone: its tasks rerun elsewhere under their retries."""
+        with self._lock:
+            if self._closed:
+                return
+            gone = [w for w in self._remote_workers.values() if w.node == node]
+            events: list[Event] = []
+            for worker in gone:
+                del self._remote_workers[worker.id]
+                events += [KeyReleased(key) for key in worker.held_keys]
+                worker.held_keys.clear()
+                for waiting in self._waiters.values():
+                    waiting.discard(worker.id)
+            events.append(NodeLeft(node, reason))
+            self._handle(events)
+        self._settle_futures()
+
+    def new_worker_id(self) -> int:
+        return self._next_worker_id()
+
+    def worker_said(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None:
+        """What a worker of another node said (its node relays it, in order)."""
+        self._on_messages(worker, messages)
+
+    def worker_exited(self, worker: WorkerSlot, reason: str) -> None:
+        """A worker of another node ended, after all it said was relayed."""
+        if self._remote_workers.get(worker.id) is worker:
+            self._on_exit(worker, reason)
+
     # -- introspection -------------------------------------------------------------------
 
     def node_table(self, address: str | None = None) -> list[dict[str, Any]]:
-        """This runtime's nodes as ``sc.nodes()`` gives them (local mode: one node)."""
+        """This node as ``sc.nodes()`` gives it (a head adds the others)."""
         import socket
 
         store = self._store
@@ -940,8 +1060,8 @@ class Runtime(RuntimeBase):
             "node_id": 0,
             "address": address or socket.gethostname(),
             "alive": not self._closed,
-            "resources": self.core.total,
-            "available": self.core.available,
+            "resources": public_resources(self.core.nodes[0].total),
+            "available": public_resources(self.core.nodes[0].available),
             "store_used": stats["used_bytes"],
             "store_capacity": stats["capacity"],
             "workers": len(self.worker_pids()),
@@ -950,6 +1070,15 @@ class Runtime(RuntimeBase):
     def worker_pids(self) -> list[int]:
         pool = self._pool
         return [w.pid for w in pool.workers.values()] if pool is not None else []
+
+
+def task_resources(options: TaskOptions) -> Resources:
+    """What a task with these options holds while it runs (``UNIT``: one CPU, the common case)."""
+    if options.node is None:
+        if options.num_cpus == 1.0 and not options.resources:
+            return UNIT
+        return Resources(options.num_cpus, options.resources)
+    return Resources(options.num_cpus, (*options.resources, (node_resource(options.node), 1.0)))
 
 
 @contextlib.contextmanager

@@ -51,9 +51,9 @@ import threading
 import time
 import traceback
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import cloudpickle
 
@@ -100,22 +100,30 @@ class FunctionSet:
         return False, evicted
 
 
+class Sender(Protocol):
+    def send(self, message: tuple[Any, ...]) -> None: ...
+    def send_many(self, messages: Iterable[tuple[Any, ...]]) -> None: ...
+
+
+class Executing(Protocol):
+    def get(self) -> int: ...
+    def urgent_sent(self, count: int = 1) -> None: ...
+
+
 @dataclass(eq=False)
-class WorkerHandle:
+class WorkerSlot:
+    """What the driver knows of a worker, wherever it runs: a process here
+    (:class:`WorkerHandle`) or one on another node (``_cluster``)."""
+
     id: int
-    proc: subprocess.Popen[bytes]
-    conn: Connection
-    watch_fd: int
-    # 8 bytes shared with the worker: the key of the task it is executing (0: none).
-    # Read after it dies, to charge the crash to that task alone (see RunningSlot).
-    running: RunningSlot
+    conn: Sender
+    # The key of the task it is executing (0: none): read after it dies, to charge the
+    # crash to that task alone (see RunningSlot).
+    running: Executing
     functions: FunctionSet = field(default_factory=FunctionSet)
     held_keys: set[int] = field(default_factory=set)
     store_client: int | None = None  # its id at the store, from READY
     ready: bool = False
-    exited: bool = False
-    pidfd: int = -1  # while its connection is closed and its exit not yet seen
-    stderr: _OutputForwarder | None = None
     actor_id: int | None = None  # set when this process hosts an actor
     # An actor that runs one call at a time: calls sent while one is in flight would only
     # wait in its queue, so they wait here instead and go out together when an answer
@@ -123,6 +131,7 @@ class WorkerHandle:
     serial_calls: bool = False
     calls_in_flight: int = 0
     held_calls: list[tuple[Any, ...]] = field(default_factory=list)
+    node: int = 0
 
     def hold_calls(self, messages: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """The messages to send now; the other calls are held (see ``serial_calls``)."""
@@ -142,6 +151,20 @@ class WorkerHandle:
         held, self.held_calls = self.held_calls, []
         self.calls_in_flight += len(held)
         return held
+
+
+
+@dataclass(eq=False, kw_only=True)
+class WorkerHandle(WorkerSlot):
+    """A worker process of this process's pool."""
+
+    conn: Connection
+    running: RunningSlot  # 8 bytes shared with the worker
+    proc: subprocess.Popen[bytes]
+    watch_fd: int
+    exited: bool = False
+    pidfd: int = -1  # while its connection is closed and its exit not yet seen
+    stderr: _OutputForwarder | None = None
 
     @property
     def pid(self) -> int:
@@ -359,7 +382,9 @@ class ProcessPool:
             os.close(watch_r)
             os.close(running_fd)
         conn = Connection(parent_sock, on_backlog=self._on_backlog)
-        worker = WorkerHandle(worker_id, proc, conn, watch_w, running)
+        worker = WorkerHandle(
+            id=worker_id, conn=conn, running=running, proc=proc, watch_fd=watch_w
+        )
         # Known at once (the runtime may send it tasks now); read, and written when its
         # socket is full, once the polling thread has registered its connection.
         self.workers[worker_id] = worker

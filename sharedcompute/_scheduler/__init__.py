@@ -3,5 +3,6 @@
 from sharedcompute._scheduler._core import SchedulerCore
 from sharedcompute._scheduler._events import *  # noqa: F403
 from sharedcompute._scheduler._events import __all__ as _events_all
+from sharedcompute._scheduler._nodes import PINS_PER_NODE, node_resource, public_resources
 
-__all__ = ["SchedulerCore", *_events_all]
+__all__ = ["PINS_PER_NODE", "SchedulerCore", "node_resource", "public_resources", *_events_all]

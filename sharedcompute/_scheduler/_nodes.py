@@ -23,6 +23,20 @@ from sharedcompute._scheduler._events import UNIT, NodeId, Resources
 
 LOCAL_NODE: NodeId = 0
 
+# Every node has this resource, named with its id: a task pinned to a node asks for one
+# (``f.options(node=...)``), as Ray's ``node:<ip>`` resources do. Shown to nobody.
+NODE_RESOURCE = "node:"
+PINS_PER_NODE = 1_000_000.0
+
+
+def node_resource(node: NodeId) -> str:
+    return f"{NODE_RESOURCE}{node}"
+
+
+def public_resources(resources: dict[str, float]) -> dict[str, float]:
+    """``resources`` without the per-node pin resources."""
+    return {k: v for k, v in resources.items() if not k.startswith(NODE_RESOURCE)}
+
 
 @dataclass(slots=True)
 class Node:
@@ -84,6 +98,11 @@ class NodeTable:
             return None
         if not nodes:
             return f"{what} needs {resources.as_dict()} but no node has joined"
+        pinned = [name for name in needs if name.startswith(NODE_RESOURCE)]
+        if pinned:
+            node = pinned[0][len(NODE_RESOURCE):]
+            return (f"{what} is pinned to node {node}, which is not alive (live nodes: "
+                    f"{sorted(n.id for n in nodes)})")
         largest = max(nodes, key=lambda n: (n.total.get("CPU", 0.0), sum(n.total.values())))
         name, amount = next(
             (name, amount) for name, amount in needs.items()

@@ -1,0 +1,201 @@
+"""Tasks across nodes on loopback: a head (in this process, its runtime the driver) and
+nodes started as real processes with ``sharedcompute start --address --block``.
+
+Results stay on the node that made them; a task whose input lives on another node
+pulls it there first; a node's death sends its tasks elsewhere."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+import sharedcompute as sc
+from sharedcompute._cluster._head import Head
+from sharedcompute._runtime import _context
+from sharedcompute.errors import WorkerCrashedError
+
+from _helpers import wait_until
+
+TOKEN = "c" * 64
+TIMEOUT = 60
+MiB = 1024 * 1024
+
+
+class Cluster:
+    def __init__(self, home: Path, node_timeout: float) -> None:
+        self.home = home
+        self.head = Head(TOKEN, port=0, num_workers=1, store_capacity=256 * MiB,
+                         node_timeout=node_timeout)
+        self.nodes: dict[int, subprocess.Popen[bytes]] = {}
+
+    def add_node(self, workers: int = 2, resources: str = "{}") -> int:
+        home = self.home / f"node{len(self.nodes)}"
+        env = {**os.environ, "SHAREDCOMPUTE_TOKEN": TOKEN, "SHAREDCOMPUTE_HOME": str(home)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sharedcompute.cli", "start", "--address",
+             self.head.address, "--block", "--num-workers", str(workers),
+             "--resources", resources, "--store-capacity", str(256 * MiB)],
+            env=env, stdout=subprocess.DEVNULL,
+        )
+        # Written once the node is up and the head schedules on its workers.
+        address_file = home / "node.address"
+        wait_until(lambda: address_file.exists() or proc.poll() is not None, TIMEOUT,
+                   "the node joins")
+        assert proc.poll() is None, f"the node exited with {proc.returncode} before it joined"
+        node_id = int(address_file.read_text().split()[1])
+        self.nodes[node_id] = proc
+        return node_id
+
+    def node(self, node_id: int) -> dict[str, object]:
+        return next(n.as_dict() for n in self.head.status().nodes if n.node_id == node_id)
+
+    def close(self) -> None:
+        for proc in self.nodes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.nodes.values():
+            try:
+                proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(TIMEOUT)
+        self.head.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    made = Cluster(tmp_path, node_timeout=2.0)
+    previous = _context.default()
+    _context.set_default(made.head.runtime)
+    try:
+        yield made
+    finally:
+        _context.set_default(previous)
+        made.close()
+
+
+@sc.remote
+def pid() -> int:
+    return os.getpid()
+
+
+@sc.remote
+def ones(n: int) -> np.ndarray:
+    return np.ones(n)
+
+
+@sc.remote
+def total(a: np.ndarray) -> tuple[int, float]:
+    return os.getpid(), float(a.sum())
+
+
+def on_node(cluster: Cluster, node_id: int, fn: Callable[[], int]) -> bool:
+    """Whether ``fn`` (a pid) ran outside the head's own workers."""
+    return (fn() not in cluster.head.runtime.worker_pids()) == (node_id != 0)
+
+
+def test_tasks_pinned_to_a_node_run_there_and_inputs_cross_both_ways(cluster: Cluster) -> None:
+    node = cluster.add_node(workers=2)
+    head_pids = set(cluster.head.runtime.worker_pids())
+    assert pid.options(node=0).submit().result(TIMEOUT) in head_pids
+    assert pid.options(node=node).submit().result(TIMEOUT) not in head_pids
+    made_there = ones.options(node=node).submit(MiB)  # 8 MiB: in the node's store
+    summed_here = total.options(node=0).submit(made_there)
+    where, value = summed_here.result(TIMEOUT)
+    assert where in head_pids and value == MiB
+    made_here = ones.options(node=0).submit(2 * MiB)
+    where, value = total.options(node=node).submit(made_here).result(TIMEOUT)
+    assert where not in head_pids and value == 2 * MiB
+    # The driver (on the head) reads a node's result: a copy is pulled here.
+    np.testing.assert_array_equal(made_there.result(TIMEOUT), np.ones(MiB))
+
+
+def test_a_result_stays_on_its_node_until_nobody_needs_it(cluster: Cluster) -> None:
+    node = cluster.add_node(workers=1)
+    head_store = cluster.head.runtime.store
+    made = ones.options(node=node).submit(4 * MiB)  # 32 MiB
+    sc.wait([made], timeout=TIMEOUT)
+    assert head_store.stats()["num_objects"] == 0  # the value did not come to the head
+    wait_until(lambda: cluster.node(node)["store_used"] >= 32 * MiB, TIMEOUT, "node holds it")
+    del made
+    wait_until(lambda: cluster.node(node)["store_used"] == 0, TIMEOUT, "node frees it")
+    assert head_store.stats()["num_objects"] == 0
+
+
+def test_nested_tasks_submitted_on_a_node(cluster: Cluster) -> None:
+    node = cluster.add_node(workers=2)
+
+    def fan_out(n: int) -> float:
+        futures = [ones.submit(1000 + i) for i in range(n)]
+        return sum(float(f.result().sum()) for f in futures)
+
+    assert sc.submit(fan_out, 6).result(TIMEOUT) == sum(1000 + i for i in range(6))
+    fan = sc.remote(fan_out)
+    assert fan.options(node=node).submit(4).result(TIMEOUT) == sum(1000 + i for i in range(4))
+
+
+def test_an_error_on_a_node_keeps_its_type_and_remote_traceback(cluster: Cluster) -> None:
+    node = cluster.add_node(workers=1)
+
+    def fail() -> None:
+        raise KeyError("on the node")
+
+    future = sc.remote(fail).options(node=node).submit()
+    with pytest.raises(KeyError, match="on the node") as caught:
+        future.result(TIMEOUT)
+    assert "fail" in str(caught.value.__cause__)
+
+
+def test_a_task_pinned_to_an_unknown_node_fails_naming_it(cluster: Cluster) -> None:
+    with pytest.raises(ValueError, match="pinned to node 42, which is not alive"):
+        pid.options(node=42).submit().result(TIMEOUT)
+    with pytest.raises(TypeError, match="node must be a node id"):
+        pid.options(node="1")
+
+
+def test_a_worker_crash_on_a_node_is_charged_and_its_worker_replaced(cluster: Cluster) -> None:
+    node = cluster.add_node(workers=1)
+
+    def crash() -> None:
+        os._exit(7)
+
+    future = sc.remote(crash).options(node=node, max_retries=0).submit()
+    with pytest.raises(WorkerCrashedError, match="7"):
+        future.result(TIMEOUT)
+    assert pid.options(node=node).submit().result(TIMEOUT) not in (
+        cluster.head.runtime.worker_pids()
+    )
+
+
+def test_a_killed_node_is_declared_dead_and_its_tasks_finish_elsewhere(cluster: Cluster) -> None:
+    node = cluster.add_node(workers=2)
+    proc = cluster.nodes[node]
+
+    def slow(i: int) -> tuple[int, int]:
+        time.sleep(0.5)
+        return i, os.getpid()
+
+    futures = [sc.submit(slow, i) for i in range(8)]
+    node_pids = {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+    wait_until(lambda: cluster.head.runtime.core.counts()["running"] >= 2, TIMEOUT, "running")
+    killed_at = time.monotonic()
+    for victim in [proc.pid, *node_pids]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait_until(lambda: not cluster.node(node)["alive"], TIMEOUT, "the node is dead")
+    assert time.monotonic() - killed_at <= 5.0
+    results = [f.result(TIMEOUT) for f in futures]
+    assert [i for i, _ in results] == list(range(8))
+    late = [where for _, where in results[-2:]]
+    assert all(where in cluster.head.runtime.worker_pids() for where in late)
