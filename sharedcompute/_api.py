@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from sharedcompute import _config
+from sharedcompute._cluster import ADDRESS_ENV, ClusterClient, connect
 from sharedcompute._runtime import _context
 from sharedcompute._runtime._base import RuntimeBase, TaskOptions
 from sharedcompute._runtime._driver import Runtime
@@ -38,8 +40,14 @@ def init(
     spill_dir: str | None = None,
     resources: dict[str, float] | None = None,
     worker_output_prefix: bool = True,
-) -> Runtime:
-    """Start the default runtime (worker processes, store, scheduler) and return it."""
+) -> Runtime | ClusterClient:
+    """Start the default runtime (worker processes, store, scheduler) and return it.
+
+    With ``address`` ("HOST:PORT", or "auto" for the head started on this host; also
+    read from ``SHAREDCOMPUTE_ADDRESS``), connect to that cluster's head as a driver
+    instead: the token comes from ``SHAREDCOMPUTE_TOKEN``, ``SHAREDCOMPUTE_TOKEN_FILE``
+    or the sharedcompute home, as for the ``sharedcompute`` command.
+    """
     with _init_lock:
         if _context.in_worker():
             raise RuntimeError("init() cannot be called inside a task")
@@ -48,6 +56,11 @@ def init(
             raise RuntimeError(
                 "sharedcompute is already initialized; call sharedcompute.shutdown() first"
             )
+        address = address or os.environ.get(ADDRESS_ENV) or None
+        if address is not None:
+            client = connect(address, store_capacity=store_capacity)
+            _context.set_default(client)
+            return client
         runtime = Runtime(
             num_workers=num_workers or _config.get("num_workers"),
             scheduler=scheduler,
@@ -66,7 +79,7 @@ def shutdown() -> None:
     with _init_lock:
         runtime = _context.default()
         _context.set_default(None)
-    if isinstance(runtime, Runtime):
+    if isinstance(runtime, (Runtime, ClusterClient)):
         runtime.shutdown()
 
 
@@ -285,17 +298,23 @@ def nodes() -> list[dict[str, Any]]:
 
 def cluster_resources() -> dict[str, float]:
     """Resources of all live nodes together (``{"CPU": 8.0, "gpu": 1.0}``, say)."""
-    return public_resources(_driver_runtime("cluster_resources").core.total)
+    runtime = _driver_runtime("cluster_resources")
+    if isinstance(runtime, ClusterClient):
+        return runtime.cluster_resources()
+    return public_resources(runtime.core.total)
 
 
 def available_resources() -> dict[str, float]:
     """What of ``cluster_resources()`` no task or actor holds now."""
-    return public_resources(_driver_runtime("available_resources").core.available)
+    runtime = _driver_runtime("available_resources")
+    if isinstance(runtime, ClusterClient):
+        return runtime.available_resources()
+    return public_resources(runtime.core.available)
 
 
-def _driver_runtime(what: str) -> Runtime:
+def _driver_runtime(what: str) -> Runtime | ClusterClient:
     runtime = _runtime()
-    if not isinstance(runtime, Runtime):
+    if not isinstance(runtime, (Runtime, ClusterClient)):
         raise NotImplementedError(f"{what}() is available in the driver only")
     return runtime
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+from _cluster import cluster  # noqa: F401 (a fixture: a head here, nodes as processes)
 
 SHM_DIR = "/dev/shm"
 GRACE_SECONDS = 10.0

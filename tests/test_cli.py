@@ -164,7 +164,8 @@ def test_nodes_join_and_are_declared_dead_when_killed_or_silent(home: Path) -> N
     wait_for(lambda: node_states(home).get(2) is True, "node 2")
     psutil.Process(int((home / "node.pid").read_text())).kill()
     wait_for(lambda: node_states(home)[2] is False, "the killed node to be declared dead")
-    said = [line for line in (home / "head.log").read_text().splitlines() if "node 2 is dead" in line]
+    log = (home / "head.log").read_text().splitlines()
+    said = [line for line in log if "node 2 is dead" in line]
     assert said and "connection" in said[0] and "closed" in said[0], said
     assert run(home, "stop").returncode == 0
 

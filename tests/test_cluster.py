@@ -8,79 +8,18 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-
-import sharedcompute as sc
-from sharedcompute._cluster._head import Head
-from sharedcompute._runtime import _context
-from sharedcompute.errors import WorkerCrashedError
-
+from _cluster import TIMEOUT, Cluster
 from _helpers import wait_until
 
-TOKEN = "c" * 64
-TIMEOUT = 60
+import sharedcompute as sc
+from sharedcompute.errors import WorkerCrashedError
+
 MiB = 1024 * 1024
-
-
-class Cluster:
-    def __init__(self, home: Path, node_timeout: float) -> None:
-        self.home = home
-        self.head = Head(TOKEN, port=0, num_workers=1, store_capacity=256 * MiB,
-                         node_timeout=node_timeout)
-        self.nodes: dict[int, subprocess.Popen[bytes]] = {}
-
-    def add_node(self, workers: int = 2, resources: str = "{}") -> int:
-        home = self.home / f"node{len(self.nodes)}"
-        env = {**os.environ, "SHAREDCOMPUTE_TOKEN": TOKEN, "SHAREDCOMPUTE_HOME": str(home)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sharedcompute.cli", "start", "--address",
-             self.head.address, "--block", "--num-workers", str(workers),
-             "--resources", resources, "--store-capacity", str(256 * MiB)],
-            env=env, stdout=subprocess.DEVNULL,
-        )
-        # Written once the node is up and the head schedules on its workers.
-        address_file = home / "node.address"
-        wait_until(lambda: address_file.exists() or proc.poll() is not None, TIMEOUT,
-                   "the node joins")
-        assert proc.poll() is None, f"the node exited with {proc.returncode} before it joined"
-        node_id = int(address_file.read_text().split()[1])
-        self.nodes[node_id] = proc
-        return node_id
-
-    def node(self, node_id: int) -> dict[str, object]:
-        return next(n.as_dict() for n in self.head.status().nodes if n.node_id == node_id)
-
-    def close(self) -> None:
-        for proc in self.nodes.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.nodes.values():
-            try:
-                proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(TIMEOUT)
-        self.head.close()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    made = Cluster(tmp_path, node_timeout=2.0)
-    previous = _context.default()
-    _context.set_default(made.head.runtime)
-    try:
-        yield made
-    finally:
-        _context.set_default(previous)
-        made.close()
 
 
 @sc.remote
@@ -96,11 +35,6 @@ def ones(n: int) -> np.ndarray:
 @sc.remote
 def total(a: np.ndarray) -> tuple[int, float]:
     return os.getpid(), float(a.sum())
-
-
-def on_node(cluster: Cluster, node_id: int, fn: Callable[[], int]) -> bool:
-    """Whether ``fn`` (a pid) ran outside the head's own workers."""
-    return (fn() not in cluster.head.runtime.worker_pids()) == (node_id != 0)
 
 
 def test_tasks_pinned_to_a_node_run_there_and_inputs_cross_both_ways(cluster: Cluster) -> None:

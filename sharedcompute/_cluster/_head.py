@@ -33,6 +33,7 @@ from typing import Any
 
 from sharedcompute._cluster._links import ClusterHost, NodeLink
 from sharedcompute._cluster._messages import (
+    AttachDriver,
     AttachWork,
     ErrorReply,
     Heartbeat,
@@ -218,6 +219,9 @@ class Head:
                 if type(request) is AttachWork:
                     self._serve_work(request.node_id, channel)
                     return
+                if type(request) is AttachDriver:
+                    self._serve_driver(request, channel)
+                    return
                 channel.send(self._answer(request, connection))
         except ConnectionError:
             pass
@@ -242,6 +246,18 @@ class Head:
         )
         reason = self.cluster.serve(link)
         self._node_lost(node_id, f"its work connection closed ({reason})")
+
+    def _serve_driver(self, request: AttachDriver, channel: Any) -> None:
+        with self._lock:
+            node_id = self._next_node_id
+            self._next_node_id += 1
+        print(f"sharedcompute head: a driver connected from {channel.peer} (node {node_id})",
+              file=sys.stderr)
+        link = self.cluster.attach_driver(node_id, channel, request.data_address)
+        reason = self.cluster.serve(link)
+        self.cluster.driver_lost(link)
+        print(f"sharedcompute head: the driver from {channel.peer} left ({reason})",
+              file=sys.stderr)
 
     def _answer(self, request: Any, connection: _Connection) -> Any:
         handler = self._handlers.get(type(request))

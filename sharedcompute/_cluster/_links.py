@@ -29,6 +29,7 @@ from typing import Any
 
 from sharedcompute._cluster._localize import Localizer, failure_answer
 from sharedcompute._cluster._messages import (
+    DriverAttached,
     ForgetCopies,
     FreeObjects,
     FromWorker,
@@ -173,6 +174,31 @@ class ClusterHost:
                     raise ConnectionError(f"unexpected {type(message).__name__} from a node")
         except ConnectionError as error:
             return str(error)
+
+    def attach_driver(self, node_id: int, channel: Channel, data_address: str) -> NodeLink:
+        """A driver connected: it submits as a worker would, and its store serves its objects."""
+        link = NodeLink(node_id, channel, channel.peer)
+        worker = link.new_worker(self.runtime.new_worker_id())
+        with self._lock:
+            self.links[node_id] = link
+            self.data_addresses[node_id] = data_address
+            self.puller.addresses[node_id] = data_address
+            addresses = dict(self.data_addresses)
+        self.runtime.add_driver(worker)
+        link.send(DriverAttached(node_id, worker.id, addresses))
+        self._broadcast_addresses()
+        return link
+
+    def driver_lost(self, link: NodeLink) -> None:
+        """A driver left (or its connection broke): what it held is released, only that."""
+        with self._lock:
+            self.links.pop(link.node_id, None)
+            self.data_addresses.pop(link.node_id, None)
+        link.close()
+        for worker in list(link.workers.values()):
+            self.runtime.remove_driver(worker)
+        self.puller.forget_node(link.node_id)
+        self._broadcast_addresses()
 
     def node_lost(self, node_id: int, reason: str) -> None:
         with self._lock:

@@ -151,3 +151,19 @@ class NodeAddresses:
     """Head -> node: where each node's transfer server listens (the whole table)."""
 
     addresses: dict[int, str]
+
+
+@dataclass(frozen=True)
+class AttachDriver:
+    """The first message of a driver's connection: where its objects can be pulled."""
+
+    data_address: str
+
+
+@dataclass(frozen=True)
+class DriverAttached:
+    """Head -> driver: its node id (for its objects), its worker id (for its keys)."""
+
+    node_id: int
+    worker_id: int
+    addresses: dict[int, str]  # every node's transfer server

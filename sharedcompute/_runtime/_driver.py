@@ -153,9 +153,9 @@ class Runtime(RuntimeBase):
     ) -> None:
         super().__init__()
         if address is not None:
-            raise NotImplementedError(
-                f"connecting to a cluster (address={address!r}) is not available in this "
-                "version; leave address=None to run on this machine"
+            raise ValueError(
+                f"Runtime() runs on this machine; connect to the cluster at {address!r} with "
+                "sharedcompute.init(address=...) instead"
             )
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
@@ -1033,6 +1033,23 @@ class Runtime(RuntimeBase):
                 for waiting in self._waiters.values():
                     waiting.discard(worker.id)
             events.append(NodeLeft(node, reason))
+            self._handle(events)
+        self._settle_futures()
+
+    def add_driver(self, driver: WorkerSlot) -> None:
+        """A driver elsewhere: it speaks as a worker does, and runs nothing."""
+        with self._lock:
+            self._remote_workers[driver.id] = driver
+
+    def remove_driver(self, driver: WorkerSlot) -> None:
+        """A driver left: the keys it held are released (its Futures are gone)."""
+        with self._lock:
+            if self._remote_workers.pop(driver.id, None) is None or self._closed:
+                return
+            events: list[Event] = [KeyReleased(key) for key in driver.held_keys]
+            driver.held_keys.clear()
+            for waiting in self._waiters.values():
+                waiting.discard(driver.id)
             self._handle(events)
         self._settle_futures()
 

@@ -1,0 +1,342 @@
+"""A driver whose scheduler is a head elsewhere: ``sharedcompute.init(address=...)``.
+
+::
+
+    driver process                                        head
+    ClusterClient ── SUBMIT / PUT / WAIT / RELEASE ──▶ its runtime: the driver is
+       │   ▲          (a work connection)                 a worker that runs nothing
+       │   └──── RESOLVED (key, ref named cluster-wide) ◀─┘
+       │
+       ├─ OwnerStore + TransferServer: the driver's own objects (puts, large arguments)
+       │  stay here; the node that runs a task pulls them from here
+       └─ Puller: ``result()`` pulls a value from the node that made it
+
+The driver speaks the messages a worker speaks to its driver (``_protocol.Msg``):
+the head's runtime keeps it as a worker with no slot in the scheduler, so its
+submits, puts, waits and releases go through the same code as a nested task's.
+Its keys are its own (the head gives it a worker id; keys carry it in their high
+bits), so several drivers never collide; when it goes, the head releases what it
+held, and only that. Its store is a node without workers in the head's table of
+data servers, so its objects travel node to node like any other.
+
+Every Future it makes is watched at once (``WAIT`` goes with the ``SUBMIT``), so
+the head pushes each answer as soon as it exists. If the head goes away, every
+pending Future fails with ``ConnectionError`` naming the head.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sharedcompute._cluster._messages import (
+    AttachDriver,
+    DriverAttached,
+    ErrorReply,
+    ForgetCopies,
+    FreeObjects,
+    FromWorker,
+    NodeAddresses,
+    StatusReply,
+    StatusRequest,
+    ToWorker,
+)
+from sharedcompute._cluster._transfer import Puller, TransferServer
+from sharedcompute._protocol import Msg
+from sharedcompute._protocol._channel import Channel, connect
+from sharedcompute._protocol._messages import map_refs
+from sharedcompute._runtime._actor import ActorHandle, ActorOptions
+from sharedcompute._runtime._base import RuntimeBase, TaskOptions, options_to_wire
+from sharedcompute._runtime._future import Future, ValueRef
+from sharedcompute._runtime._local import ThreadPool
+from sharedcompute._scheduler import public_resources
+from sharedcompute._serialization import serialize
+from sharedcompute._store import (
+    ObjectRef,
+    OwnerStore,
+    RemoteObject,
+    StoredObject,
+    ref_from_wire,
+    ref_to_wire,
+)
+from sharedcompute.errors import SharedComputeError
+
+
+class ClusterClient(RuntimeBase):
+    """The runtime of a driver connected to a cluster's head."""
+
+    def __init__(self, address: str, token: str, *, store_capacity: int | None = None,
+                 host: str | None = None) -> None:
+        super().__init__()
+        self.address = address
+        self._token = token.encode()
+        self._lock = threading.Lock()
+        self._futures: dict[int, Future[Any]] = {}
+        self._closed = False
+        self.lost: BaseException | None = None
+        self._own: dict[int, StoredObject] = {}  # objects put here, held for the head
+        self._owner = OwnerStore(store_capacity)
+        self.store = self._owner
+        self._made: list[Any] = []
+        try:
+            self._connect(host)
+        except BaseException:
+            self._close_made()
+            raise
+        self._callbacks = ThreadPool(1, name="sharedcompute-callbacks")
+        self._reader = threading.Thread(
+            target=self._read, name="sharedcompute-driver-read", daemon=True
+        )
+        self._reader.start()
+
+    def _connect(self, host: str | None) -> None:
+        head_host, _, port = self.address.rpartition(":")
+        self._channel: Channel = connect((head_host, int(port)), self._token)
+        self._made.append(self._channel)
+        here = host or self._channel.sock.getsockname()[0]
+        self.transfer = TransferServer(self._owner, self._token, host=here)
+        self._made.append(self.transfer)
+        self._channel.sock.settimeout(30)
+        self._channel.send(AttachDriver(self.transfer.address))
+        reply, _ = self._channel.receive()
+        if not isinstance(reply, DriverAttached):
+            said = reply.message if isinstance(reply, ErrorReply) else repr(reply)
+            raise ConnectionError(f"the head at {self.address} refused the driver: {said}")
+        self._channel.sock.settimeout(None)
+        self.node_id = reply.node_id
+        self.worker_id = reply.worker_id
+        self._next_key = self._key_counter((reply.worker_id + 1) << 40)
+        self.puller = Puller(self._owner, self._token)
+        self.puller.addresses.update(reply.addresses)
+        self._made.append(self.puller)
+        self._send_lock = threading.Lock()
+
+    # -- what the head says (the reader thread) ----------------------------------------
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message, _ = self._channel.receive()
+                kind = type(message)
+                if kind is ToWorker:
+                    for answer in message.messages:
+                        if answer[0] == Msg.RESOLVED:
+                            self._resolved(answer)
+                elif kind is ForgetCopies:
+                    for node, object_id in message.names:
+                        self.puller.forget(node, object_id)
+                elif kind is FreeObjects:
+                    self._free(message.object_ids)
+                elif kind is NodeAddresses:
+                    self.puller.addresses.update(message.addresses)
+        except ConnectionError as error:
+            if not self._closed:
+                self._head_lost(error)
+
+    def _resolved(self, message: tuple[Any, ...]) -> None:
+        _, key, ok, payload = message
+        with self._lock:
+            future = self._futures.pop(key, None)
+        if future is None or future.done():
+            return
+        if ok:
+            future.set_result(ValueRef(ref_from_wire(payload)))
+        else:
+            future.set_exception(payload)
+
+    def _free(self, object_ids: Iterable[int]) -> None:
+        with self._lock:
+            refs = [self._own.pop(object_id, None) for object_id in object_ids]
+        for ref in refs:
+            if ref is not None:
+                self.store.delete(ref)
+
+    def _head_lost(self, error: BaseException) -> None:
+        lost = ConnectionError(f"the head at {self.address} is gone: {error}")
+        with self._lock:
+            self.lost = lost
+            pending = list(self._futures.values())
+            self._futures.clear()
+        for future in pending:
+            if not future.done():
+                future.set_exception(ConnectionError(*lost.args))
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _send(self, messages: list[tuple[Any, ...]]) -> None:
+        if self.lost is not None:
+            raise ConnectionError(*self.lost.args)
+        if self._closed:
+            raise RuntimeError("this runtime has been shut down")
+        named = [map_refs(message, self._named) for message in messages]
+        with self._send_lock:
+            self._channel.send(FromWorker(self.worker_id, named))
+
+    def _named(self, wire: tuple[Any, ...]) -> tuple[Any, ...]:
+        """An object in this driver's store, as the cluster names it."""
+        if len(wire) != 4:
+            return wire
+        object_id, _offset, nbytes, header = wire
+        return (self.node_id, object_id, nbytes, header, None)
+
+    def _hold_for_head(self, ref: ObjectRef) -> None:
+        """The head now holds ``ref`` (the reference ``put`` took); it frees it."""
+        if type(ref) is StoredObject:
+            with self._lock:
+                self._own[ref.object_id] = ref
+
+    def _track(self, future: Future[Any]) -> None:
+        with self._lock:
+            if self.lost is not None:
+                raise ConnectionError(*self.lost.args)
+            self._futures[future.key] = future
+
+    # -- the API -------------------------------------------------------------------------------
+
+    def submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        options: TaskOptions,
+    ) -> Future[Any]:
+        if options.scheduler not in (None, "processes"):
+            raise ValueError(f"scheduler={options.scheduler!r} runs in this process; a "
+                             "driver connected to a cluster sends every task to it")
+        args_ref, deps = self.prepare_args(args, kwargs)
+        fn_key, fn_bytes = self.functions.encode(fn)
+        key = self._next_key()
+        name = options.name or getattr(fn, "__qualname__", "") or type(fn).__name__
+        future: Future[Any] = Future(self, key, name)
+        self._track(future)
+        self._hold_for_head(args_ref)
+        self._send([
+            (Msg.SUBMIT, key, fn_key, fn_bytes, ref_to_wire(args_ref), tuple(deps),
+             options_to_wire(options), None),
+            (Msg.WAIT, [key]),
+        ])
+        return future
+
+    def put(self, value: Any) -> Future[Any]:
+        ref = self.store.put_serialized(serialize(value))
+        key = self._next_key()
+        future: Future[Any] = Future(self, key, "put")
+        future.set_result(ValueRef(ref))
+        self._hold_for_head(ref)
+        self._send([(Msg.PUT, key, ref_to_wire(ref))])
+        return future
+
+    def load(self, ref: ObjectRef) -> Any:
+        if type(ref) is RemoteObject:
+            if ref.node == self.node_id:
+                with self._lock:
+                    own = self._own.get(ref.object_id)
+                if own is None:
+                    raise SharedComputeError(f"object {ref.object_id} of this driver was freed")
+                ref = own
+            else:
+                ref = self.puller.pull(ref)
+        return super().load(ref)
+
+    def cancel(self, future: Future[Any]) -> bool:
+        self._send([(Msg.CANCEL, future.key)])
+        return False
+
+    def defer_callbacks(self) -> bool:
+        return threading.current_thread() is self._reader
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        try:
+            self._callbacks.submit(callback)
+        except RuntimeError:
+            callback()
+
+    def _flush_releases(self) -> None:
+        keys = []
+        while self._released:
+            keys.append(self._released.popleft())
+        if keys and not self._closed and self.lost is None:
+            # From a finalizer, maybe mid-send in this very thread: never wait for the lock.
+            if self._send_lock.acquire(blocking=False):
+                try:
+                    self._channel.send(FromWorker(self.worker_id, [(Msg.RELEASE, keys)]))
+                except ConnectionError:
+                    pass
+                finally:
+                    self._send_lock.release()
+            else:
+                self._released.extend(keys)
+
+    def _releases_pending(self) -> bool:
+        return bool(self._released) and threading.current_thread() is not self._reader
+
+    # -- actors (next step of the cluster work) --------------------------------------------
+
+    def create_actor(self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     options: ActorOptions) -> ActorHandle:
+        raise NotImplementedError(
+            "actors from a driver connected to a cluster are not available in this version; "
+            "create them from a task, or from a driver on the head"
+        )
+
+    # -- the cluster -------------------------------------------------------------------------
+
+    def status(self) -> StatusReply:
+        from sharedcompute._cluster._head import request
+
+        reply: StatusReply = request(self.address, self._token.decode(), StatusRequest())
+        return reply
+
+    def node_table(self) -> list[dict[str, Any]]:
+        return [node.as_dict() for node in self.status().nodes]
+
+    def cluster_resources(self) -> dict[str, float]:
+        return _summed(node.resources for node in self.status().nodes if node.alive)
+
+    def available_resources(self) -> dict[str, float]:
+        return _summed(node.available for node in self.status().nodes if node.alive)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Leave the cluster: the head frees this driver's tasks and objects."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._futures.values())
+            self._futures.clear()
+        self._close_made()
+        self._reader.join(10)
+        self._callbacks.close()
+        for future in pending:
+            future._cancel_now()
+
+    def _close_made(self) -> None:
+        for thing in reversed(self._made):
+            thing.close()
+        self._made.clear()
+        self.store.close()
+
+    def __enter__(self) -> ClusterClient:
+        from sharedcompute._runtime import _context
+
+        self._previous_default = _context.default()
+        _context.set_default(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        from sharedcompute._runtime import _context
+
+        if _context.default() is self:
+            _context.set_default(getattr(self, "_previous_default", None))
+        self.shutdown()
+
+
+def _summed(pools: Iterable[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for pool in pools:
+        for name, amount in public_resources(pool).items():
+            total[name] = total.get(name, 0.0) + amount
+    return total
+
