@@ -15,7 +15,7 @@ from _helpers import wait_until
 from sharedcompute._cluster._head import Head
 from sharedcompute._runtime import _context
 
-TOKEN = "c" * 64
+TOKEN = "c" * 64  # the cluster token of these tests
 TIMEOUT = 60
 MiB = 1024 * 1024
 

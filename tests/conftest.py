@@ -1,5 +1,5 @@
-"""Suite-wide guards: every test must leave no child process, no runtime thread
-and no /dev/shm entry behind."""
+"""Suite-wide guards: every test must leave no child process, no runtime thread,
+no /dev/shm entry and no network namespace behind."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import psutil
 import pytest
 from _cluster import cluster  # noqa: F401 (a fixture: a head here, nodes as processes)
+
+from tools import netns
 
 SHM_DIR = "/dev/shm"
 GRACE_SECONDS = 10.0
@@ -32,6 +34,7 @@ def _runtime_threads() -> list[threading.Thread]:
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     shm_before = _shm_entries()
+    namespaces_before = netns.namespaces() if netns.available() is None else set()
     yield
     me = psutil.Process()
     deadline = time.monotonic() + GRACE_SECONDS
@@ -55,5 +58,9 @@ def no_leaks() -> Iterator[None]:
         problems.append(f"runtime threads left running: {[t.name for t in threads]}")
     if shm_new:
         problems.append(f"/dev/shm entries left behind: {sorted(shm_new)}")
+    if netns.available() is None:
+        namespaces_left = netns.namespaces() - namespaces_before
+        if namespaces_left:
+            problems.append(f"network namespaces left behind: {sorted(namespaces_left)}")
     if problems:
         pytest.fail("; ".join(problems))

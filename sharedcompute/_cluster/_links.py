@@ -23,6 +23,7 @@ copy it may have pulled. The head's own workers get their messages through a
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 from collections import defaultdict
 from typing import Any
@@ -99,8 +100,11 @@ class NodeLink:
         return worker
 
     def close(self) -> None:
-        with self._send_lock:
-            self.closed = True
+        # Not under the send lock: a send blocked on a node that stopped reading holds
+        # it; shutting the socket down is what ends that send (with an error).
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.channel.sock.shutdown(socket.SHUT_RDWR)
         self.channel.close()
 
 

@@ -217,6 +217,11 @@ class Channel:
         return parser.messages.pop(0)
 
     def close(self) -> None:
+        """Close it; a thread blocked receiving from it wakes with ``ConnectionError``."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # close() alone leaves a reader blocked
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:

@@ -1,0 +1,187 @@
+"""A cluster on three hosts: network namespaces on a bridge, each with its own address.
+
+The head runs on host 0, a node on each of hosts 1 and 2, and a driver on host 1
+(not the head's host). Started with the ``sharedcompute`` command, as on real hosts.
+Skipped, saying why, where namespaces cannot be made (not root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _helpers import wait_until
+
+from tools import netns
+
+TOKEN = "h" * 64
+TIMEOUT = 90
+GiB = 1 << 30
+
+pytestmark = pytest.mark.skipif(netns.available() is not None,
+                                reason=f"no network namespaces here: {netns.available()}")
+
+
+class ThreeHosts:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.hosts = netns.Hosts(3)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        try:
+            self.head = self._start(0, "--head", "--host", self.hosts.addresses[0], "--port",
+                                    "0", "--num-workers", "1")
+            self.node1 = self._start(1, "--address", self.head, "--num-workers", "1")
+            self.node2 = self._start(2, "--address", self.head, "--num-workers", "1")
+        except BaseException:
+            self.close()
+            raise
+
+    def env(self, host: int) -> dict[str, str]:
+        return {**os.environ, "SHAREDCOMPUTE_TOKEN": TOKEN,
+                "SHAREDCOMPUTE_HOME": str(self.tmp / f"host{host}")}
+
+    def _start(self, host: int, *args: str) -> str:
+        role = "head" if "--head" in args else "node"
+        proc = self.hosts.popen(host, [sys.executable, "-m", "sharedcompute.cli", "start",
+                                       *args, "--block"], env=self.env(host),
+                                stdout=subprocess.DEVNULL)
+        self.procs.append(proc)
+        written = self.tmp / f"host{host}" / f"{role}.address"
+        wait_until(lambda: written.exists() or proc.poll() is not None, TIMEOUT, f"{role} up")
+        assert proc.poll() is None, f"the {role} on host {host} exited with {proc.returncode}"
+        said = written.read_text().split()
+        return said[0] if role == "head" else said[1]  # "ADDRESS" / "node ID of ADDRESS"
+
+    def driver(self, host: int, script: str) -> dict[str, object]:
+        env = {**self.env(host), "SHAREDCOMPUTE_ADDRESS": self.head}
+        done = self.hosts.run(host, [sys.executable, "-c", textwrap.dedent(script)],
+                              capture_output=True, text=True, timeout=TIMEOUT * 2, env=env)
+        assert done.returncode == 0, done.stderr
+        result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
+
+    def driver_popen(self, host: int, script: str) -> subprocess.Popen[str]:
+        env = {**self.env(host), "SHAREDCOMPUTE_ADDRESS": self.head}
+        proc = self.hosts.popen(host, [sys.executable, "-c", textwrap.dedent(script)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+        self.procs.append(proc)
+        return proc
+
+    def alive(self, node_id: int) -> bool:
+        done = self.hosts.run(0, [sys.executable, "-m", "sharedcompute.cli", "status",
+                                  "--address", self.head, "--json"],
+                              capture_output=True, text=True, timeout=TIMEOUT, env=self.env(0))
+        nodes = json.loads(done.stdout)["nodes"]
+        return bool(next(n["alive"] for n in nodes if n["node_id"] == node_id))
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+        self.hosts.close()
+
+
+@pytest.fixture
+def three_hosts(tmp_path: Path) -> Iterator[ThreeHosts]:
+    made = ThreeHosts(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.mark.timeout(400)
+def test_three_hosts_run_dependent_tasks_and_move_a_gib_node_to_node(three_hosts) -> None:
+    node1, node2 = int(three_hosts.node1), int(three_hosts.node2)
+    head_traffic = three_hosts.hosts.traffic(0)
+    said = three_hosts.driver(1, f"""
+        import json, socket
+        import numpy as np
+        import sharedcompute as sc
+
+        sc.init()
+
+        @sc.remote
+        def host():
+            return socket.gethostbyname(socket.gethostname()), sorted(
+                a for a in __import__("psutil").net_if_addrs() if a != "lo")
+
+        @sc.remote
+        def big(n):
+            return np.full(n, 3, dtype=np.uint8)
+
+        @sc.remote
+        def checksum(a):
+            return int(a[::4096].sum()), a.nbytes
+
+        @sc.remote
+        def step(x, i):
+            return x * 2 + i
+
+        x = sc.put(1)
+        for i in range(9):
+            x = step.options(node=[0, {node1}, {node2}][i % 3]).submit(x, i)
+        made = big.options(node={node1}).submit({GiB})
+        summed = checksum.options(node={node2}).submit(made)
+        total, nbytes = summed.result(300)
+        print(json.dumps({{
+            "chain": x.result(60), "checksum": total, "nbytes": nbytes,
+            "nodes": [(n["node_id"], n["address"], n["alive"]) for n in sc.nodes()],
+        }}))
+    """)
+    expected = 1
+    for i in range(9):
+        expected = expected * 2 + i
+    assert said["chain"] == expected
+    assert said["nbytes"] == GiB and said["checksum"] == 3 * (GiB // 4096)
+    addresses = three_hosts.hosts.addresses
+    assert [tuple(n) for n in said["nodes"]] == [  # type: ignore[union-attr]
+        (0, three_hosts.head, True), (node1, addresses[1], True), (node2, addresses[2], True),
+    ]
+    # The gibibyte went from host 1 to host 2 directly: the head's host saw little of it.
+    assert three_hosts.hosts.traffic(0) - head_traffic < GiB // 20
+
+
+@pytest.mark.timeout(300)
+def test_a_host_killed_mid_workload_is_dead_within_the_timeout_and_its_work_reruns(
+    three_hosts,
+) -> None:
+    node2 = int(three_hosts.node2)
+    ready = three_hosts.tmp / "submitted"
+    driver = three_hosts.driver_popen(1, f"""
+        import json, time
+        import sharedcompute as sc
+
+        sc.init()
+
+        @sc.remote
+        def slow(i):
+            time.sleep(1.0)
+            return i
+
+        futures = [slow.submit(i) for i in range(12)]
+        time.sleep(0.5)  # running on every node now
+        open("{ready}", "w").close()
+        print(json.dumps({{"results": sc.get(futures, timeout=120)}}))
+    """)
+    wait_until(lambda: ready.exists() or driver.poll() is not None, TIMEOUT, "tasks running")
+    three_hosts.hosts.kill_all(2)  # the host is gone: its node and workers, at once
+    killed = time.monotonic()
+    wait_until(lambda: not three_hosts.alive(node2), TIMEOUT, "host 2 declared dead")
+    assert time.monotonic() - killed <= 5.0
+    out, err = driver.communicate(timeout=TIMEOUT * 2)
+    assert driver.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["results"] == list(range(12))
