@@ -101,6 +101,7 @@ def _run_node(args: argparse.Namespace, token: str) -> int:
     node = Node(
         args.address, token, num_workers=args.num_workers,
         resources=_parse_resources(args.resources), store_capacity=args.store_capacity,
+        host=args.host,
     )
     try:
         files["pid"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -126,7 +127,7 @@ def _run_head(args: argparse.Namespace, token: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     head = Head(
-        token, host=args.host, port=args.port, num_workers=args.num_workers,
+        token, host=args.host or "127.0.0.1", port=args.port, num_workers=args.num_workers,
         resources=_parse_resources(args.resources), store_capacity=args.store_capacity,
         node_timeout=args.node_timeout,
     )
@@ -156,10 +157,12 @@ def _start_in_background(args: argparse.Namespace, role: str) -> int:
     files["log"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     command = [sys.executable, "-m", "sharedcompute.cli", "start", "--block"]
     if role == "head":
-        command += ["--head", "--host", args.host, "--port", str(args.port),
+        command += ["--head", "--host", args.host or "127.0.0.1", "--port", str(args.port),
                     "--node-timeout", str(args.node_timeout)]
     else:
         command += ["--address", args.address]
+        if args.host:
+            command += ["--host", args.host]
     for option in ("num_workers", "resources", "store_capacity", "token_file"):
         value = getattr(args, option)
         if value is not None:
@@ -286,7 +289,9 @@ def parser() -> argparse.ArgumentParser:
     role = start.add_mutually_exclusive_group(required=True)
     role.add_argument("--head", action="store_true", help="start the head (it runs a node too)")
     role.add_argument("--address", help="HOST:PORT of the head to join as a node")
-    start.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    start.add_argument("--host", help="head: the address to bind (default 127.0.0.1); node: "
+                       "the address other nodes reach it at (default: the one it reaches "
+                       "the head from)")
     start.add_argument("--port", type=int, default=6380, help="port (default 6380; 0: any)")
     start.add_argument("--num-workers", type=int, help="worker processes (default: CPUs)")
     start.add_argument("--resources", help='custom resources as JSON, e.g. \'{"gpu": 2}\'')

@@ -185,3 +185,15 @@ def test_a_host_killed_mid_workload_is_dead_within_the_timeout_and_its_work_reru
     out, err = driver.communicate(timeout=TIMEOUT * 2)
     assert driver.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1])["results"] == list(range(12))
+
+
+def test_the_cluster_benchmark_runs_between_namespace_hosts() -> None:
+    script = Path(__file__).resolve().parent.parent / "tools" / "bench" / "cluster.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--json", "--no-peers",
+                           "--repeats", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    for row in report["transfer"].values():
+        assert row["raw"] > 0 and row["pull"] > 0 and row["cold"] > 0
+    ours = report["tasks"]["sharedcompute"]
+    assert ours["latency"] > 0 and ours["throughput"] > 0

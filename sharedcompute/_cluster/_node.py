@@ -61,11 +61,13 @@ class Node:
     def __init__(
         self, head_address: str, token: str, *, num_workers: int | None = None,
         resources: dict[str, float] | None = None, store_capacity: int | None = None,
+        host: str | None = None,
     ) -> None:
         import os
 
         self.head_address = head_address
-        self.num_workers = num_workers or os.cpu_count() or 1
+        self.host = host
+        self.num_workers = num_workers if num_workers is not None else os.cpu_count() or 1
         self.resources = {"CPU": float(self.num_workers), **(resources or {})}
         self.lost = threading.Event()
         self.lost_reason = ""
@@ -101,7 +103,8 @@ class Node:
         self._channel = connect((host, int(port)), token)
         self._made.append(self._channel)
         self._channel.sock.settimeout(30)
-        here = self._channel.sock.getsockname()[0]  # the address the head sees us at
+        # Where other nodes reach this one: as told, or the address the head sees us at.
+        here = self.host or self._channel.sock.getsockname()[0]
         self.transfer = TransferServer(self.store, token, host=here)
         self._made.append(self.transfer)
         self._channel.send(RegisterNode(

@@ -76,6 +76,7 @@ from sharedcompute._scheduler import (
     public_resources,
 )
 from sharedcompute._store import (
+    InlineObject,
     ObjectRef,
     OwnerStore,
     RemoteObject,
@@ -159,8 +160,8 @@ class Runtime(RuntimeBase):
             )
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-        if num_workers is not None and num_workers < 1:
-            raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if max_tasks_per_child is not None and (
             not isinstance(max_tasks_per_child, int) or max_tasks_per_child < 1
         ):
@@ -174,7 +175,8 @@ class Runtime(RuntimeBase):
         self._init_payload = (
             pickle_for_workers(self._initializer) if self._initializer is not None else None
         )
-        self.num_workers = num_workers or os.cpu_count() or 1
+        # 0: none here (a head whose nodes do the work, as `ray start --head --num-cpus 0`).
+        self.num_workers = num_workers if num_workers is not None else os.cpu_count() or 1
         self.scheduler = scheduler
         self.spill_dir = spill_dir
         self.worker_output_prefix = worker_output_prefix
@@ -269,7 +271,7 @@ class Runtime(RuntimeBase):
             if self._closed:
                 raise RuntimeError("this runtime has been shut down")
             if self._threads is None:
-                self._threads = ThreadPool(self.num_workers)
+                self._threads = ThreadPool(max(1, self.num_workers))
             return self._threads
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -751,7 +753,9 @@ class Runtime(RuntimeBase):
                     self._learn_duration(message[1], message[3])
                     ref = ref_from_wire(message[2])
                     self.store.adopt(ref)
-                    events.append(TaskFinished(message[1], worker.id, ref, message[3]))
+                    # Its size, for placing the tasks that read it (inline: it travels anyway).
+                    nbytes = 0 if type(ref) is InlineObject else ref.nbytes
+                    events.append(TaskFinished(message[1], worker.id, ref, message[3], nbytes))
                     answered += 1
                 elif kind == Msg.FAILED:
                     answered += 1
