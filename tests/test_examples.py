@@ -46,6 +46,13 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             "word counts: [4, 2, 3, 3]",
         ],
     ),
+    "cluster.py": (
+        [],
+        [
+            "nodes: 2 alive, 3 CPUs in all",
+            "sum of squares over 16 tasks: 1.706666e+20 (expected 1.706666e+20)",
+        ],
+    ),
     "dask_on_sharedcompute.py": (
         ["--small"],
         ["(x + x.T).mean(axis=0)", "results are the same as Dask's sync scheduler's"],
