@@ -322,7 +322,7 @@ def _driver_runtime(what: str) -> Runtime | ClusterClient:
 def get_actor(name: str) -> Any:
     """The handle of the live actor started with ``options(name=name)``."""
     runtime = _runtime()
-    if not isinstance(runtime, Runtime):
+    if not isinstance(runtime, (Runtime, ClusterClient)):
         raise NotImplementedError("get_actor() is available in the driver only")
     return runtime.get_actor(name)
 
@@ -330,6 +330,6 @@ def get_actor(name: str) -> Any:
 def kill(actor: Any, *, no_restart: bool = True) -> None:
     """Kill an actor's process now; with ``no_restart=False`` it may restart (max_restarts)."""
     runtime = _runtime()
-    if not isinstance(runtime, Runtime):
+    if not isinstance(runtime, (Runtime, ClusterClient)):
         raise NotImplementedError("kill() is available in the driver only")
     runtime.kill(actor, no_restart=no_restart)

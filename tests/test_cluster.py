@@ -133,3 +133,47 @@ def test_a_killed_node_is_declared_dead_and_its_tasks_finish_elsewhere(cluster: 
     assert [i for i, _ in results] == list(range(8))
     late = [where for _, where in results[-2:]]
     assert all(where in cluster.head.runtime.worker_pids() for where in late)
+
+
+@sc.remote
+class Counter:
+    def __init__(self, start: int) -> None:
+        self.value = start
+
+    def add(self, amount: int) -> tuple[int, int]:
+        self.value += amount
+        return self.value, os.getpid()
+
+
+def test_an_actor_pinned_to_a_node_runs_there_restarts_there_and_takes_handles(
+    cluster: Cluster,
+) -> None:
+    node = cluster.add_node(workers=1)
+    head_pids = set(cluster.head.runtime.worker_pids())
+    counter = Counter.options(node=node, max_restarts=1).remote(10)
+    values = [counter.add.remote(1).result(TIMEOUT) for _ in range(3)]
+    assert [v for v, _ in values] == [11, 12, 13]
+    first_pid = values[0][1]
+    assert first_pid not in head_pids
+
+    def use(handle: object, amount: int) -> int:
+        return handle.add.remote(amount).result()[0]  # type: ignore[attr-defined]
+
+    assert sc.submit(use, counter, 100).result(TIMEOUT) == 113  # a handle passed to a task
+    sc.kill(counter, no_restart=False)
+    value, pid = counter.add.remote(1).result(TIMEOUT)  # a fresh process, on that node again
+    assert value == 11 and pid != first_pid and pid not in head_pids
+    with pytest.raises(ValueError, match="pinned to node 77, which is not alive"):
+        Counter.options(node=77).remote(0)
+
+
+def test_an_actor_whose_node_dies_restarts_on_a_live_node(cluster: Cluster) -> None:
+    node = cluster.add_node(workers=2)  # the most CPUs free: an actor holding one goes there
+    counter = Counter.options(num_cpus=1, max_restarts=1).remote(0)
+    value, pid = counter.add.remote(1).result(TIMEOUT)
+    assert value == 1 and psutil.Process(pid).ppid() != os.getpid()  # not the head's child
+    proc = cluster.nodes[node]
+    proc.kill()
+    proc.wait(TIMEOUT)
+    value, pid = counter.add.remote(5).result(TIMEOUT)  # restarted, fresh, on the head's node
+    assert value == 5 and psutil.Process(pid).ppid() == os.getpid()

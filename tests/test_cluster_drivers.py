@@ -152,3 +152,55 @@ def _children_of(pid: int) -> list[int]:
     import psutil
 
     return [p.pid for p in psutil.process_iter(["ppid"]) if p.info["ppid"] == pid]
+
+
+def test_a_driver_process_creates_names_calls_and_kills_actors(cluster: Cluster) -> None:
+    node = cluster.add_node(workers=1)
+    said = run_driver(cluster, f"""
+        import json
+        import sharedcompute as sc
+
+        sc.init()
+
+        @sc.remote
+        class Counter:
+            def __init__(self, start):
+                self.value = start
+
+            def add(self, amount):
+                self.value += amount
+                return self.value
+
+        pinned = Counter.options(node={node}).remote(sc.put(10))
+        named = Counter.options(name="shared").remote(0)
+        try:
+            Counter.options(name="shared").remote(0)
+            taken = "no error"
+        except ValueError as error:
+            taken = str(error)
+
+        def use(handle, amount):
+            return handle.add.remote(amount).result()
+
+        out = {{
+            "pinned": [pinned.add.remote(1).result(60) for _ in range(3)],
+            "named": sc.get_actor("shared").add.remote(5).result(60),
+            "via_task": sc.submit(use, pinned, 100).result(60),
+            "taken": taken,
+        }}
+        sc.kill(named)
+        try:
+            named.add.remote(1).result(60)
+            out["killed"] = "still alive"
+        except sc.errors.ActorDiedError:
+            out["killed"] = "ActorDiedError"
+        print(json.dumps(out))
+    """)
+    assert said["pinned"] == [11, 12, 13]
+    assert said["named"] == 5
+    assert said["via_task"] == 113
+    assert "already exists" in str(said["taken"])
+    assert said["killed"] == "ActorDiedError"
+    # The driver left: its actors end with its handles.
+    records = cluster.head.runtime.actors._actor_records.values()
+    wait_until(lambda: all(r.dead for r in records), TIMEOUT, "the driver's actors end")

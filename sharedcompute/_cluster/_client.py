@@ -27,7 +27,9 @@ pending Future fails with ``ConnectionError`` naming the head.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import astuple
 from typing import Any
 
 from sharedcompute._cluster._messages import (
@@ -46,9 +48,9 @@ from sharedcompute._cluster._transfer import Puller, TransferServer
 from sharedcompute._protocol import Msg
 from sharedcompute._protocol._channel import Channel, connect
 from sharedcompute._protocol._messages import map_refs
-from sharedcompute._runtime._actor import ActorHandle, ActorOptions
+from sharedcompute._runtime._actor import ActorHandle, ActorOptions, public_methods
 from sharedcompute._runtime._base import RuntimeBase, TaskOptions, options_to_wire
-from sharedcompute._runtime._future import Future, ValueRef
+from sharedcompute._runtime._future import Future, ValueRef, when_all_done
 from sharedcompute._runtime._local import ThreadPool
 from sharedcompute._scheduler import public_resources
 from sharedcompute._serialization import serialize
@@ -73,6 +75,7 @@ class ClusterClient(RuntimeBase):
         self._token = token.encode()
         self._lock = threading.Lock()
         self._futures: dict[int, Future[Any]] = {}
+        self._control: deque[tuple[Any, ...]] = deque()  # actor handle counts, to send
         self._closed = False
         self.lost: BaseException | None = None
         self._own: dict[int, StoredObject] = {}  # objects put here, held for the head
@@ -253,29 +256,96 @@ class ClusterClient(RuntimeBase):
         keys = []
         while self._released:
             keys.append(self._released.popleft())
-        if keys and not self._closed and self.lost is None:
+        messages: list[tuple[Any, ...]] = [(Msg.RELEASE, keys)] if keys else []
+        while self._control:
+            messages.append(self._control.popleft())
+        if messages and not self._closed and self.lost is None:
             # From a finalizer, maybe mid-send in this very thread: never wait for the lock.
             if self._send_lock.acquire(blocking=False):
                 try:
-                    self._channel.send(FromWorker(self.worker_id, [(Msg.RELEASE, keys)]))
+                    self._channel.send(FromWorker(self.worker_id, messages))
                 except ConnectionError:
                     pass
                 finally:
                     self._send_lock.release()
             else:
                 self._released.extend(keys)
+                self._control.extendleft(reversed(messages[1 if keys else 0:]))
 
     def _releases_pending(self) -> bool:
-        return bool(self._released) and threading.current_thread() is not self._reader
+        return bool(self._released or self._control) and (
+            threading.current_thread() is not self._reader
+        )
 
-    # -- actors (next step of the cluster work) --------------------------------------------
+    # -- actors: the head keeps them; this driver holds handles ------------------------------
 
     def create_actor(self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any],
                      options: ActorOptions) -> ActorHandle:
-        raise NotImplementedError(
-            "actors from a driver connected to a cluster are not available in this version; "
-            "create them from a task, or from a driver on the head"
+        """Ask the head to start the actor; waits for its answer unless arguments are pending.
+
+        With Future arguments not done yet, the request goes once they are (errors then
+        reach the actor's calls, as ``ActorDiedError``).
+        """
+        args_ref, deps = self.prepare_args(args, kwargs)
+        cls_key, cls_bytes = self.functions.encode(cls)
+        actor_id, reply_key = self._next_key(), self._next_key()
+        methods = public_methods(cls)
+        reply: Future[Any] = Future(self, reply_key, "create_actor")
+        self._track(reply)
+        self._hold_for_head(args_ref)
+        request = (
+            Msg.CREATE_ACTOR, reply_key, actor_id, cls_key, cls_bytes, ref_to_wire(args_ref),
+            tuple(deps), astuple(options), cls.__qualname__, methods,
         )
+        handle = ActorHandle(self, actor_id, cls.__qualname__, methods)
+        pending = [future for future in deps.values() if not future.done()]
+        if pending:
+            when_all_done(pending, lambda: self._send([request]))
+        else:
+            self._send([request])
+            reply.result()  # raises what the head raised (a taken name, no node to fit it)
+        return handle
+
+    def get_actor(self, name: str) -> ActorHandle:
+        reply_key = self._next_key()
+        reply: Future[Any] = Future(self, reply_key, "get_actor")
+        self._track(reply)
+        self._send([(Msg.GET_ACTOR, reply_key, name)])
+        actor_id, class_name, methods = reply.result()
+        return ActorHandle(self, actor_id, class_name, methods)
+
+    def kill(self, handle: ActorHandle, *, no_restart: bool = True) -> None:
+        self._send([(Msg.KILL_ACTOR, handle.actor_id, no_restart)])
+
+    def submit_actor_call(
+        self, actor_id: int, class_name: str, method: str, args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Future[Any]:
+        args_ref, deps = self.prepare_args(args, kwargs)
+        key = self._next_key()
+        future: Future[Any] = Future(self, key, f"{class_name}.{method}")
+        self._track(future)
+        self._hold_for_head(args_ref)
+        self._send([
+            (Msg.SUBMIT_CALL, key, actor_id, class_name, method, ref_to_wire(args_ref),
+             tuple(deps)),
+            (Msg.WAIT, [key]),
+        ])
+        return future
+
+    def lease_actor(self, actor_id: int) -> None:
+        self._queue_control((Msg.ACTOR_LEASE, actor_id))
+
+    def adopt_actor_lease(self, actor_id: int) -> None:
+        self._queue_control((Msg.ACTOR_RETAIN, actor_id))
+
+    def release_actor(self, actor_id: int) -> None:
+        self._queue_control((Msg.ACTOR_RELEASE, actor_id))
+
+    def _queue_control(self, message: tuple[Any, ...]) -> None:
+        # From a finalizer or mid-pickling: queued, sent with the releases.
+        self._control.append(message)
+        self._release_lock.try_drain()
 
     # -- the cluster -------------------------------------------------------------------------
 

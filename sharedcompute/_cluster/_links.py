@@ -34,6 +34,7 @@ from sharedcompute._cluster._messages import (
     ForgetCopies,
     FreeObjects,
     FromWorker,
+    KillWorker,
     NodeAddresses,
     StartWorkers,
     ToWorker,
@@ -270,6 +271,12 @@ class ClusterHost:
 
     def pull(self, ref: RemoteObject) -> StoredObject:
         return self.puller.pull(ref)
+
+    def kill(self, worker: WorkerSlot) -> None:
+        link = self.links.get(worker.node)
+        if link is not None:
+            with contextlib.suppress(ConnectionClosed):
+                link.send(KillWorker(worker.id))
 
     # -- the head's own workers ------------------------------------------------------------
 

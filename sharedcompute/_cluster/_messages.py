@@ -107,6 +107,13 @@ class StartWorkers:
 
 
 @dataclass(frozen=True)
+class KillWorker:
+    """Head -> node: SIGKILL this worker's process now (``sharedcompute.kill`` of an actor)."""
+
+    worker_id: int
+
+
+@dataclass(frozen=True)
 class ToWorker:
     """Head -> node: messages for one of its workers, in order."""
 

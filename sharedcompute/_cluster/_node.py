@@ -26,6 +26,8 @@ or another node pulls a copy. There is no scheduler here: the head decides.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
 import threading
 from typing import Any
@@ -38,6 +40,7 @@ from sharedcompute._cluster._messages import (
     FreeObjects,
     FromWorker,
     Heartbeat,
+    KillWorker,
     NodeAddresses,
     Registered,
     RegisterNode,
@@ -63,8 +66,6 @@ class Node:
         resources: dict[str, float] | None = None, store_capacity: int | None = None,
         host: str | None = None,
     ) -> None:
-        import os
-
         self.head_address = head_address
         self.host = host
         self.num_workers = num_workers if num_workers is not None else os.cpu_count() or 1
@@ -143,6 +144,11 @@ class Node:
                 elif kind is StartWorkers:
                     for worker_id in message.worker_ids:
                         self.pool.spawn(worker_id)
+                elif kind is KillWorker:
+                    victim = self.pool.workers.get(message.worker_id)
+                    if victim is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(victim.pid, signal.SIGKILL)
                 elif kind is FreeObjects:
                     self._free(message.object_ids)
                 elif kind is ForgetCopies:

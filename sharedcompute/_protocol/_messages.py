@@ -28,6 +28,12 @@ Worker -> driver
     INIT_FAILED (error_bytes,)             the initializer raised; the worker exits
     ACTOR_LEASE / ACTOR_RETAIN / ACTOR_RELEASE (actor_id,)
                                            a handle was pickled / unpickled here / dropped here
+Driver connected to a head -> head (it speaks as a worker, plus these)
+    CREATE_ACTOR (reply_key, actor_id, cls_key, cls_bytes, args_ref, dep_keys, options,
+                  class_name, methods)     answered with RESOLVED (reply_key, ok, None | error)
+    KILL_ACTOR  (actor_id, no_restart)
+    GET_ACTOR   (reply_key, name)          answered with RESOLVED (reply_key, ok, ref | error):
+                                           the ref's value is (actor_id, class_name, methods)
 """
 
 from __future__ import annotations
@@ -63,13 +69,16 @@ class Msg(enum.IntEnum):
     SUBMIT_CALL = 24
     RETURN = 25
     INIT_FAILED = 26
+    CREATE_ACTOR = 27
+    KILL_ACTOR = 28
+    GET_ACTOR = 29
 
 
 # Where messages carry object references (as ``ref_to_wire`` tuples), for the code that
 # rewrites them on their way between nodes: single references, by position ...
 _REF_AT: dict[int, int] = {
     Msg.RUN: 4, Msg.CALL: 3, Msg.CREATE: 4, Msg.DONE: 2, Msg.SUBMIT: 4, Msg.PUT: 2,
-    Msg.SUBMIT_CALL: 5,
+    Msg.SUBMIT_CALL: 5, Msg.CREATE_ACTOR: 5,
 }
 # ... and tuples of (key, reference or None) pairs.
 _DEPS_AT: dict[int, int] = {Msg.RUN: 5, Msg.CALL: 4, Msg.CREATE: 5}

@@ -37,6 +37,7 @@ class ActorOptions:
     max_concurrency: int | None = None
     num_cpus: float = 0.0
     resources: tuple[tuple[str, float], ...] = ()
+    node: int | None = None  # start it on this node (and restart it there)
 
 
 _ACTOR_OPTION_NAMES = frozenset(ActorOptions.__dataclass_fields__)
@@ -55,6 +56,9 @@ def make_actor_options(base: ActorOptions, **changes: Any) -> ActorOptions:
         raise ValueError(f"max_concurrency must be >= 1, got {options.max_concurrency}")
     if options.max_restarts < -1 or options.max_task_retries < -1:
         raise ValueError("max_restarts and max_task_retries must be >= 0 (or -1: unlimited)")
+    if options.node is not None and (type(options.node) is not int):
+        raise TypeError(f"node must be a node id (an int, see sharedcompute.nodes()), "
+                        f"got {options.node!r}")
     if options.name is not None and not isinstance(options.name, str):
         raise TypeError(f"an actor name must be a string, got {type(options.name).__name__}")
     return options

@@ -19,8 +19,6 @@ a handle turns a lease into a hold; a worker that dies drops its holds.
 
 from __future__ import annotations
 
-import os
-import signal
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,17 +32,19 @@ from sharedcompute._scheduler import (
     ActorRequested,
     ActorStarted,
     Event,
+    KeyRetained,
     Resources,
     TaskSubmitted,
     WorkerDied,
     WorkerRetired,
+    node_resource,
 )
 from sharedcompute._store import ObjectRef, StoredObject, ref_to_wire
 from sharedcompute.errors import ActorDiedError
 
 if TYPE_CHECKING:
     from sharedcompute._runtime._driver import Runtime
-    from sharedcompute._runtime._pool import WorkerHandle, WorkerSlot
+    from sharedcompute._runtime._pool import WorkerSlot
 
 
 @dataclass(eq=False)
@@ -61,7 +61,8 @@ class ActorRecord:
     # The constructor's Future arguments, held so their values outlive the caller's
     # Futures: every (re)start of the actor needs them.
     dep_futures: tuple[Future[Any], ...] = ()
-    worker: WorkerHandle | None = None
+    worker: WorkerSlot | None = None
+    node: int = 0  # where its process is (or goes)
     holds: int = 0
     worker_holds: Counter[int] = field(default_factory=Counter)
     killed: bool = False
@@ -69,10 +70,15 @@ class ActorRecord:
 
 
 def actor_resources(options: ActorOptions) -> Resources | None:
-    """What the actor reserves for its life (None: nothing, as Ray's default of 0 CPUs)."""
-    if not options.num_cpus and not options.resources:
+    """What the actor reserves for its life (None: nothing, as Ray's default of 0 CPUs).
+
+    An actor pinned to a node reserves that node's pin: the core then places it there,
+    or says at once that the node is not alive.
+    """
+    pin = () if options.node is None else ((node_resource(options.node), 1.0),)
+    if not options.num_cpus and not options.resources and not pin:
         return None
-    return Resources(float(options.num_cpus), tuple(options.resources))
+    return Resources(float(options.num_cpus), (*options.resources, *pin))
 
 
 @dataclass(slots=True)
@@ -147,6 +153,49 @@ class ActorManager:
         self.rt._settle_futures()
         return handle
 
+    def create_for_client(
+        self, client: WorkerSlot, actor_id: int, cls_key: bytes, cls_bytes: bytes,
+        args_ref: ObjectRef, dep_keys: tuple[int, ...], options: ActorOptions, class_name: str,
+        methods: dict[str, bool],
+    ) -> None:
+        """``create_actor`` for a driver connected to this head (lock held).
+
+        Its Future arguments are done already (it waits for them before it asks); the
+        head retains their keys for the actor's restarts. Raises as ``create_actor`` does.
+        """
+        label = f"actor {class_name}" + (f" {options.name!r}" if options.name else "")
+        needs = actor_resources(options)
+        why = None if needs is None else self.rt.core.infeasible(needs, f"the {label}")
+        if why:
+            raise ValueError(f"cannot create the {label}: {why}")
+        if options.name is not None and options.name in self._actor_names:
+            raise ValueError(f"an actor named {options.name!r} already exists; pick another "
+                             "name or get it with sharedcompute.get_actor()")
+        record = ActorRecord(
+            id=actor_id, description=f"{label} (id {actor_id})", options=options,
+            cls_key=cls_key, cls_bytes=cls_bytes, args_ref=args_ref, dep_keys=dep_keys,
+            methods=methods, restarts_left=options.max_restarts,
+        )
+        if options.name is not None:
+            self._actor_names[options.name] = actor_id
+        self._actor_records[actor_id] = record
+        record.holds = 1
+        record.worker_holds[client.id] += 1  # its handle: dropped when it leaves
+        self.rt._handle([KeyRetained(key) for key in dep_keys])
+        self._launch_actor_locked(record)
+
+    def describe_for_client(
+        self, client: WorkerSlot, name: str
+    ) -> tuple[int, str, dict[str, bool]]:
+        """``get_actor`` for a driver connected to this head: the handle's parts (lock held)."""
+        actor_id = self._actor_names.get(name)
+        record = self._actor_records.get(actor_id) if actor_id is not None else None
+        if record is None or record.dead:
+            raise ValueError(f"there is no live actor named {name!r}")
+        record.holds += 1
+        record.worker_holds[client.id] += 1
+        return record.id, record.description.split()[1], record.methods
+
     def _launch_actor(self, record: ActorRecord) -> None:
         with self.rt._lock:
             self._launch_actor_locked(record)
@@ -171,15 +220,25 @@ class ActorManager:
         else:  # placed once they are free (PlaceActor), held until it ends
             self.rt._handle(ActorRequested(record.id, needs))
 
-    def place(self, actor_id: int) -> None:
-        """The core reserved the actor's resources: give it a process (lock held)."""
+    def place(self, actor_id: int, node: int) -> None:
+        """The core reserved the actor's resources on ``node``: give it a process (lock held)."""
         record = self._actor_records.get(actor_id)
         if record is not None and not record.dead:
+            record.node = node
             self._place_actor(record)
 
     def _place_actor(self, record: ActorRecord) -> None:
         """Give the actor a process: an idle pool worker if there is one (lock held)."""
         assert self.rt._pool is not None
+        if record.node:
+            worker = self.rt._spawn_remote(record.node)
+            if worker is None:
+                self._end_actor(record, ActorDiedError(
+                    f"{record.description} cannot start: node {record.node} is gone"
+                ))
+            else:
+                worker.actor_id = record.id  # READY from it starts the actor
+            return
         for worker_id in self.rt.core.idle_workers():
             worker = self.rt._pool.workers.get(worker_id)
             if worker is not None and worker.ready and worker.actor_id is None:
@@ -190,7 +249,7 @@ class ActorManager:
         worker = self.rt._pool.spawn(self.rt._next_worker_id())
         worker.actor_id = record.id  # READY from it starts the actor
 
-    def _start_actor_on(self, record: ActorRecord, worker: WorkerHandle) -> None:
+    def _start_actor_on(self, record: ActorRecord, worker: WorkerSlot) -> None:
         """Send the constructor; calls may follow at once, on the same ordered connection."""
         record.worker = worker
         worker.serial_calls = record.options.max_concurrency in (None, 1) and not any(
@@ -248,7 +307,7 @@ class ActorManager:
 
     # -- ending, restarting ----------------------------------------------------------------------
 
-    def _actor_exited(self, worker: WorkerHandle, reason: str) -> list[Event]:
+    def _actor_exited(self, worker: WorkerSlot, reason: str) -> list[Event]:
         """Events for the death of an actor's process; restarts it if it may (lock held)."""
         assert worker.actor_id is not None
         record = self._actor_records.get(worker.actor_id)
@@ -257,7 +316,7 @@ class ActorManager:
         return self._actor_exited_as(record, worker, reason)
 
     def _actor_exited_as(
-        self, record: ActorRecord, worker: WorkerHandle, reason: str
+        self, record: ActorRecord, worker: WorkerSlot, reason: str
     ) -> list[Event]:
         events: list[Event] = [WorkerDied(worker.id, reason)]
         record.worker = None
@@ -269,6 +328,10 @@ class ActorManager:
         else:
             if record.restarts_left > 0:
                 record.restarts_left -= 1
+            if record.node and record.options.node is None and record.node not in (
+                n.id for n in self.rt.core.nodes.alive()
+            ):
+                record.node = 0  # its node is gone: this one's
             self._place_actor(record)
         return []
 
@@ -291,31 +354,35 @@ class ActorManager:
         name = record.options.name
         if name is not None and self._actor_names.get(name) == record.id:
             del self._actor_names[name]
-        self.rt.store.delete(record.args_ref)
+        self.rt._free([record.args_ref])
         worker, record.worker = record.worker, None
-        if worker is not None and not worker.exited:
-            _kill(worker)
+        if worker is not None and not getattr(worker, "exited", False):
+            self.rt._kill_worker(worker)
         self.rt._handle(ActorFailed(record.id, error))
 
     def kill(self, handle: ActorHandle, *, no_restart: bool = True) -> None:
         with self.rt._lock:
-            record = self._actor_records.get(handle.actor_id)
-            if record is None or record.dead:
-                return
-            record.killed = no_restart
-            worker = record.worker
-            if worker is not None:
-                _kill(worker)
-                if not no_restart:
-                    # Restart now, not when the exit is noticed: a call made right after
-                    # kill() must wait for the new process, never reach the dying one.
-                    worker.actor_id = None  # its exit is then a plain worker's, ignored
-                    self.rt._handle(self._actor_exited_as(
-                        record, worker, f"pid {worker.pid} was killed by sharedcompute.kill()"
-                    ))
-            elif no_restart:
-                self._end_actor(record, ActorDiedError(f"{record.description} was killed"))
+            self.kill_locked(handle.actor_id, no_restart)
         self.rt._settle_futures()
+
+    def kill_locked(self, actor_id: int, no_restart: bool) -> None:
+        """Kill the actor's process; it restarts if ``no_restart`` is false (lock held)."""
+        record = self._actor_records.get(actor_id)
+        if record is None or record.dead:
+            return
+        record.killed = no_restart
+        worker = record.worker
+        if worker is not None:
+            self.rt._kill_worker(worker)
+            if not no_restart:
+                # Restart now, not when the exit is noticed: a call made right after
+                # kill() must wait for the new process, never reach the dying one.
+                worker.actor_id = None  # its exit is then a plain worker's, ignored
+                self.rt._handle(self._actor_exited_as(
+                    record, worker, f"{_process(worker)} was killed by sharedcompute.kill()"
+                ))
+        elif no_restart:
+            self._end_actor(record, ActorDiedError(f"{record.description} was killed"))
 
     def get_actor(self, name: str) -> ActorHandle:
         with self.rt._lock:
@@ -399,8 +466,6 @@ class ActorManager:
                 ))
 
 
-def _kill(worker: WorkerHandle) -> None:
-    try:
-        os.kill(worker.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _process(worker: WorkerSlot) -> str:
+    pid = getattr(worker, "pid", None)
+    return f"pid {pid}" if pid is not None else f"worker {worker.id} on node {worker.node}"

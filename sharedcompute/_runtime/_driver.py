@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import os
 import pickle
+import signal
 import weakref
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -75,6 +76,7 @@ from sharedcompute._scheduler import (
     node_resource,
     public_resources,
 )
+from sharedcompute._serialization._pickled import PICKLE_HEADER
 from sharedcompute._store import (
     InlineObject,
     ObjectRef,
@@ -93,6 +95,7 @@ from sharedcompute.errors import (
 )
 
 SCHEDULERS = ("sync", "threads", "processes")
+_CLIENT_REQUESTS = frozenset({Msg.CREATE_ACTOR, Msg.KILL_ACTOR, Msg.GET_ACTOR})
 _SHORT_TASK_SECONDS = 0.001
 _SHORT_FUNCTIONS_KEPT = 4096
 _MAX_FAILED_STARTS = 3  # pool workers exiting before ready, in a row, before giving up
@@ -125,6 +128,9 @@ class NodeHost(Protocol):
 
     def freed(self, refs: list[ObjectRef]) -> None:
         """Objects nobody needs: free them where they live, and drop their copies."""
+
+    def kill(self, worker: WorkerSlot) -> None:
+        """SIGKILL a worker of another node."""
 
     def pull(self, ref: RemoteObject) -> StoredObject:
         """A copy here of another node's object (held by the host)."""
@@ -365,7 +371,7 @@ class Runtime(RuntimeBase):
             elif type(instruction) is StopWorker:
                 outbox[instruction.worker].append((Msg.SHUTDOWN,))
             elif type(instruction) is PlaceActor:
-                self.actors.place(instruction.actor)
+                self.actors.place(instruction.actor, instruction.node)
         if self.actors.ending:
             self.actors.check_ending()
         if freed:
@@ -406,6 +412,24 @@ class Runtime(RuntimeBase):
         if worker is not None:
             self._remote_workers[worker_id] = worker
             self._handle(WorkerJoined(worker_id, old.node))
+
+    def _spawn_remote(self, node: int) -> WorkerSlot | None:
+        """A process for an actor on another node, outside the pool (lock held)."""
+        if self.cluster is None:
+            return None
+        worker_id = self._next_worker_id()
+        worker = self.cluster.spawn(node, worker_id)
+        if worker is not None:
+            self._remote_workers[worker_id] = worker
+        return worker
+
+    def _kill_worker(self, worker: WorkerSlot) -> None:
+        """SIGKILL a worker's process, wherever it runs (lock held)."""
+        if isinstance(worker, WorkerHandle):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
+        elif self.cluster is not None:
+            self.cluster.kill(worker)
 
     def _send_to(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None:
         if worker.serial_calls:
@@ -813,7 +837,6 @@ class Runtime(RuntimeBase):
                     if events:
                         self._handle(events)
                         events.clear()
-                    assert isinstance(worker, WorkerHandle)  # actors run on this node
                     self.actors._start_actor_on(record, worker)
         elif kind == Msg.INIT_FAILED:
             error = unpack_error(message[1])
@@ -883,6 +906,37 @@ class Runtime(RuntimeBase):
             events.append(CancelRequested(message[1]))
         elif kind == Msg.RETURN:
             events.append(TaskReturned(worker.id, message[1]))
+        elif kind in _CLIENT_REQUESTS:
+            if events:
+                self._handle(events)
+                events.clear()
+            self._answer_client(worker, message)
+
+    def _answer_client(self, client: WorkerSlot, message: tuple[Any, ...]) -> None:
+        """The actor requests of a driver connected to this head (lock held)."""
+        kind = message[0]
+        if kind == Msg.KILL_ACTOR:
+            self.actors.kill_locked(message[1], message[2])
+            return
+        reply_key = message[1]
+        try:
+            if kind == Msg.CREATE_ACTOR:
+                (_, _, actor_id, cls_key, cls_bytes, args_wire, dep_keys, options_wire,
+                 class_name, methods) = message
+                args_ref = ref_from_wire(args_wire)
+                self.actors.create_for_client(
+                    client, actor_id, cls_key, cls_bytes, args_ref, tuple(dep_keys),
+                    ActorOptions(*options_wire), class_name, dict(methods),
+                )
+                answer: Any = None
+            else:
+                answer = self.actors.describe_for_client(client, message[2])
+        except Exception as error:
+            reply: tuple[Any, ...] = (Msg.RESOLVED, reply_key, False, _portable(error))
+        else:
+            value = InlineObject(PICKLE_HEADER, pickle.dumps(answer, protocol=5))
+            reply = (Msg.RESOLVED, reply_key, True, ref_to_wire(value))
+        self._send_to(client, [reply])
 
     def _answer_wait(self, worker: WorkerSlot, keys: list[int]) -> None:
         replies: list[tuple[Any, ...]] = []
@@ -909,7 +963,8 @@ class Runtime(RuntimeBase):
                 # Everything it said has been read: results it stored but never reported
                 # are nobody's now.
                 self.store.drop_deliveries(worker.store_client)
-            if isinstance(worker, WorkerHandle) and worker.actor_id is not None:
+            if worker.actor_id is not None:
+                self._remote_workers.pop(worker.id, None)
                 events = self.actors._actor_exited(worker, reason)
             elif worker.node:
                 # Another node's worker: replaced there, unless it never started (that
@@ -1034,10 +1089,14 @@ class Runtime(RuntimeBase):
                 del self._remote_workers[worker.id]
                 events += [KeyReleased(key) for key in worker.held_keys]
                 worker.held_keys.clear()
+                self.actors._drop_worker_actor_holds(worker)
                 for waiting in self._waiters.values():
                     waiting.discard(worker.id)
             events.append(NodeLeft(node, reason))
             self._handle(events)
+            for worker in gone:  # after NodeLeft: a restart goes to a node that lives
+                if worker.actor_id is not None:
+                    self._handle(self.actors._actor_exited(worker, reason))
         self._settle_futures()
 
     def add_driver(self, driver: WorkerSlot) -> None:
@@ -1052,6 +1111,7 @@ class Runtime(RuntimeBase):
                 return
             events: list[Event] = [KeyReleased(key) for key in driver.held_keys]
             driver.held_keys.clear()
+            self.actors._drop_worker_actor_holds(driver)  # its actor handles
             for waiting in self._waiters.values():
                 waiting.discard(driver.id)
             self._handle(events)
