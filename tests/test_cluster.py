@@ -177,3 +177,16 @@ def test_an_actor_whose_node_dies_restarts_on_a_live_node(cluster: Cluster) -> N
     proc.wait(TIMEOUT)
     value, pid = counter.add.remote(5).result(TIMEOUT)  # restarted, fresh, on the head's node
     assert value == 5 and psutil.Process(pid).ppid() == os.getpid()
+
+
+def test_a_result_lost_with_its_node_is_made_again_from_its_task(cluster: Cluster) -> None:
+    node = cluster.add_node(workers=2)  # the most CPUs free: the task goes there
+    made = ones.submit(MiB)
+    sc.wait([made], timeout=TIMEOUT)
+    assert made.ref.node == node  # the value lives there only (not read here yet)
+    proc = cluster.nodes[node]
+    proc.kill()
+    proc.wait(TIMEOUT)
+    wait_until(lambda: not cluster.node(node)["alive"], TIMEOUT, "the node is dead")
+    np.testing.assert_array_equal(made.result(TIMEOUT), np.ones(MiB))  # made again, here
+    assert total.submit(made).result(TIMEOUT)[1] == MiB

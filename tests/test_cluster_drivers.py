@@ -204,3 +204,38 @@ def test_a_driver_process_creates_names_calls_and_kills_actors(cluster: Cluster)
     # The driver left: its actors end with its handles.
     records = cluster.head.runtime.actors._actor_records.values()
     wait_until(lambda: all(r.dead for r in records), TIMEOUT, "the driver's actors end")
+
+
+def test_a_driver_reads_a_result_made_again_after_its_node_died(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    node = cluster.add_node(workers=2)  # the most CPUs free: the task goes there
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    environment = {**os.environ, "SHAREDCOMPUTE_TOKEN": TOKEN,
+                   "SHAREDCOMPUTE_ADDRESS": cluster.head.address}
+    driver = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import json, os, time
+        import numpy as np
+        import sharedcompute as sc
+
+        sc.init()
+        made = sc.submit(np.ones, {MiB})
+        sc.wait([made], timeout=60)
+        open({str(ready)!r}, "w").write(str(made.ref.node))
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.05)
+        print(json.dumps({{"sum": float(made.result(60).sum())}}))
+    """)], env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: ready.exists() or driver.poll() is not None, TIMEOUT, "made")
+        assert ready.read_text() == str(node)
+        cluster.nodes[node].kill()
+        wait_until(lambda: not cluster.node(node)["alive"], TIMEOUT, "the node is dead")
+        go.touch()
+        out, err = driver.communicate(timeout=TIMEOUT)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["sum"] == MiB

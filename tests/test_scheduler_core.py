@@ -1029,6 +1029,40 @@ def test_a_node_that_leaves_has_its_tasks_rerun_elsewhere_and_is_never_chosen_ag
         core.handle(WorkerJoined(99, gone))
 
 
+def test_results_lost_with_their_node_are_made_again_before_their_dependents_run() -> None:
+    core = make_cluster(n1={"CPU": 1.0}, n2={"CPU": 1.0})
+    first = only(core.handle(submit(1)), Dispatch).worker
+    core.handle(TaskFinished(1, first, "r1", nbytes=1 << 20))
+    core.handle([submit(9), submit(8)])  # both workers busy
+    assert core.handle(submit(2, 1)) == [] and core.state_of(2) is TaskState.READY
+    lost, survivor = first // 10, 3 - first // 10
+    core.handle(NodeLeft(lost, "killed"))
+    assert core.state_of(1) is TaskState.READY  # to run again, on the node left
+    assert core.state_of(2) is TaskState.WAITING  # for it
+    # The survivor finishes what it runs, then the task its dead peer ran, then 1, then 2.
+    sent: list[Any] = []
+    for _ in range(3):
+        (busy,) = [k for keys in core.workers().values() for k in keys]
+        out = core.handle(TaskFinished(busy, survivor * 10, f"r{busy}-again", nbytes=8))
+        sent += [show(i) for i in out]
+    assert resolve(1, "r1-again") in sent
+    assert dispatch(survivor * 10, 2, (1, "r1-again")) in sent
+
+
+def test_a_lost_result_whose_input_was_freed_is_not_made_again() -> None:
+    core = make_cluster(n1={"CPU": 1.0, "X": 1.0}, n2={"CPU": 1.0, "GPU": 1.0})
+    x = Resources(cpus=1.0, custom=(("X", 1.0),))
+    assert [show(i) for i in core.handle(submit(1, resources=x))] == [dispatch(10, 1)]
+    core.handle(TaskFinished(1, 10, "r1", nbytes=1 << 20))
+    assert [show(i) for i in core.handle(submit(2, 1, resources=GPU))] == [
+        dispatch(20, 2, (1, "r1"))
+    ]
+    core.handle(TaskFinished(2, 20, "r2", nbytes=1 << 20))
+    assert [show(i) for i in core.handle(KeyReleased(1))] == [("free", 1, "r1")]
+    assert core.handle(NodeLeft(2, "killed")) == []
+    assert core.state_of(2) is TaskState.FINISHED  # 1 is gone: 2 cannot be made again
+
+
 def test_an_actor_is_placed_on_a_node_that_has_its_resources() -> None:
     core = make_cluster(n1={"CPU": 2.0}, n2={"CPU": 1.0, "GPU": 1.0})
     out = core.handle(ActorRequested(7, Resources(cpus=0.0, custom=(("GPU", 1.0),))))

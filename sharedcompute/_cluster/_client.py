@@ -26,6 +26,7 @@ pending Future fails with ``ConnectionError`` naming the head.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -49,7 +50,13 @@ from sharedcompute._protocol import Msg
 from sharedcompute._protocol._channel import Channel, connect
 from sharedcompute._protocol._messages import map_refs
 from sharedcompute._runtime._actor import ActorHandle, ActorOptions, public_methods
-from sharedcompute._runtime._base import RuntimeBase, TaskOptions, options_to_wire
+from sharedcompute._runtime._base import (
+    DefaultScope,
+    QueuedActorHolds,
+    RuntimeBase,
+    TaskOptions,
+    options_to_wire,
+)
 from sharedcompute._runtime._future import Future, ValueRef, when_all_done
 from sharedcompute._runtime._local import ThreadPool
 from sharedcompute._scheduler import public_resources
@@ -62,10 +69,10 @@ from sharedcompute._store import (
     ref_from_wire,
     ref_to_wire,
 )
-from sharedcompute.errors import SharedComputeError
+from sharedcompute.errors import ObjectLostError, SharedComputeError
 
 
-class ClusterClient(RuntimeBase):
+class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
     """The runtime of a driver connected to a cluster's head."""
 
     def __init__(self, address: str, token: str, *, store_capacity: int | None = None,
@@ -76,6 +83,8 @@ class ClusterClient(RuntimeBase):
         self._lock = threading.Lock()
         self._futures: dict[int, Future[Any]] = {}
         self._control: deque[tuple[Any, ...]] = deque()  # actor handle counts, to send
+        # Callers waiting for a task to finish again (its result was on a node that died).
+        self._rewaits: dict[int, list[concurrent.futures.Future[ObjectRef]]] = {}
         self._closed = False
         self.lost: BaseException | None = None
         self._own: dict[int, StoredObject] = {}  # objects put here, held for the head
@@ -140,7 +149,13 @@ class ClusterClient(RuntimeBase):
     def _resolved(self, message: tuple[Any, ...]) -> None:
         _, key, ok, payload = message
         with self._lock:
+            waiters = self._rewaits.pop(key, ()) if self._rewaits else ()
             future = self._futures.pop(key, None)
+        for waiter in waiters:
+            if ok:
+                waiter.set_result(ref_from_wire(payload))
+            else:
+                waiter.set_exception(payload)
         if future is None or future.done():
             return
         if ok:
@@ -239,6 +254,22 @@ class ClusterClient(RuntimeBase):
                 ref = self.puller.pull(ref)
         return super().load(ref)
 
+    def load_result(self, key: int, ref: ObjectRef) -> Any:
+        """A task's value; if the node that held it died, the head's answer once it ran again."""
+        try:
+            return self.load(ref)
+        except ObjectLostError:
+            if type(ref) is not RemoteObject:
+                raise
+            waiter: concurrent.futures.Future[ObjectRef] = concurrent.futures.Future()
+            with self._lock:
+                self._rewaits.setdefault(key, []).append(waiter)
+            self._send([(Msg.WAIT, [key])])
+            again = waiter.result()
+            if again == ref:
+                raise
+            return self.load(again)
+
     def cancel(self, future: Future[Any]) -> bool:
         self._send([(Msg.CANCEL, future.key)])
         return False
@@ -333,20 +364,6 @@ class ClusterClient(RuntimeBase):
         ])
         return future
 
-    def lease_actor(self, actor_id: int) -> None:
-        self._queue_control((Msg.ACTOR_LEASE, actor_id))
-
-    def adopt_actor_lease(self, actor_id: int) -> None:
-        self._queue_control((Msg.ACTOR_RETAIN, actor_id))
-
-    def release_actor(self, actor_id: int) -> None:
-        self._queue_control((Msg.ACTOR_RELEASE, actor_id))
-
-    def _queue_control(self, message: tuple[Any, ...]) -> None:
-        # From a finalizer or mid-pickling: queued, sent with the releases.
-        self._control.append(message)
-        self._release_lock.try_drain()
-
     # -- the cluster -------------------------------------------------------------------------
 
     def status(self) -> StatusReply:
@@ -387,20 +404,6 @@ class ClusterClient(RuntimeBase):
             thing.close()
         self._made.clear()
         self.store.close()
-
-    def __enter__(self) -> ClusterClient:
-        from sharedcompute._runtime import _context
-
-        self._previous_default = _context.default()
-        _context.set_default(self)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        from sharedcompute._runtime import _context
-
-        if _context.default() is self:
-            _context.set_default(getattr(self, "_previous_default", None))
-        self.shutdown()
 
 
 def _summed(pools: Iterable[dict[str, float]]) -> dict[str, float]:

@@ -44,10 +44,10 @@ from sharedcompute._cluster._messages import (
     StatusReply,
     StatusRequest,
 )
-from sharedcompute._protocol._channel import Channel, accept
+from sharedcompute._cluster._server import ThreadedServer
+from sharedcompute._protocol._channel import Channel
 from sharedcompute._runtime._driver import Runtime
 from sharedcompute._scheduler import PINS_PER_NODE, node_resource, public_resources
-from sharedcompute.errors import AuthenticationError
 
 HEARTBEAT_SECONDS = 1.0
 NODE_TIMEOUT_SECONDS = 5.0
@@ -71,7 +71,7 @@ class _RemoteNode:
     attached: bool = False
 
 
-class Head:
+class Head(ThreadedServer):
     """A runtime plus the control server, on ``host:port`` (port 0: any free one)."""
 
     def __init__(
@@ -86,15 +86,12 @@ class Head:
             num_workers=num_workers, resources=resources, store_capacity=store_capacity
         )
         try:
-            self._listener = socket.create_server((host, port), reuse_port=False)
+            super().__init__("head", token.encode(), host, port)
         except OSError:
             self.runtime.shutdown()
             raise
-        bound_host, bound_port = self._listener.getsockname()[:2]
-        self.address = f"{bound_host}:{bound_port}"
-        self._token = token.encode()
         try:
-            self.cluster = ClusterHost(self.runtime, self._token, bound_host)
+            self.cluster = ClusterHost(self.runtime, self._token, self.address.rpartition(":")[0])
         except BaseException:
             self._listener.close()
             self.runtime.shutdown()
@@ -102,13 +99,7 @@ class Head:
         self._handlers: dict[type, Callable[[Any, _Connection], Any]] = {
             StatusRequest: self._status, RegisterNode: self._register, Heartbeat: self._heartbeat,
         }
-        self._connections: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = threading.Thread(
-            target=self._accept_loop, name="sharedcompute-head-accept", daemon=True
-        )
-        self._thread.start()
+        self.start()
         self._stop_watch = threading.Event()
         self._watch_thread = threading.Thread(
             target=self._watch_nodes, name="sharedcompute-head-watch", daemon=True
@@ -188,31 +179,8 @@ class Head:
 
     # -- the server -------------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                sock, address = self._listener.accept()
-            except OSError:
-                return  # closed
-            peer = f"{address[0]}:{address[1]}"
-            with self._lock:
-                if self._closed:
-                    sock.close()
-                    return
-                self._connections.add(sock)
-            threading.Thread(
-                target=self._serve, args=(sock, peer), name="sharedcompute-head-conn",
-                daemon=True,
-            ).start()
-
-    def _serve(self, sock: socket.socket, peer: str) -> None:
-        try:
-            channel = accept(sock, peer, self._token)
-        except AuthenticationError as error:
-            print(f"sharedcompute head: refused a connection: {error}", file=sys.stderr)
-            self._forget(sock)
-            return
-        connection = _Connection(sock, peer)
+    def serve(self, channel: Channel) -> None:
+        connection = _Connection(channel.sock, channel.peer)
         try:
             while True:
                 request, _ = channel.receive()
@@ -223,13 +191,10 @@ class Head:
                     self._serve_driver(request, channel)
                     return
                 channel.send(self._answer(request, connection))
-        except ConnectionError:
-            pass
         finally:
-            channel.close()
-            self._forget(sock)
             if connection.node_id is not None:
-                self._node_lost(connection.node_id, f"its connection from {peer} closed")
+                self._node_lost(connection.node_id,
+                                f"its connection from {channel.peer} closed")
 
     def _serve_work(self, node_id: int, channel: Any) -> None:
         """A node's work connection: its workers join the head's runtime, until it ends."""
@@ -268,28 +233,12 @@ class Head:
         except Exception as error:  # the caller gets it; the head goes on
             return ErrorReply(f"{type(error).__name__}: {error}")
 
-    def _forget(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(sock)
-
     def close(self) -> None:
         """Stop serving and shut the runtime down (its workers and store go with it)."""
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
-            connections = list(self._connections)
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        for sock in connections:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._thread.join(10)
+        super().close()
         self._stop_watch.set()
         self._watch_thread.join(10)
         self.cluster.close()

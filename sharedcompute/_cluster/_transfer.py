@@ -26,14 +26,13 @@ Connections to each peer are pooled, one per pull in flight.
 
 from __future__ import annotations
 
-import socket
-import sys
 import threading
 from concurrent.futures import Future as _Pending
 
-from sharedcompute._protocol._channel import Buffer, Channel, FrameError, accept, connect
+from sharedcompute._cluster._server import ThreadedServer
+from sharedcompute._protocol._channel import Buffer, Channel, FrameError, connect
 from sharedcompute._store import OwnerStore, RemoteObject, StoredObject
-from sharedcompute.errors import AuthenticationError, ObjectLostError
+from sharedcompute.errors import ObjectLostError
 
 _GET = "get"
 _OBJECT = "object"
@@ -41,62 +40,25 @@ _MISSING = "missing"
 _IDLE_PER_PEER = 4  # idle data connections kept per peer
 
 
-class TransferServer:
+class TransferServer(ThreadedServer):
     """Serves the objects of ``store`` to other nodes on ``host:port`` (0: any free port)."""
 
     def __init__(self, store: OwnerStore, token: bytes, host: str = "127.0.0.1",
                  port: int = 0) -> None:
+        # Requests are tiny: a peer claiming big buffers is refused before anything is read.
+        super().__init__("transfer", token, host, port, max_header=4096, max_buffers=0)
         self._store = store
-        self._token = token
-        self._listener = socket.create_server((host, port))
-        bound_host, bound_port = self._listener.getsockname()[:2]
-        self.address = f"{bound_host}:{bound_port}"
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._closed = False
         self.served = 0  # objects sent
         self.bytes_served = 0
-        self._thread = threading.Thread(
-            target=self._accept_loop, name="sharedcompute-transfer-accept", daemon=True
-        )
-        self._thread.start()
+        self.start()
 
-    def _accept_loop(self) -> None:
+    def serve(self, channel: Channel) -> None:
         while True:
-            try:
-                sock, address = self._listener.accept()
-            except OSError:
-                return  # closed
-            with self._lock:
-                if self._closed:
-                    sock.close()
-                    return
-                self._connections.add(sock)
-            threading.Thread(
-                target=self._serve, args=(sock, f"{address[0]}:{address[1]}"),
-                name="sharedcompute-transfer", daemon=True,
-            ).start()
-
-    def _serve(self, sock: socket.socket, peer: str) -> None:
-        # Requests are tiny: a peer claiming big buffers is refused before anything is read.
-        try:
-            channel = accept(sock, peer, self._token, max_header=4096, max_buffers=0)
-        except AuthenticationError as error:
-            print(f"sharedcompute transfer: refused a connection: {error}", file=sys.stderr)
-            self._forget(sock)
-            return
-        try:
-            while True:
-                request, _ = channel.receive()
-                if not (isinstance(request, tuple) and len(request) == 2 and request[0] == _GET
-                        and type(request[1]) is int):
-                    raise FrameError(f"not a transfer request: {request!r:.80}")
-                self._send_object(channel, request[1])
-        except ConnectionError:
-            pass
-        finally:
-            channel.close()
-            self._forget(sock)
+            request, _ = channel.receive()
+            if not (isinstance(request, tuple) and len(request) == 2 and request[0] == _GET
+                    and type(request[1]) is int):
+                raise FrameError(f"not a transfer request: {request!r:.80}")
+            self._send_object(channel, request[1])
 
     def _send_object(self, channel: Channel, object_id: int) -> None:
         try:
@@ -112,28 +74,6 @@ class TransferServer:
                 self.bytes_served += ref.nbytes
         finally:
             self._store.delete(ref)
-
-    def _forget(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(sock)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            connections = list(self._connections)
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        for sock in connections:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._thread.join(10)
 
 
 class Puller:

@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from sharedcompute._protocol import Msg
 from sharedcompute._runtime._args import DepMarker, FunctionCache, extract_dependencies
 from sharedcompute._runtime._future import Future
 from sharedcompute._serialization import deserialize, serialize
@@ -123,6 +124,10 @@ class RuntimeBase:
             return deserialize(ref.header, ref.payload)
         return self.store.get(ref)
 
+    def load_result(self, key: int, ref: ObjectRef) -> Any:
+        """The value of task ``key`` (a runtime of a cluster may have it made again)."""
+        return self.load(ref)
+
     # -- what each runtime provides ------------------------------------------------
 
     def submit(
@@ -165,6 +170,49 @@ class RuntimeBase:
     def blocking(self) -> AbstractContextManager[None]:
         """Scope around a wait on Futures (a pool thread lends its slot meanwhile)."""
         return nullcontext()
+
+
+class DefaultScope:
+    """``with runtime:`` makes it the runtime the public functions use, and shuts it down."""
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: Any) -> Any:
+        from sharedcompute._runtime import _context
+
+        self._previous_default = _context.default()
+        _context.set_default(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        from sharedcompute._runtime import _context
+
+        if _context.default() is self:
+            _context.set_default(getattr(self, "_previous_default", None))
+        self.shutdown()
+
+
+class QueuedActorHolds:
+    """Actor handle counts of a runtime whose head is another process (a worker's, a
+    connected driver's): queued, never sent from a finalizer, flushed with the releases."""
+
+    _control: deque[tuple[Any, ...]]
+    _release_lock: DrainingLock
+
+    def lease_actor(self, actor_id: int) -> None:
+        self._queue_control((Msg.ACTOR_LEASE, actor_id))
+
+    def adopt_actor_lease(self, actor_id: int) -> None:
+        self._queue_control((Msg.ACTOR_RETAIN, actor_id))
+
+    def release_actor(self, actor_id: int) -> None:
+        self._queue_control((Msg.ACTOR_RELEASE, actor_id))
+
+    def _queue_control(self, message: tuple[Any, ...]) -> None:
+        # May run in a finalizer or mid-pickling: never send from here directly.
+        self._control.append(message)
+        self._release_lock.try_drain()
 
 
 _SCALARS = frozenset({type(None), bool, int, float, str, bytes})

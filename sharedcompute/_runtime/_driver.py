@@ -31,6 +31,7 @@ from sharedcompute._runtime._actor import ActorHandle, ActorOptions
 from sharedcompute._runtime._actors_driver import ActorCallSpec, ActorManager
 from sharedcompute._runtime._args import extract_dependencies
 from sharedcompute._runtime._base import (
+    DefaultScope,
     RuntimeBase,
     TaskOptions,
     TaskSpec,
@@ -89,6 +90,7 @@ from sharedcompute._store import (
 from sharedcompute.errors import (
     ActorDiedError,
     DeserializationError,
+    ObjectLostError,
     RemoteTraceback,
     SharedComputeError,
     WorkerCrashedError,
@@ -136,7 +138,7 @@ class NodeHost(Protocol):
         """A copy here of another node's object (held by the host)."""
 
 
-class Runtime(RuntimeBase):
+class Runtime(DefaultScope, RuntimeBase):
     """A sharedcompute runtime: worker processes, a shared-memory store and a scheduler.
 
     Use it as a context manager, or through ``sharedcompute.init()``. What workers print
@@ -227,6 +229,11 @@ class Runtime(RuntimeBase):
         # Set by a head: the workers of other nodes (by id), and how to reach them.
         self.cluster: NodeHost | None = None
         self._remote_workers: dict[int, WorkerSlot] = {}
+        # Finished tasks whose result is on another node: their function and arguments
+        # are kept while the result lives (they may run again); and callers waiting for
+        # such a task to finish again.
+        self._lineage: set[int] = set()
+        self._rewaits: dict[int, list[concurrent.futures.Future[ObjectRef]]] = {}
         if scheduler == "processes":
             self._start_processes()
 
@@ -302,21 +309,6 @@ class Runtime(RuntimeBase):
         if self._store is not None:
             self._store.close()
 
-    def __enter__(self) -> Runtime:
-        """Make this the runtime that ``sharedcompute.submit`` and friends use, until exit."""
-        from sharedcompute._runtime import _context
-
-        self._previous_default = _context.default()
-        _context.set_default(self)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        from sharedcompute._runtime import _context
-
-        if _context.default() is self:
-            _context.set_default(getattr(self, "_previous_default", None))
-        self.shutdown()
-
     @property
     def closed(self) -> bool:
         return self._closed
@@ -363,6 +355,9 @@ class Runtime(RuntimeBase):
                 self._conclude(instruction, outbox, freed)
             elif type(instruction) is FreeObject:
                 freed.append(instruction.ref)
+                if self._lineage and instruction.key in self._lineage:
+                    self._lineage.discard(instruction.key)
+                    self._release_task(instruction.key, freed)
             elif type(instruction) is StartWorker and self._pool is not None and not self._closed:
                 self._replace_worker(instruction.replaces)
             elif type(instruction) is Withdraw:
@@ -469,10 +464,21 @@ class Runtime(RuntimeBase):
         freed: list[ObjectRef],
     ) -> None:
         key = instruction.key
-        self._release_function(key)
-        args_ref = self._args_refs.pop(key, None)
-        if args_ref is not None:
-            freed.append(args_ref)
+        if type(instruction) is Resolve and type(instruction.ref) is RemoteObject and (
+            key in self._task_fn
+        ):
+            # Its result lives on another node, which may die: the core may run it again
+            # (lineage), so its function and arguments stay until the result is freed.
+            self._lineage.add(key)
+        else:
+            self._lineage.discard(key)
+            self._release_task(key, freed)
+        if self._rewaits:
+            for waiter in self._rewaits.pop(key, ()):
+                if isinstance(instruction, Resolve):
+                    waiter.set_result(instruction.ref)
+                else:
+                    waiter.set_exception(instruction.error)
         future = self._futures.pop(key, None)
         if future is not None:
             self._settle.append((future, instruction))
@@ -484,6 +490,39 @@ class Runtime(RuntimeBase):
                 message = (Msg.RESOLVED, key, False, _portable(instruction.error))
             for worker_id in waiting:
                 outbox[worker_id].append(message)
+
+    def _release_task(self, key: int, freed: list[ObjectRef]) -> None:
+        """What a task needed to run: its function (if no other task uses it), its arguments."""
+        self._release_function(key)
+        args_ref = self._args_refs.pop(key, None)
+        if args_ref is not None:
+            freed.append(args_ref)
+
+    def load_result(self, key: int, ref: ObjectRef) -> Any:
+        """A task's value; made again if the node that held it died (see ``_recompute_lost``)."""
+        try:
+            return self.load(ref)
+        except ObjectLostError:
+            if type(ref) is not RemoteObject:
+                raise
+            again = self._made_again(key, ref)
+            if again is None:
+                raise
+            return self.load(again)
+
+    def _made_again(self, key: int, lost: ObjectRef) -> ObjectRef | None:
+        """The new result of a task whose result was lost, once it has run again (or None)."""
+        waiter: concurrent.futures.Future[ObjectRef] = concurrent.futures.Future()
+        with self._lock:
+            outcome = self.core.outcome(key)
+            if outcome is None:
+                return None
+            if outcome[0] is TaskState.FINISHED:
+                return outcome[1] if outcome[1] != lost else None
+            if outcome[0] in (TaskState.ERRED, TaskState.CANCELLED):
+                return None
+            self._rewaits.setdefault(key, []).append(waiter)
+        return waiter.result()
 
     def watch_external(self) -> None:
         """Hook the Futures of other schedulers just registered as dependencies.

@@ -84,7 +84,7 @@ class Future(concurrent.futures.Future, Generic[T]):
             return raw
         with self._condition:
             if self._value is _UNSET:
-                self._value = self._runtime.load(raw.ref)
+                self._value = self._runtime.load_result(self.key, raw.ref)
             return self._value
 
     @property

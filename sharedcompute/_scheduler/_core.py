@@ -288,10 +288,58 @@ class SchedulerCore(ActorScheduling):
         self.nodes.join(event.node, event.resources)
 
     def _on_NodeLeft(self, event: NodeLeft) -> None:
-        """Its workers died with it: their tasks rerun elsewhere under their retries."""
+        """Its workers died with it: their tasks rerun elsewhere under their retries, and
+        the results that lived only there are made again (lineage) where that can be."""
         for worker in [w for w in self._workers.values() if w.node == event.node]:
             self._on_WorkerDied(WorkerDied(worker.id, event.reason, replace=False))
         self.nodes.leave(event.node)
+        self._recompute_lost(event.node)
+
+    def _recompute_lost(self, node: NodeId) -> None:
+        """Run again the finished tasks whose results were on ``node`` (it left).
+
+        A task can run again while its inputs exist (each of its dependencies is
+        finished, its result elsewhere, or is itself run again) and a live node can
+        fit it. Its dependents that
+        have not been sent yet wait for it again. One that cannot (an input was freed)
+        stays as it is: reading its result raises ``ObjectLostError``.
+        """
+        lost = {
+            t.key: t for t in self._tasks.values()
+            if t.state is TaskState.FINISHED and t.node == node and t.payload is not None
+        }
+        again: dict[TaskKey, Task] = {}
+        changed = True
+        while changed:  # until every task whose inputs can be had is in
+            changed = False
+            for key, task in lost.items():
+                if key in again or self.nodes.infeasible(task.resources):
+                    continue  # (infeasible: it was pinned to that node, say)
+                deps = [self._tasks.get(k) for k in dict.fromkeys(task.dependencies)]
+                if all(d is not None and (d.key in again or (
+                    d.state is TaskState.FINISHED and d.key not in lost
+                )) for d in deps):
+                    again[key] = task
+                    changed = True
+        for task in again.values():
+            task.ref, task.node, task.nbytes = None, None, 0
+            task.state = TaskState.WAITING
+            for dep_key in dict.fromkeys(task.dependencies):
+                dep = self._tasks[dep_key]
+                dep.pending_dependents += 1
+                dep.dependents.add(task.key)
+                if dep_key in again:
+                    task.waiting_on.add(dep_key)
+        for task in again.values():
+            for dep_key in task.dependents:
+                dependent = self._tasks.get(dep_key)
+                if dependent is not None and dependent.state in (
+                    TaskState.WAITING, TaskState.READY
+                ):
+                    dependent.waiting_on.add(task.key)
+                    dependent.state = TaskState.WAITING  # a READY entry goes stale
+            if not task.waiting_on:
+                self._make_ready(task)
 
     def _on_WorkerJoined(self, event: WorkerJoined) -> None:
         if event.node not in self.nodes:
@@ -483,7 +531,8 @@ class SchedulerCore(ActorScheduling):
     def _finish(self, task: Task, ref: Any) -> None:
         task.state = TaskState.FINISHED
         task.ref = ref
-        task.payload = None
+        if task.node in (None, LOCAL_NODE) or task.actor is not None:
+            task.payload = None  # (kept for a result on another node: lineage)
         self._out.append(Resolve(task.key, ref))
         for dep_key in task.dependents:
             dependent = self._tasks.get(dep_key)

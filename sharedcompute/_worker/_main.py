@@ -36,7 +36,12 @@ import cloudpickle
 
 from sharedcompute._protocol import Connection, ConnectionClosed, Msg
 from sharedcompute._runtime._args import restore_dependencies
-from sharedcompute._runtime._base import RuntimeBase, TaskOptions, options_to_wire
+from sharedcompute._runtime._base import (
+    QueuedActorHolds,
+    RuntimeBase,
+    TaskOptions,
+    options_to_wire,
+)
 from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._serialization import deserialize, serialize
 from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
@@ -112,7 +117,7 @@ def _safe_str(exc: BaseException) -> str:
         return f"<{type(exc).__qualname__} whose str() failed>"
 
 
-class WorkerRuntime(RuntimeBase):
+class WorkerRuntime(QueuedActorHolds, RuntimeBase):
     """The runtime that code running inside a task sees."""
 
     needs_pump = True
@@ -486,20 +491,6 @@ class WorkerRuntime(RuntimeBase):
         raise NotImplementedError(
             "actors are created from the driver; pass a handle to the task instead"
         )
-
-    def lease_actor(self, actor_id: int) -> None:
-        self._queue_control((Msg.ACTOR_LEASE, actor_id))
-
-    def adopt_actor_lease(self, actor_id: int) -> None:
-        self._queue_control((Msg.ACTOR_RETAIN, actor_id))
-
-    def release_actor(self, actor_id: int) -> None:
-        self._queue_control((Msg.ACTOR_RELEASE, actor_id))
-
-    def _queue_control(self, message: tuple[Any, ...]) -> None:
-        # May run in a finalizer or mid-pickling: never send from here directly.
-        self._control.append(message)
-        self._release_lock.try_drain()
 
     def watch(self, future: Future[Any]) -> None:
         if not future.done() and future.key not in self._waited:
