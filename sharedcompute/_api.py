@@ -104,6 +104,9 @@ def _runtime() -> RuntimeBase:
         return runtime
 
 
+_context.set_starter(_runtime)
+
+
 @atexit.register
 def _shutdown_at_exit() -> None:
     # The default runtime ends with the program (after its other threads), as a Ray
@@ -165,15 +168,7 @@ def wait(
     return_when: str = ALL_COMPLETED,
 ) -> concurrent.futures._base.DoneAndNotDoneFutures[Any]:
     """Like ``concurrent.futures.wait``, for sharedcompute Futures (also inside tasks)."""
-    futures = list(futures)
-    runtime = _context.current()
-    if runtime is not None and (runtime.needs_pump or runtime.in_task_thread()):
-        # A task waiting gives its slot back meanwhile (and a worker pumps its messages).
-        runtime.wait_for(futures, timeout, return_when)
-        done: set[concurrent.futures.Future[Any]] = {f for f in futures if f.done()}
-        not_done: set[concurrent.futures.Future[Any]] = {f for f in futures if not f.done()}
-        return concurrent.futures._base.DoneAndNotDoneFutures(done, not_done)
-    return concurrent.futures.wait(futures, timeout, return_when)
+    return _context.wait(futures, timeout, return_when)
 
 
 def as_completed(

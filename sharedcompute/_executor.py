@@ -18,6 +18,10 @@ runs it):
 - work still pending when the interpreter exits completes first (the runtime's
   Futures hold it, not the caller's), also after ``shutdown(wait=False)`` or when
   the executor was dropped without a shutdown.
+
+``Executor(address="HOST:PORT")`` runs the same way on a cluster: its runtime is
+then a driver connected to that head (``max_workers`` and the worker options do
+not apply: the cluster's nodes are the workers).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
+from sharedcompute._cluster import ClusterClient, connect
 from sharedcompute._runtime._base import TaskOptions
 from sharedcompute._runtime._driver import Runtime
 from sharedcompute._runtime._future import Future
@@ -61,12 +66,22 @@ class Executor(concurrent.futures.Executor):
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         _check_context(mp_context)
-        # Workers print what the task printed, unprefixed, as the stdlib executors' do.
-        runtime_options.setdefault("worker_output_prefix", False)
-        self._runtime = Runtime(
-            num_workers=max_workers, initializer=initializer, initargs=initargs,
-            max_tasks_per_child=max_tasks_per_child, **runtime_options,
-        )
+        address = runtime_options.pop("address", None)
+        self._runtime: Runtime | ClusterClient
+        if address is not None:
+            if initializer is not None or max_tasks_per_child is not None or runtime_options:
+                raise ValueError(
+                    "an Executor on a cluster (address=...) runs on the cluster's workers: "
+                    "initializer, max_tasks_per_child and worker options do not apply"
+                )
+            self._runtime = connect(address)
+        else:
+            # Workers print what the task printed, unprefixed, as the stdlib executors' do.
+            runtime_options.setdefault("worker_output_prefix", False)
+            self._runtime = Runtime(
+                num_workers=max_workers, initializer=initializer, initargs=initargs,
+                max_tasks_per_child=max_tasks_per_child, **runtime_options,
+            )
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         # Dropped without shutdown(): close when its work is done, as the stdlib's does.
@@ -74,7 +89,7 @@ class Executor(concurrent.futures.Executor):
         _live.add(self)
 
     @property
-    def runtime(self) -> Runtime:
+    def runtime(self) -> Runtime | ClusterClient:
         return self._runtime
 
     @property
@@ -151,13 +166,13 @@ def _check_context(mp_context: Any) -> None:
         raise ValueError(f"unknown multiprocessing start method {method!r}")
 
 
-def _close_when_idle(runtime: Runtime) -> None:
+def _close_when_idle(runtime: Runtime | ClusterClient) -> None:
     """Wait until the runtime's pending Futures are done, then shut it down."""
     runtime.wait_idle()
     runtime.shutdown()
 
 
-def _close_later(runtime: Runtime) -> None:
+def _close_later(runtime: Runtime | ClusterClient) -> None:
     """``_close_when_idle`` on a thread of its own; the interpreter's exit waits for it."""
     if runtime.closed:
         return
@@ -170,7 +185,7 @@ def _close_later(runtime: Runtime) -> None:
     thread.start()
 
 
-def _close_and_forget(runtime: Runtime) -> None:
+def _close_and_forget(runtime: Runtime | ClusterClient) -> None:
     try:
         _close_when_idle(runtime)
     finally:

@@ -202,8 +202,8 @@ def _start_in_background(args: argparse.Namespace, role: str) -> int:
 
 
 def _status_reply(address: str, token_file: str | None) -> Any:
-    from sharedcompute._cluster._head import request
     from sharedcompute._cluster._messages import StatusRequest
+    from sharedcompute._cluster._server import request
 
     return request(address, find_token(token_file), StatusRequest())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -239,3 +240,58 @@ def test_a_driver_reads_a_result_made_again_after_its_node_died(
             driver.wait()
     assert driver.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1])["sum"] == MiB
+
+
+def test_a_driver_whose_head_stops_answering_fails_within_the_node_timeout(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    env = {**os.environ, "SHAREDCOMPUTE_HOME": str(home), "SHAREDCOMPUTE_TOKEN": TOKEN}
+    head = subprocess.Popen(
+        [sys.executable, "-m", "sharedcompute.cli", "start", "--head", "--port", "0",
+         "--num-workers", "1", "--node-timeout", "2", "--block"],
+        env=env, stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: (home / "head.address").exists(), TIMEOUT, "the head starts")
+        address = (home / "head.address").read_text().strip()
+        client = ClusterClient(address, TOKEN)
+        try:
+            pending = client.submit(time.sleep, (60,), {}, TaskOptions())
+            head.send_signal(signal.SIGSTOP)  # alive, connections open, silent
+            stopped = time.monotonic()
+            with pytest.raises(ConnectionError, match="silent for 2 s"):
+                pending.result(TIMEOUT)
+            assert time.monotonic() - stopped < 2 + 3
+        finally:
+            client.shutdown()
+    finally:
+        head.send_signal(signal.SIGCONT)
+        head.kill()
+        head.wait(TIMEOUT)
+    wait_until(lambda: not _children_of(head.pid), TIMEOUT, "the head's workers exit")
+
+
+def test_an_executor_and_dask_run_on_a_cluster(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.add_node(workers=2)
+    monkeypatch.setenv("SHAREDCOMPUTE_TOKEN", TOKEN)
+    with sc.Executor(address=cluster.head.address) as executor:
+        assert list(executor.map(pow, range(20), [2] * 20)) == [i * i for i in range(20)]
+        assert executor.submit(sum, [1, 2, 3]).result(TIMEOUT) == 6
+    import dask
+    import dask.array as da
+
+    import sharedcompute.dask  # noqa: F401 (registers the "sharedcompute" scheduler)
+
+    client = ClusterClient(cluster.head.address, TOKEN)
+    try:
+        with client:
+            x = da.ones((400, 400), chunks=(100, 100))
+            total = (x + x.T).sum().compute(scheduler=sc.dask.get)
+            assert total == 2 * 400 * 400
+            with dask.config.set(scheduler="sharedcompute"):
+                assert (x * 3).mean().compute() == 3.0
+    finally:
+        client.shutdown()

@@ -41,6 +41,8 @@ from sharedcompute._cluster._messages import (
     FreeObjects,
     FromWorker,
     NodeAddresses,
+    Ping,
+    Pong,
     StatusReply,
     StatusRequest,
     ToWorker,
@@ -101,6 +103,11 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
             target=self._read, name="sharedcompute-driver-read", daemon=True
         )
         self._reader.start()
+        self._beat_stop = threading.Event()
+        self._beat_thread = threading.Thread(
+            target=self._beat, name="sharedcompute-driver-heartbeat", daemon=True
+        )
+        self._beat_thread.start()
 
     def _connect(self, host: str | None) -> None:
         head_host, _, port = self.address.rpartition(":")
@@ -119,6 +126,18 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
         self.node_id = reply.node_id
         self.worker_id = reply.worker_id
         self._next_key = self._key_counter((reply.worker_id + 1) << 40)
+        # A second connection, for heartbeats only: a head that stops answering (a
+        # stopped process, a cut network) fails this driver's Futures within its
+        # node timeout, whatever the work connection is doing.
+        self._pings: Channel = connect((head_host, int(port)), self._token)
+        self._made.append(self._pings)
+        self._pings.sock.settimeout(30)
+        self._pings.send(Ping())
+        pong, _ = self._pings.receive()
+        if not isinstance(pong, Pong):
+            raise ConnectionError(f"the head at {self.address} answered {pong!r} to a ping")
+        self._heartbeat_s, self._head_timeout_s = pong.heartbeat_s, pong.node_timeout_s
+        self._pings.sock.settimeout(self._head_timeout_s)
         self.puller = Puller(self._owner, self._token)
         self.puller.addresses.update(reply.addresses)
         self._made.append(self.puller)
@@ -145,6 +164,20 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
         except ConnectionError as error:
             if not self._closed:
                 self._head_lost(error)
+
+    def _beat(self) -> None:
+        while not self._beat_stop.wait(self._heartbeat_s):
+            try:
+                self._pings.send(Ping())
+                self._pings.receive()
+            except (ConnectionError, OSError) as error:
+                if not self._closed:
+                    timed_out = isinstance(error, TimeoutError) or isinstance(
+                        error.__cause__, TimeoutError)
+                    silent = f"silent for {self._head_timeout_s:g} s" if timed_out else str(error)
+                    self._head_lost(ConnectionError(silent))
+                    self._channel.close()  # the reader stops too
+                return
 
     def _resolved(self, message: tuple[Any, ...]) -> None:
         _, key, ok, payload = message
@@ -173,6 +206,8 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
     def _head_lost(self, error: BaseException) -> None:
         lost = ConnectionError(f"the head at {self.address} is gone: {error}")
         with self._lock:
+            if self.lost is not None:
+                return
             self.lost = lost
             pending = list(self._futures.values())
             self._futures.clear()
@@ -274,6 +309,34 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
         self._send([(Msg.CANCEL, future.key)])
         return False
 
+    # -- what an Executor on a cluster asks (``Executor(address=...)``) ----------------------
+
+    broken: BaseException | None = None  # a cluster never breaks as a pool does
+
+    def new_key(self) -> int:
+        return self._next_key()
+
+    @property
+    def num_workers(self) -> int:
+        """The CPUs of the cluster's live nodes (what a Dask graph is sized to)."""
+        return max(1, int(self.cluster_resources().get("CPU", 1)))
+
+    def cancel_pending(self) -> None:
+        """Cancel every task not started yet (the head says which have)."""
+        with self._lock:
+            keys = list(self._futures)
+        if keys and self.lost is None and not self._closed:
+            self._send([(Msg.CANCEL, key) for key in keys])
+
+    def wait_idle(self) -> None:
+        """Return once no Future of this driver is pending."""
+        while True:
+            with self._lock:
+                pending = list(self._futures.values())
+            if not pending:
+                return
+            concurrent.futures.wait(pending)
+
     def defer_callbacks(self) -> bool:
         return threading.current_thread() is self._reader
 
@@ -367,7 +430,7 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
     # -- the cluster -------------------------------------------------------------------------
 
     def status(self) -> StatusReply:
-        from sharedcompute._cluster._head import request
+        from sharedcompute._cluster._server import request
 
         reply: StatusReply = request(self.address, self._token.decode(), StatusRequest())
         return reply
@@ -393,8 +456,10 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
             self._closed = True
             pending = list(self._futures.values())
             self._futures.clear()
+        self._beat_stop.set()
         self._close_made()
         self._reader.join(10)
+        self._beat_thread.join(10)
         self._callbacks.close()
         for future in pending:
             future._cancel_now()

@@ -39,6 +39,8 @@ from sharedcompute._cluster._messages import (
     Heartbeat,
     HeartbeatAck,
     NodeInfo,
+    Ping,
+    Pong,
     Registered,
     RegisterNode,
     StatusReply,
@@ -98,6 +100,7 @@ class Head(ThreadedServer):
             raise
         self._handlers: dict[type, Callable[[Any, _Connection], Any]] = {
             StatusRequest: self._status, RegisterNode: self._register, Heartbeat: self._heartbeat,
+            Ping: lambda _, __: Pong(HEARTBEAT_SECONDS, self.node_timeout),
         }
         self.start()
         self._stop_watch = threading.Event()
@@ -245,19 +248,3 @@ class Head(ThreadedServer):
         self.runtime.shutdown()
         self.cluster.close_data()
 
-
-def request(address: str, token: str, message: Any, *, timeout: float = 10.0) -> Any:
-    """Send one request to the head at ``address`` and return its reply."""
-    from sharedcompute._protocol._channel import connect
-
-    host, _, port = address.rpartition(":")
-    channel: Channel = connect((host, int(port)), token.encode(), timeout=timeout)
-    try:
-        channel.sock.settimeout(timeout)
-        channel.send(message)
-        reply, _ = channel.receive()
-    finally:
-        channel.close()
-    if isinstance(reply, ErrorReply):
-        raise RuntimeError(f"the head at {address} answered: {reply.message}")
-    return reply

@@ -79,6 +79,18 @@ class HeartbeatAck:
     """The head lives."""
 
 
+@dataclass(frozen=True)
+class Ping:
+    """A connected driver asks whether the head lives; it answers ``HeartbeatAck``, with
+    how long it lets a peer be silent (so the driver knows when to give up on it)."""
+
+
+@dataclass(frozen=True)
+class Pong:
+    heartbeat_s: float
+    node_timeout_s: float
+
+
 # -- the work connection: a node's second connection, for its workers' traffic ----------------
 #
 # Opened once the node is registered, beside the control connection that carries its

@@ -6,7 +6,8 @@ straight-line and blocking, and a slow peer never holds up another. Subclasses
 say what a connection does once it has proved the token (``serve``); a peer
 that fails the handshake is logged once, with its address, and dropped before
 anything it sent is unpickled. ``close`` stops accepting and wakes every
-connection's thread (its socket is shut down).
+connection's thread (its socket is shut down). ``request`` is the client's side
+of one request and its reply (``sharedcompute status``, a driver's status).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+from typing import Any
 
-from sharedcompute._protocol._channel import Channel, accept
+from sharedcompute._cluster._messages import ErrorReply
+from sharedcompute._protocol._channel import Channel, accept, connect
 from sharedcompute.errors import AuthenticationError
 
 
@@ -93,4 +96,16 @@ class ThreadedServer:
         self._thread.join(10)
 
 
-
+def request(address: str, token: str, message: Any, *, timeout: float = 10.0) -> Any:
+    """Send one request to the head at ``address`` and return its reply."""
+    host, _, port = address.rpartition(":")
+    channel: Channel = connect((host, int(port)), token.encode(), timeout=timeout)
+    try:
+        channel.sock.settimeout(timeout)
+        channel.send(message)
+        reply, _ = channel.receive()
+    finally:
+        channel.close()
+    if isinstance(reply, ErrorReply):
+        raise RuntimeError(f"the head at {address} answered: {reply.message}")
+    return reply

@@ -15,6 +15,7 @@ named one lives until ``kill`` or shutdown.
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -65,9 +66,7 @@ def make_actor_options(base: ActorOptions, **changes: Any) -> ActorOptions:
 
 
 def _runtime() -> Any:
-    from sharedcompute._api import _runtime as current
-
-    return current()
+    return _context.runtime()
 
 
 class ActorClass(Generic[T]):
@@ -221,9 +220,7 @@ class ActorPool:
         if not self._order:
             raise StopIteration("no more results to get")
         future = self._order[0]
-        from sharedcompute._api import wait
-
-        if not wait([future], timeout=timeout).done:
+        if not _context.wait([future], timeout=timeout).done:
             raise TimeoutError("the next result was not ready in time")
         # Off the queue and its actor free before the result, which may raise.
         self._order.pop(0)
@@ -234,9 +231,9 @@ class ActorPool:
         """Whichever result finishes first."""
         if not self._order:
             raise StopIteration("no more results to get")
-        from sharedcompute._api import FIRST_COMPLETED, wait
-
-        done, _ = wait(self._order, timeout=timeout, return_when=FIRST_COMPLETED)
+        done, _ = _context.wait(
+            self._order, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED
+        )
         if not done:
             raise TimeoutError("no result was ready in time")
         future = next(f for f in self._order if f in done)

@@ -7,7 +7,12 @@ each worker receives tasks in the order the core assigned them), Futures are
 settled after it is released (their callbacks are user code and may submit).
 
 Threads: the caller's threads (submit, put, cancel, Future finalizers) and the
-pool's I/O thread (worker messages, worker deaths). Nothing else runs.
+pool's I/O thread (worker messages, worker deaths); on a head, also the threads
+that read its links to other nodes and drivers.
+
+Beside this file, mixed into :class:`Runtime`: ``_worker_messages`` (what workers
+say, and their exits) and ``_other_nodes`` (a head's other nodes and drivers,
+and results made again when a node is lost).
 """
 
 from __future__ import annotations
@@ -15,15 +20,11 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
-import pickle
-import signal
 import weakref
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Protocol
-
-import cloudpickle
+from typing import Any
 
 from sharedcompute import _config
 from sharedcompute._protocol import ConnectionClosed, Msg
@@ -36,15 +37,14 @@ from sharedcompute._runtime._base import (
     TaskOptions,
     TaskSpec,
     future_or_none,
-    options_from_wire,
 )
 from sharedcompute._runtime._future import Future, ValueRef, is_done, when_all_done
 from sharedcompute._runtime._local import ThreadPool, run_inline
-from sharedcompute._runtime._pool import ProcessPool, WorkerHandle, WorkerSlot, pickle_for_workers
+from sharedcompute._runtime._other_nodes import NodeHost, OtherNodes
+from sharedcompute._runtime._pool import ProcessPool, WorkerSlot, pickle_for_workers
+from sharedcompute._runtime._worker_messages import WorkerMessages, _portable, task_resources
 from sharedcompute._scheduler import (
     PINS_PER_NODE,
-    UNIT,
-    ActorFailed,
     CancelRequested,
     Dispatch,
     Event,
@@ -52,93 +52,37 @@ from sharedcompute._scheduler import (
     FreeObject,
     Instruction,
     KeyReleased,
-    NodeJoined,
-    NodeLeft,
     ObjectPut,
     PlaceActor,
-    PoolBroken,
     Reject,
     Resolve,
-    Resources,
     SchedulerCore,
     StartWorker,
     StopWorker,
     TaskFailed,
-    TaskFinished,
-    TaskReturned,
     TaskState,
     TaskSubmitted,
     Withdraw,
     WithdrawRequested,
-    WorkerBlocked,
-    WorkerDied,
     WorkerJoined,
-    WorkerUnblocked,
     node_resource,
     public_resources,
 )
-from sharedcompute._serialization._pickled import PICKLE_HEADER
 from sharedcompute._store import (
-    InlineObject,
     ObjectRef,
     OwnerStore,
     RemoteObject,
     StoredObject,
-    ref_from_wire,
     ref_to_wire,
 )
 from sharedcompute.errors import (
-    ActorDiedError,
-    DeserializationError,
-    ObjectLostError,
-    RemoteTraceback,
     SharedComputeError,
-    WorkerCrashedError,
 )
 
 SCHEDULERS = ("sync", "threads", "processes")
-_CLIENT_REQUESTS = frozenset({Msg.CREATE_ACTOR, Msg.KILL_ACTOR, Msg.GET_ACTOR})
-_SHORT_TASK_SECONDS = 0.001
-_SHORT_FUNCTIONS_KEPT = 4096
-_MAX_FAILED_STARTS = 3  # pool workers exiting before ready, in a row, before giving up
-_START_BACKOFF = 0.1  # seconds before the first restart of a worker that could not start
-_START_BACKOFF_MAX = 5.0
 
 
-def unpack_error(data: bytes) -> BaseException:
-    """The exception a worker sent (see ``pack_error``), with its traceback as the cause."""
-    tb, type_name, text, exc_bytes = pickle.loads(data)
-    try:
-        exc: BaseException = cloudpickle.loads(exc_bytes)
-    except (Exception, SystemExit) as error:
-        exc = DeserializationError(
-            f"a task raised {type_name}: {text}, and that exception could not be loaded in "
-            f"the driver ({type(error).__name__}: {error})"
-        )
-    exc.__cause__ = RemoteTraceback(tb)
-    return exc
-
-
-class NodeHost(Protocol):
-    """What a head adds to its runtime: the workers and objects of other nodes."""
-
-    def deliver(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None:
-        """Send to a worker (of any node) once the objects the messages name are there."""
-
-    def spawn(self, node: int, worker_id: int) -> WorkerSlot | None:
-        """Start a worker on a node other than this one (None: that node is gone)."""
-
-    def freed(self, refs: list[ObjectRef]) -> None:
-        """Objects nobody needs: free them where they live, and drop their copies."""
-
-    def kill(self, worker: WorkerSlot) -> None:
-        """SIGKILL a worker of another node."""
-
-    def pull(self, ref: RemoteObject) -> StoredObject:
-        """A copy here of another node's object (held by the host)."""
-
-
-class Runtime(DefaultScope, RuntimeBase):
+class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
     """A sharedcompute runtime: worker processes, a shared-memory store and a scheduler.
 
     Use it as a context manager, or through ``sharedcompute.init()``. What workers print
@@ -396,36 +340,6 @@ class Runtime(DefaultScope, RuntimeBase):
         if self.cluster is not None:
             self.cluster.freed(refs)
 
-    def _replace_worker(self, replaces: int | None) -> None:
-        """A worker for the core, on the node of the one it replaces (lock held)."""
-        old = self._remote_workers.pop(replaces, None) if replaces is not None else None
-        if old is None or self.cluster is None:
-            self._spawn_pool_worker()
-            return
-        worker_id = self._next_worker_id()
-        worker = self.cluster.spawn(old.node, worker_id)
-        if worker is not None:
-            self._remote_workers[worker_id] = worker
-            self._handle(WorkerJoined(worker_id, old.node))
-
-    def _spawn_remote(self, node: int) -> WorkerSlot | None:
-        """A process for an actor on another node, outside the pool (lock held)."""
-        if self.cluster is None:
-            return None
-        worker_id = self._next_worker_id()
-        worker = self.cluster.spawn(node, worker_id)
-        if worker is not None:
-            self._remote_workers[worker_id] = worker
-        return worker
-
-    def _kill_worker(self, worker: WorkerSlot) -> None:
-        """SIGKILL a worker's process, wherever it runs (lock held)."""
-        if isinstance(worker, WorkerHandle):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signal.SIGKILL)
-        elif self.cluster is not None:
-            self.cluster.kill(worker)
-
     def _send_to(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None:
         if worker.serial_calls:
             messages = worker.hold_calls(messages)
@@ -497,32 +411,6 @@ class Runtime(DefaultScope, RuntimeBase):
         args_ref = self._args_refs.pop(key, None)
         if args_ref is not None:
             freed.append(args_ref)
-
-    def load_result(self, key: int, ref: ObjectRef) -> Any:
-        """A task's value; made again if the node that held it died (see ``_recompute_lost``)."""
-        try:
-            return self.load(ref)
-        except ObjectLostError:
-            if type(ref) is not RemoteObject:
-                raise
-            again = self._made_again(key, ref)
-            if again is None:
-                raise
-            return self.load(again)
-
-    def _made_again(self, key: int, lost: ObjectRef) -> ObjectRef | None:
-        """The new result of a task whose result was lost, once it has run again (or None)."""
-        waiter: concurrent.futures.Future[ObjectRef] = concurrent.futures.Future()
-        with self._lock:
-            outcome = self.core.outcome(key)
-            if outcome is None:
-                return None
-            if outcome[0] is TaskState.FINISHED:
-                return outcome[1] if outcome[1] != lost else None
-            if outcome[0] in (TaskState.ERRED, TaskState.CANCELLED):
-                return None
-            self._rewaits.setdefault(key, []).append(waiter)
-        return waiter.result()
 
     def watch_external(self) -> None:
         """Hook the Futures of other schedulers just registered as dependencies.
@@ -802,279 +690,6 @@ class Runtime(DefaultScope, RuntimeBase):
         """Whether the task was sent to a worker (it runs, or waits there to run next)."""
         return key in self._futures and self.core.state_of(key) is TaskState.RUNNING
 
-    # -- what workers say (I/O thread) -----------------------------------------------------
-
-    def _on_messages(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None:
-        events: list[Event] = []
-        answered = 0
-        with self._lock:
-            if self._closed:
-                return
-            for message in messages:
-                kind = message[0]
-                if kind == Msg.DONE:
-                    self._learn_duration(message[1], message[3])
-                    ref = ref_from_wire(message[2])
-                    self.store.adopt(ref)
-                    # Its size, for placing the tasks that read it (inline: it travels anyway).
-                    nbytes = 0 if type(ref) is InlineObject else ref.nbytes
-                    events.append(TaskFinished(message[1], worker.id, ref, message[3], nbytes))
-                    answered += 1
-                elif kind == Msg.FAILED:
-                    answered += 1
-                    events.append(TaskFailed(message[1], worker.id, unpack_error(message[2])))
-                elif kind == Msg.WAIT:
-                    if events:
-                        self._handle(events)
-                        events = []
-                    self._answer_wait(worker, message[1])
-                else:
-                    self._on_request(worker, message, events)
-            if answered and worker.serial_calls:
-                held = worker.release_calls(answered)
-                if held:
-                    with contextlib.suppress(ConnectionClosed):
-                        worker.conn.send_many(held)
-            if events:
-                self._handle(events)
-        self._settle_futures()
-
-    def _hold_function(self, key: int, fn_key: bytes, fn_bytes: bytes) -> None:
-        self._fn_bytes[fn_key] = fn_bytes
-        self._fn_users[fn_key] += 1
-        self._task_fn[key] = fn_key
-
-    def _release_function(self, key: int) -> None:
-        fn_key = self._task_fn.pop(key, None)
-        if fn_key is not None:
-            self._fn_users[fn_key] -= 1
-            if self._fn_users[fn_key] <= 0:
-                del self._fn_users[fn_key]
-                del self._fn_bytes[fn_key]
-
-    def _learn_duration(self, key: int, duration: float) -> None:
-        fn_key = self._task_fn.get(key)
-        if fn_key is not None:
-            if duration < _SHORT_TASK_SECONDS:
-                self._short_functions[fn_key] = None
-                if len(self._short_functions) > _SHORT_FUNCTIONS_KEPT:
-                    del self._short_functions[next(iter(self._short_functions))]
-            else:
-                self._short_functions.pop(fn_key, None)
-
-    def _on_request(
-        self, worker: WorkerSlot, message: tuple[Any, ...], events: list[Event]
-    ) -> None:
-        kind = message[0]
-        if kind == Msg.READY:
-            worker.ready = True
-            self._failed_starts = 0
-            worker.store_client = message[2]
-            if worker.actor_id is not None:
-                record = self.actors.record(worker.actor_id)
-                if record is not None and not record.dead:
-                    if events:
-                        self._handle(events)
-                        events.clear()
-                    self.actors._start_actor_on(record, worker)
-        elif kind == Msg.INIT_FAILED:
-            error = unpack_error(message[1])
-            broken = WorkerCrashedError(
-                f"the initializer failed in worker {worker.id} "
-                f"(pid {getattr(worker, 'pid', '?')}): "
-                f"{type(error).__name__}: {error}; no task can run"
-            )
-            broken.__cause__ = error
-            events.extend(self._break(broken))
-        elif kind == Msg.CREATE_FAILED:
-            if events:
-                self._handle(events)
-                events.clear()
-            self.actors._actor_constructor_failed(worker, unpack_error(message[2]))
-        elif kind == Msg.ACTOR_RETAIN:
-            self.actors._worker_actor_hold(worker, message[1], 0)
-        elif kind == Msg.ACTOR_RELEASE:
-            self.actors._worker_actor_hold(worker, message[1], -1)
-        elif kind == Msg.ACTOR_LEASE:
-            self.actors._worker_actor_hold(worker, message[1], +1)
-        elif kind == Msg.SUBMIT:
-            _, key, fn_key, fn_bytes, args_wire, dep_keys, options_wire, parent = message
-            args_ref = ref_from_wire(args_wire)
-            options = options_from_wire(options_wire)
-            self._hold_function(key, fn_key, fn_bytes)
-            self.store.adopt(args_ref)
-            if isinstance(args_ref, (StoredObject, RemoteObject)):
-                self._args_refs[key] = args_ref
-            worker.held_keys.add(key)
-            events.append(TaskSubmitted(
-                key, dep_keys, task_resources(options),
-                options.max_retries, options.retry_exceptions,
-                TaskSpec(fn_key, args_ref, options.name or str(key), parent), parent=parent,
-                short=fn_key in self._short_functions,
-            ))
-        elif kind == Msg.SUBMIT_CALL:
-            _, key, actor_id, class_name, method, args_wire, dep_keys = message
-            args_ref = ref_from_wire(args_wire)
-            self.store.adopt(args_ref)
-            if isinstance(args_ref, (StoredObject, RemoteObject)):
-                self._args_refs[key] = args_ref
-            worker.held_keys.add(key)
-            record = self.actors.record(actor_id)
-            retries = record.options.max_task_retries if record is not None else 0
-            if record is None:
-                events.append(ActorFailed(actor_id, ActorDiedError(f"actor {actor_id} is unknown")))
-            events.append(TaskSubmitted(
-                key, dep_keys, UNIT, retries if retries >= 0 else 1 << 30, False,
-                ActorCallSpec(method, args_ref, f"{class_name}.{method}"), actor=actor_id,
-            ))
-        elif kind == Msg.PUT:
-            ref = ref_from_wire(message[2])
-            self.store.adopt(ref)
-            worker.held_keys.add(message[1])
-            events.append(ObjectPut(message[1], ref))
-        elif kind == Msg.BLOCKED:
-            events.append(WorkerBlocked(worker.id, message[1]))
-        elif kind == Msg.UNBLOCKED:
-            events.append(WorkerUnblocked(worker.id, message[1]))
-        elif kind == Msg.RELEASE:
-            for key in message[1]:
-                if key in worker.held_keys:
-                    worker.held_keys.discard(key)
-                    events.append(KeyReleased(key))
-        elif kind == Msg.CANCEL:
-            events.append(CancelRequested(message[1]))
-        elif kind == Msg.RETURN:
-            events.append(TaskReturned(worker.id, message[1]))
-        elif kind in _CLIENT_REQUESTS:
-            if events:
-                self._handle(events)
-                events.clear()
-            self._answer_client(worker, message)
-
-    def _answer_client(self, client: WorkerSlot, message: tuple[Any, ...]) -> None:
-        """The actor requests of a driver connected to this head (lock held)."""
-        kind = message[0]
-        if kind == Msg.KILL_ACTOR:
-            self.actors.kill_locked(message[1], message[2])
-            return
-        reply_key = message[1]
-        try:
-            if kind == Msg.CREATE_ACTOR:
-                (_, _, actor_id, cls_key, cls_bytes, args_wire, dep_keys, options_wire,
-                 class_name, methods) = message
-                args_ref = ref_from_wire(args_wire)
-                self.actors.create_for_client(
-                    client, actor_id, cls_key, cls_bytes, args_ref, tuple(dep_keys),
-                    ActorOptions(*options_wire), class_name, dict(methods),
-                )
-                answer: Any = None
-            else:
-                answer = self.actors.describe_for_client(client, message[2])
-        except Exception as error:
-            reply: tuple[Any, ...] = (Msg.RESOLVED, reply_key, False, _portable(error))
-        else:
-            value = InlineObject(PICKLE_HEADER, pickle.dumps(answer, protocol=5))
-            reply = (Msg.RESOLVED, reply_key, True, ref_to_wire(value))
-        self._send_to(client, [reply])
-
-    def _answer_wait(self, worker: WorkerSlot, keys: list[int]) -> None:
-        replies: list[tuple[Any, ...]] = []
-        for key in keys:
-            outcome = self.core.outcome(key)
-            if outcome is None:
-                error = SharedComputeError(f"key {key} is unknown to the scheduler")
-                replies.append((Msg.RESOLVED, key, False, error))
-            elif outcome[0] is TaskState.FINISHED:
-                replies.append((Msg.RESOLVED, key, True, ref_to_wire(outcome[1])))
-            elif outcome[0] in (TaskState.ERRED, TaskState.CANCELLED):
-                replies.append((Msg.RESOLVED, key, False, _portable(outcome[2])))
-            else:
-                self._waiters[key].add(worker.id)
-        if replies:
-            with contextlib.suppress(ConnectionClosed):
-                worker.conn.send_many(replies)
-
-    def _on_exit(self, worker: WorkerSlot, reason: str) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            if worker.store_client is not None:
-                # Everything it said has been read: results it stored but never reported
-                # are nobody's now.
-                self.store.drop_deliveries(worker.store_client)
-            if worker.actor_id is not None:
-                self._remote_workers.pop(worker.id, None)
-                events = self.actors._actor_exited(worker, reason)
-            elif worker.node:
-                # Another node's worker: replaced there, unless it never started (that
-                # node shrinks rather than retry a worker that cannot start).
-                if not worker.ready:
-                    self._remote_workers.pop(worker.id, None)
-                # (else kept until StartWorker names it: its node gets the replacement)
-                events = [WorkerDied(worker.id, reason, worker.running.get(), worker.ready)]
-            else:
-                events = [WorkerDied(worker.id, reason, worker.running.get(), worker.ready)]
-                if not worker.ready:
-                    events += self._start_failed(worker, reason)
-            events += [KeyReleased(key) for key in worker.held_keys]
-            worker.held_keys.clear()
-            self.actors._drop_worker_actor_holds(worker)
-            for waiting in self._waiters.values():
-                waiting.discard(worker.id)
-            self._handle(events)
-        self._settle_futures()
-
-    # -- workers that cannot start -----------------------------------------------------------
-
-    def _start_failed(self, worker: WorkerSlot, reason: str) -> list[Event]:
-        """A pool worker exited before it was ready: start another later, or give up (lock held).
-
-        Restarts back off (0.1 s, doubling, at most ``_START_BACKOFF_MAX``); after
-        ``_MAX_FAILED_STARTS`` in a row with no pool worker alive, the runtime is
-        broken, as a ``ProcessPoolExecutor`` is: waiting tasks fail, submits raise.
-        """
-        assert self._pool is not None
-        self._failed_starts += 1
-        alive = any(w.ready and w.actor_id is None for w in self._pool.workers.values())
-        if self.broken is not None:
-            return []
-        if self._failed_starts < _MAX_FAILED_STARTS or alive:
-            delay = min(_START_BACKOFF_MAX, _START_BACKOFF * 2 ** (self._failed_starts - 1))
-            self._pool.call_later(delay, self._respawn)
-            return []
-        tail = worker.stderr_tail() if isinstance(worker, WorkerHandle) else []
-        said = (
-            "; the last lines it wrote to stderr:\n" + "\n".join(f"    {line}" for line in tail)
-            if tail else "; it wrote nothing to stderr"
-        )
-        return self._break(WorkerCrashedError(
-            f"worker processes cannot start: {self._failed_starts} tried in a row, and the "
-            f"last one ({reason}) exited before it was ready{said}"
-        ))
-
-    def _respawn(self) -> None:
-        with self._lock:
-            if self._pool is not None and not self._closed and self.broken is None:
-                self._spawn_pool_worker()
-        self._settle_futures()
-
-    def _break(self, error: BaseException) -> list[Event]:
-        """No task can run any more: the events that fail those waiting (lock held).
-
-        New submits raise ``error`` from now on, as a broken ProcessPoolExecutor does.
-        """
-        if self.broken is not None:
-            return []
-        self.broken = error
-        return [PoolBroken(error)]
-
-    def _broken_error(self) -> BaseException:
-        error = self.broken
-        assert error is not None
-        fresh = type(error)(*error.args)
-        fresh.__cause__ = error.__cause__
-        return fresh
-
     # -- actors (see _actors_driver) -------------------------------------------------------
 
     def create_actor(
@@ -1103,71 +718,6 @@ class Runtime(DefaultScope, RuntimeBase):
     def release_actor(self, actor_id: int) -> None:
         self.actors.release_actor(actor_id)
 
-    # -- other nodes (on a head) ---------------------------------------------------------
-
-    def add_node(self, node: int, resources: dict[str, float], workers: list[WorkerSlot]) -> None:
-        """A node joins with these workers (ids from ``new_worker_id``); tasks may go there now."""
-        with self._lock:
-            if self._closed:
-                return
-            events: list[Event] = [NodeJoined(node, dict(resources))]
-            for worker in workers:
-                self._remote_workers[worker.id] = worker
-                events.append(WorkerJoined(worker.id, node))
-            self._handle(events)
-        self._settle_futures()
-
-    def remove_node(self, node: int, reason: str) -> None:
-        """A node is gone: its tasks rerun elsewhere under their retries."""
-        with self._lock:
-            if self._closed:
-                return
-            gone = [w for w in self._remote_workers.values() if w.node == node]
-            events: list[Event] = []
-            for worker in gone:
-                del self._remote_workers[worker.id]
-                events += [KeyReleased(key) for key in worker.held_keys]
-                worker.held_keys.clear()
-                self.actors._drop_worker_actor_holds(worker)
-                for waiting in self._waiters.values():
-                    waiting.discard(worker.id)
-            events.append(NodeLeft(node, reason))
-            self._handle(events)
-            for worker in gone:  # after NodeLeft: a restart goes to a node that lives
-                if worker.actor_id is not None:
-                    self._handle(self.actors._actor_exited(worker, reason))
-        self._settle_futures()
-
-    def add_driver(self, driver: WorkerSlot) -> None:
-        """A driver elsewhere: it speaks as a worker does, and runs nothing."""
-        with self._lock:
-            self._remote_workers[driver.id] = driver
-
-    def remove_driver(self, driver: WorkerSlot) -> None:
-        """A driver left: the keys it held are released (its Futures are gone)."""
-        with self._lock:
-            if self._remote_workers.pop(driver.id, None) is None or self._closed:
-                return
-            events: list[Event] = [KeyReleased(key) for key in driver.held_keys]
-            driver.held_keys.clear()
-            self.actors._drop_worker_actor_holds(driver)  # its actor handles
-            for waiting in self._waiters.values():
-                waiting.discard(driver.id)
-            self._handle(events)
-        self._settle_futures()
-
-    def new_worker_id(self) -> int:
-        return self._next_worker_id()
-
-    def worker_said(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None:
-        """What a worker of another node said (its node relays it, in order)."""
-        self._on_messages(worker, messages)
-
-    def worker_exited(self, worker: WorkerSlot, reason: str) -> None:
-        """A worker of another node ended, after all it said was relayed."""
-        if self._remote_workers.get(worker.id) is worker:
-            self._on_exit(worker, reason)
-
     # -- introspection -------------------------------------------------------------------
 
     def node_table(self, address: str | None = None) -> list[dict[str, Any]]:
@@ -1192,15 +742,6 @@ class Runtime(DefaultScope, RuntimeBase):
         return [w.pid for w in pool.workers.values()] if pool is not None else []
 
 
-def task_resources(options: TaskOptions) -> Resources:
-    """What a task with these options holds while it runs (``UNIT``: one CPU, the common case)."""
-    if options.node is None:
-        if options.num_cpus == 1.0 and not options.resources:
-            return UNIT
-        return Resources(options.num_cpus, options.resources)
-    return Resources(options.num_cpus, (*options.resources, (node_resource(options.node), 1.0)))
-
-
 @contextlib.contextmanager
 def _pool_blocking(threads: ThreadPool) -> Iterator[None]:
     threads.blocking()
@@ -1214,12 +755,3 @@ def concurrent_cancelled(key: int) -> BaseException:
     from concurrent.futures import CancelledError
 
     return CancelledError(f"task {key} was cancelled")
-
-
-def _portable(error: BaseException | None) -> BaseException:
-    """An exception that survives pickling to a worker (the original if it can)."""
-    try:
-        pickle.dumps(error)
-        return error if error is not None else SharedComputeError("unknown error")
-    except Exception:
-        return SharedComputeError(f"{type(error).__name__}: {error}")
