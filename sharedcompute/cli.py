@@ -4,10 +4,12 @@
 
     sharedcompute start --head [--host 127.0.0.1] [--port 6380] [--num-workers N]
                         [--resources JSON] [--store-capacity BYTES] [--token-file PATH] [--block]
-    sharedcompute start --address HOST:PORT [--num-workers N] [--resources JSON]
+    sharedcompute start --address HOST:PORT [--host ADDR] [--num-workers N] [--resources JSON]
                         [--token-file PATH] [--block]
     sharedcompute status [--address HOST:PORT] [--json]
     sharedcompute stop
+
+    (start and status also take --tls-cert PEM --tls-key PEM --tls-ca PEM: mutual TLS)
 
 ``start --head`` runs the head in the background and returns once it answers
 (``--block``: in the foreground, for containers and systemd), printing its address
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sharedcompute._cluster._token import find_token, home
+from sharedcompute._protocol._tls import CA_ENV, CERT_ENV, KEY_ENV, configure
 from sharedcompute.errors import AuthenticationError
 
 START_TIMEOUT = 60.0
@@ -300,20 +303,42 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--block", action="store_true", help="stay in the foreground")
     start.add_argument("--node-timeout", type=float, default=5.0,
                        help="seconds a node may be silent before it is dead (default 5)")
+    _tls_flags(start)
     start.set_defaults(run=_start)
     status = verbs.add_parser("status", help="nodes and tasks of a running head")
     status.add_argument("--address", help="HOST:PORT (default: the head started on this host)")
     status.add_argument("--json", action="store_true", help='{"nodes": [...], "tasks": {...}}')
     status.add_argument("--token-file", help="the cluster token's file")
+    _tls_flags(status)
     status.set_defaults(run=_status)
     stop = verbs.add_parser("stop", help="stop what `start` began on this host")
     stop.set_defaults(run=_stop)
     return main_parser
 
 
+def _tls_flags(verb: argparse.ArgumentParser) -> None:
+    verb.add_argument("--tls-cert", help="TLS: this host's certificate (PEM), signed by --tls-ca")
+    verb.add_argument("--tls-key", help="TLS: the certificate's private key (PEM)")
+    verb.add_argument("--tls-ca", help="TLS: the cluster's CA certificate (PEM); with all three, "
+                      "every cluster connection is mutual TLS")
+
+
+def _use_tls(args: argparse.Namespace) -> None:
+    """TLS for this process, and for the processes it starts (through the environment)."""
+    files = {CERT_ENV: args.tls_cert, KEY_ENV: args.tls_key, CA_ENV: args.tls_ca}
+    if not any(files.values()):
+        return
+    for name, path in files.items():
+        if path:
+            os.environ[name] = os.path.abspath(path)
+    configure(os.environ.get(CERT_ENV), os.environ.get(KEY_ENV), os.environ.get(CA_ENV))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if hasattr(args, "tls_cert"):
+            _use_tls(args)
         result: int = args.run(args)
     except Exception as error:  # an AuthenticationError, say: one line, not a traceback
         print(f"sharedcompute {args.verb}: {type(error).__name__}: {error}", file=sys.stderr)

@@ -28,6 +28,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from sharedcompute._protocol import _tls
 from sharedcompute._protocol._handshake import (
     HANDSHAKE_TIMEOUT,
     accept_handshake,
@@ -233,9 +234,10 @@ def connect(address: tuple[str, int], token: bytes, allocate: Allocate = bytearr
     """A channel to ``address``, after both sides proved the token."""
     peer = f"{address[0]}:{address[1]}"
     try:
-        sock = socket.create_connection(address, timeout=timeout)
+        plain = socket.create_connection(address, timeout=timeout)
     except OSError as error:
         raise ConnectionError(f"cannot connect to {peer}: {error}") from error
+    sock = _tls.wrap_client(plain, peer)
     return _channel(sock, peer, lambda: open_handshake(sock, token, peer, timeout=timeout),
                     allocate, limits)
 
@@ -243,7 +245,15 @@ def connect(address: tuple[str, int], token: bytes, allocate: Allocate = bytearr
 def accept(sock: socket.socket, peer: str, token: bytes, allocate: Allocate = bytearray, *,
            timeout: float = HANDSHAKE_TIMEOUT, **limits: int) -> Channel:
     """The server's side of ``connect`` on an accepted socket (closed if refused)."""
-    return _channel(sock, peer, lambda: accept_handshake(sock, token, peer, timeout=timeout),
+    if _tls.enabled():
+        sock.settimeout(timeout)  # the TLS handshake counts in the handshake's time
+        try:
+            sock = _tls.wrap_server(sock, peer)
+        except BaseException:
+            sock.close()
+            raise
+    secured = sock
+    return _channel(secured, peer, lambda: accept_handshake(secured, token, peer, timeout=timeout),
                     allocate, limits)
 
 
