@@ -104,7 +104,7 @@ def three_hosts(tmp_path: Path) -> Iterator[ThreeHosts]:
 
 
 @pytest.mark.timeout(400)
-def test_three_hosts_run_dependent_tasks_and_move_a_gib_node_to_node(three_hosts) -> None:
+def test_three_hosts_run_dependent_tasks_actors_and_move_a_gib_node_to_node(three_hosts) -> None:
     node1, node2 = int(three_hosts.node1), int(three_hosts.node2)
     head_traffic = three_hosts.hosts.traffic(0)
     said = three_hosts.driver(1, f"""
@@ -134,10 +134,27 @@ def test_three_hosts_run_dependent_tasks_and_move_a_gib_node_to_node(three_hosts
         x = sc.put(1)
         for i in range(9):
             x = step.options(node=[0, {node1}, {node2}][i % 3]).submit(x, i)
+        @sc.remote
+        class Tally:
+            def __init__(self):
+                self.total = 0
+
+            def add(self, part):
+                self.total += int(part.sum())
+                return self.total
+
+        @sc.remote
+        def feed(tally, n):  # on host 1: calls an actor on host 2 with an array made here
+            return tally.add.remote(np.full(n, 2, dtype=np.int64)).result()
+
+        tally = Tally.options(node={node2}).remote()
+        fed = [feed.options(node={node1}).submit(tally, 100_000) for _ in range(3)]
+        sc.wait(fed, timeout=120)
         made = big.options(node={node1}).submit({GiB})
         summed = checksum.options(node={node2}).submit(made)
         total, nbytes = summed.result(300)
         print(json.dumps({{
+            "tally": tally.add.remote(np.zeros(1, dtype=np.int64)).result(60),
             "chain": x.result(60), "checksum": total, "nbytes": nbytes,
             "nodes": [(n["node_id"], n["address"], n["alive"]) for n in sc.nodes()],
         }}))
@@ -146,6 +163,7 @@ def test_three_hosts_run_dependent_tasks_and_move_a_gib_node_to_node(three_hosts
     for i in range(9):
         expected = expected * 2 + i
     assert said["chain"] == expected
+    assert said["tally"] == 3 * 2 * 100_000  # an actor on host 2, fed by tasks on host 1
     assert said["nbytes"] == GiB and said["checksum"] == 3 * (GiB // 4096)
     addresses = three_hosts.hosts.addresses
     assert [tuple(n) for n in said["nodes"]] == [  # type: ignore[union-attr]
