@@ -8,6 +8,7 @@
                         [--token-file PATH] [--block]
     sharedcompute status [--address HOST:PORT] [--json]
     sharedcompute stop
+    sharedcompute launch CLUSTER.toml [--down] [--dry-run]   # a whole cluster over ssh
 
     (start and status also take --tls-cert PEM --tls-key PEM --tls-ca PEM: mutual TLS)
 
@@ -313,7 +314,19 @@ def parser() -> argparse.ArgumentParser:
     status.set_defaults(run=_status)
     stop = verbs.add_parser("stop", help="stop what `start` began on this host")
     stop.set_defaults(run=_stop)
+    launch = verbs.add_parser("launch", help="start (or --down: stop) a whole cluster over ssh, "
+                              "from a TOML file")
+    launch.add_argument("cluster_file", metavar="CLUSTER.toml")
+    launch.add_argument("--down", action="store_true", help="stop every host's processes")
+    launch.add_argument("--dry-run", action="store_true", help="print the ssh commands only")
+    launch.set_defaults(run=_launch)
     return main_parser
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from sharedcompute._launch import launch
+
+    return launch(args.cluster_file, down=args.down, dry_run=args.dry_run)
 
 
 def _tls_flags(verb: argparse.ArgumentParser) -> None:

@@ -7,7 +7,8 @@
     namespaces:       sc-<tag>-0: sc<tag>0n 10.231.X.10   sc-<tag>-1: sc<tag>1n 10.231.X.11
 
 Each host has its own loopback and one private address on a subnet of its own
-(``10.231.X.0/24``, X random), so processes in different namespaces talk over
+(``10.231.X.0/24``, X random; the machine itself is ``.1`` on the bridge, a client
+outside every host), so processes in different namespaces talk over
 real TCP through real network devices, as on separate hosts, and never reach
 anything outside this machine. ``close`` kills every process left in the
 namespaces and removes them, the veth pairs and the bridge. Needs root
@@ -64,10 +65,13 @@ class Hosts:
         self.names = [f"{PREFIX}{self.tag}-{i}" for i in range(count)]
         self.devices = [f"sc{self.tag}{i}n" for i in range(count)]
         self.addresses = [f"10.231.{subnet}.{10 + i}" for i in range(count)]
+        self.gateway = f"10.231.{subnet}.1"
         self._made: list[tuple[str, str]] = []  # ("netns"/"link", name), to remove
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             self._made.append(("link", self.bridge))
+            # The machine itself is on the bridge too (.1): a "laptop" outside the hosts.
+            _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
             for i, name in enumerate(self.names):
                 self._add_host(i, name)
