@@ -14,6 +14,10 @@
     options = ["-o", "UserKnownHostsFile=~/.ssh/cluster_hosts"]   # more ssh options
     [setup]
     commands = ["pip install -q mypackage"]   # on every host, before anything starts
+    [tls]                              # optional: mutual TLS (see ``sharedcompute tls-gen``)
+    cert = "/etc/sharedcompute/{host}.pem"   # paths on the hosts; {host}: each one's address
+    key = "/etc/sharedcompute/{host}.key"
+    ca = "/etc/sharedcompute/ca.pem"
     [head]
     host = "10.0.0.1"
     num_workers = 4
@@ -80,6 +84,7 @@ class ClusterFile:
     ssh_port: int
     ssh_options: tuple[str, ...]
     setup: tuple[str, ...]
+    tls: tuple[str, str, str] | None  # cert, key, CA paths on the hosts ("{host}" expands)
     head: HostSpec
     nodes: tuple[HostSpec, ...]
 
@@ -113,9 +118,19 @@ def load(path: str | os.PathLike[str]) -> ClusterFile:
         ssh_port=_int(ssh.get("port", 22), "ssh.port", path),
         ssh_options=tuple(str(o) for o in ssh.get("options", [])),
         setup=tuple(str(c) for c in setup.get("commands", [])),
+        tls=_tls(_table(data, "tls", path), path),
         head=head,
         nodes=tuple(_host(node, "node", path) for node in nodes),
     )
+
+
+def _tls(table: dict[str, Any], path: Any) -> tuple[str, str, str] | None:
+    if not table:
+        return None
+    try:
+        return (str(table["cert"]), str(table["key"]), str(table["ca"]))
+    except KeyError as missing:
+        raise LaunchError(f"{path}: [tls] needs cert, key and ca (missing {missing})") from None
 
 
 def _table(data: dict[str, Any], key: str, path: Any) -> dict[str, Any]:
@@ -241,7 +256,7 @@ class Launcher:
     def start_head(self) -> tuple[Outcome, str | None]:
         head, cluster = self.cluster.head, self.cluster
         args = ["start", "--head", "--host", head.host, "--port", str(cluster.port)]
-        args += _worker_args(head)
+        args += _worker_args(head) + self.tls_args(head)
         done = self.ssh(head, self.remote(head, *args), timeout=120)
         running = "already runs" in done.stderr
         if done.returncode != 0 and not running:
@@ -253,13 +268,20 @@ class Launcher:
         said = "was running" if running else "started"
         return Outcome(head, True, said), token.stdout.strip() or "dry-run-token"
 
+    def tls_args(self, host: HostSpec) -> list[str]:
+        if self.cluster.tls is None:
+            return []
+        cert, key, ca = (p.replace("{host}", host.host) for p in self.cluster.tls)
+        return ["--tls-cert", cert, "--tls-key", key, "--tls-ca", ca]
+
     def read_token(self, host: HostSpec) -> str:
         home = host.home or "~/.sharedcompute"
         return f"cat {home}/token" if home.startswith("~") else f"cat {shlex.quote(home)}/token"
 
     def start_node(self, node: HostSpec, token: str) -> Outcome:
         address = f"{self.cluster.head.host}:{self.cluster.port}"
-        args = ["start", "--address", address, "--host", node.host, *_worker_args(node)]
+        args = ["start", "--address", address, "--host", node.host, *_worker_args(node),
+                *self.tls_args(node)]
         done = self.ssh(node, self.remote(node, *args, token=True), stdin=token + "\n",
                         timeout=self.cluster.join_timeout + 30)
         if done.returncode == 0:

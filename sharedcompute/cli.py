@@ -9,6 +9,7 @@
     sharedcompute status [--address HOST:PORT] [--json]
     sharedcompute stop
     sharedcompute launch CLUSTER.toml [--down] [--dry-run]   # a whole cluster over ssh
+    sharedcompute tls-gen DIR [NAME ...]   # a CA and certificates, for --tls-*
 
     (start and status also take --tls-cert PEM --tls-key PEM --tls-ca PEM: mutual TLS)
 
@@ -320,6 +321,12 @@ def parser() -> argparse.ArgumentParser:
     launch.add_argument("--down", action="store_true", help="stop every host's processes")
     launch.add_argument("--dry-run", action="store_true", help="print the ssh commands only")
     launch.set_defaults(run=_launch)
+    tls_gen = verbs.add_parser("tls-gen", help="write a cluster CA and certificates signed by "
+                               "it (needs sharedcompute[tls])")
+    tls_gen.add_argument("folder", metavar="DIR")
+    tls_gen.add_argument("names", nargs="*", default=["cluster"],
+                         help="a certificate per name (default: one, 'cluster')")
+    tls_gen.set_defaults(run=_tls_gen)
     return main_parser
 
 
@@ -327,6 +334,18 @@ def _launch(args: argparse.Namespace) -> int:
     from sharedcompute._launch import launch
 
     return launch(args.cluster_file, down=args.down, dry_run=args.dry_run)
+
+
+def _tls_gen(args: argparse.Namespace) -> int:
+    from sharedcompute._cluster._tls_gen import generate
+
+    for path in generate(args.folder, args.names):
+        print(path)
+    first = args.names[0]
+    print(f"start with: --tls-cert {Path(args.folder) / (first + '.pem')} "
+          f"--tls-key {Path(args.folder) / (first + '.key')} "
+          f"--tls-ca {Path(args.folder) / 'ca.pem'}")
+    return 0
 
 
 def _tls_flags(verb: argparse.ArgumentParser) -> None:

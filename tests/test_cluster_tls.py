@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,22 +21,17 @@ from sharedcompute._protocol import _tls
 from sharedcompute._runtime._base import TaskOptions
 from sharedcompute.errors import AuthenticationError
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
+pytest.importorskip("cryptography", reason="tls-gen needs sharedcompute[tls]")
 
 
 def make_certificates(folder: Path, name: str) -> dict[str, str]:
-    """A CA, and a certificate with its key signed by it (PEM files)."""
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    folder.mkdir(parents=True)
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-            "ca.pem", "-days", "2", "-subj", f"/CN={name}-ca")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "host.key", "-out", "host.csr",
-            "-subj", f"/CN={name}-host")
-    openssl("x509", "-req", "-in", "host.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "host.pem", "-days", "2")
-    return {"cert": str(folder / "host.pem"), "key": str(folder / "host.key"),
+    """A CA and a certificate signed by it, from ``sharedcompute tls-gen``."""
+    done = subprocess.run([sys.executable, "-m", "sharedcompute.cli", "tls-gen", str(folder),
+                           name], capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    for key in (folder / "ca.key", folder / f"{name}.key"):
+        assert key.stat().st_mode & 0o777 == 0o600
+    return {"cert": str(folder / f"{name}.pem"), "key": str(folder / f"{name}.key"),
             "ca": str(folder / "ca.pem")}
 
 

@@ -34,7 +34,7 @@ class LaunchHosts:
             raise
 
     def cluster_file(self, *, python: str = sys.executable, identity: Path | None = None,
-                     node_hosts: list[str] | None = None) -> Path:
+                     node_hosts: list[str] | None = None, tls: Path | None = None) -> Path:
         addresses = self.hosts.addresses
         nodes = node_hosts or addresses[1:]
         text = textwrap.dedent(f"""
@@ -52,6 +52,13 @@ class LaunchHosts:
             num_workers = 1
             home = "{self.tmp / 'home0'}"
         """)
+        if tls is not None:  # one certificate per host, named by its address
+            text += textwrap.dedent(f"""
+                [tls]
+                cert = "{tls}/{{host}}.pem"
+                key = "{tls}/{{host}}.key"
+                ca = "{tls}/ca.pem"
+            """)
         for i, host in enumerate(nodes, start=1):
             text += textwrap.dedent(f"""
                 [[nodes]]
@@ -157,3 +164,51 @@ def test_a_failing_host_is_named_with_the_reason(launch_hosts, case: str) -> Non
     assert expected in result.stdout, result.stdout
     assert time.monotonic() - started < 60
     assert launch_hosts.ours_left() == []  # nothing started when a check fails
+
+
+def test_a_node_that_cannot_reach_the_head_is_named_with_the_reason(launch_hosts) -> None:
+    addresses = launch_hosts.hosts.addresses
+    # Host 2 sends what it means for the head to a hardware address nobody has.
+    launch_hosts.hosts.run(2, ["ip", "neigh", "replace", addresses[0], "lladdr",
+                               "02:00:00:00:00:99", "dev", launch_hosts.hosts.devices[2],
+                               "nud", "permanent"], check=True)
+    path = launch_hosts.cluster_file()
+    started = time.monotonic()
+    result = launch_hosts.launch(path)
+    assert result.returncode == 1
+    assert f"FAIL node {addresses[2]}: did not join" in result.stdout, result.stdout
+    assert "cannot connect to" in result.stdout, result.stdout
+    assert f"ok   node {addresses[1]}: joined" in result.stdout
+    assert time.monotonic() - started < 60
+    down = launch_hosts.launch(path, "--down")
+    assert down.returncode == 0, down.stdout
+    deadline = time.monotonic() + 30
+    while launch_hosts.ours_left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert launch_hosts.ours_left() == []
+
+
+def test_launch_with_tls_from_the_cluster_file(launch_hosts) -> None:
+    pytest.importorskip("cryptography", reason="tls-gen needs sharedcompute[tls]")
+    pki = launch_hosts.tmp / "pki"
+    addresses = launch_hosts.hosts.addresses
+    subprocess.run([sys.executable, "-m", "sharedcompute.cli", "tls-gen", str(pki),
+                    *addresses, "driver"], check=True, capture_output=True, timeout=TIMEOUT)
+    path = launch_hosts.cluster_file(tls=pki)
+    up = launch_hosts.launch(path)
+    assert up.returncode == 0, up.stdout + up.stderr
+    token = (launch_hosts.tmp / "home0" / "token").read_text().strip()
+    env = {"SHAREDCOMPUTE_ADDRESS": f"{addresses[0]}:6380", "SHAREDCOMPUTE_TOKEN": token,
+           "PATH": "/usr/bin"}
+    script = ("import sharedcompute as sc; sc.init(); "
+              "print(sc.submit(sum, [1, 2, 3]).result(60))")
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=TIMEOUT, env=env)
+    assert plain.returncode != 0  # no certificate: refused
+    env.update(SHAREDCOMPUTE_TLS_CERT=str(pki / "driver.pem"),
+               SHAREDCOMPUTE_TLS_KEY=str(pki / "driver.key"),
+               SHAREDCOMPUTE_TLS_CA=str(pki / "ca.pem"))
+    secure = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=TIMEOUT, env=env)
+    assert secure.returncode == 0 and secure.stdout.strip() == "6", secure.stderr
+    assert launch_hosts.launch(path, "--down").returncode == 0
