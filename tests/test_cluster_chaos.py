@@ -1,11 +1,12 @@
 """Chaos: a mixed workload on four namespace hosts while a killer takes nodes down at random.
 
 The head runs on host 0, a node on each of hosts 1-3. A driver (this machine, a client on the
-hosts' bridge) runs rounds of dependent tasks, 8 MiB objects passed between tasks and calls to an
-actor with unlimited restarts, while the killer, every ~2 s, SIGKILLs every process of a random
-node host, or one worker of one, or takes a host's link down for a while; a killed node starts
-again (a new incarnation, a new id). Every result must be right, every Future must resolve
-exactly once, and the cluster's CPUs must be back to full at the end."""
+hosts' bridge) runs rounds of dependent tasks, 100 MiB and 8 MiB objects passed between tasks
+and calls to an actor with unlimited restarts, while the killer, every ~2 s, SIGKILLs every
+process of a random node host, or one worker of one, or takes a host's link down for a while;
+a killed node starts again (a new incarnation, a new id). Every result must be right, every
+Future must resolve exactly once, the cluster's CPUs must be back to full and every store empty
+at the end."""
 
 from __future__ import annotations
 
@@ -145,12 +146,12 @@ def step(x: int, i: int) -> int:
     return x * 3 + i
 
 
-def blob(seed: int) -> np.ndarray:
-    return np.full(MiB, seed, dtype=np.float64)  # 8 MiB: in the store, pulled between nodes
+def blob(seed: int, mib: int) -> np.ndarray:
+    return np.full(mib * MiB // 8, seed, dtype=np.float64)  # in the store, pulled between nodes
 
 
 def weigh(a: np.ndarray) -> float:
-    return float(a[::4096].sum())
+    return float(a[::16384].sum())
 
 
 @pytest.mark.timeout(300)
@@ -176,7 +177,9 @@ def test_a_mixed_workload_survives_nodes_killed_at_random(four_hosts: FourHosts)
                 x = client.submit(step, (1, 0), {}, retries)
                 for i in range(1, 6):
                     x = client.submit(step, (x, i), {}, retries)
-                blobs = [client.submit(blob, (rounds + k,), {}, retries) for k in range(3)]
+                sizes = (100, 8, 8)  # MiB
+                blobs = [client.submit(blob, (rounds + k, sizes[k]), {}, retries)
+                         for k in range(3)]
                 weights = [client.submit(weigh, (b,), {}, retries) for b in blobs]
                 doubled = [doubler.twice.remote(rounds * 10 + k) for k in range(4)]
                 for future in (x, *blobs, *weights, *doubled):
@@ -187,7 +190,7 @@ def test_a_mixed_workload_survives_nodes_killed_at_random(four_hosts: FourHosts)
                     expected = expected * 3 + i
                 assert x.result(TIMEOUT) == expected
                 assert [w.result(TIMEOUT) for w in weights] == [
-                    float((rounds + k) * (MiB // 4096)) for k in range(3)
+                    float((rounds + k) * (sizes[k] * MiB // 8 // 16384)) for k in range(3)
                 ]
                 assert [d.result(TIMEOUT) for d in doubled] == [
                     2 * (rounds * 10 + k) for k in range(4)

@@ -34,7 +34,8 @@ class LaunchHosts:
             raise
 
     def cluster_file(self, *, python: str = sys.executable, identity: Path | None = None,
-                     node_hosts: list[str] | None = None, tls: Path | None = None) -> Path:
+                     node_hosts: list[str] | None = None, tls: Path | None = None,
+                     setup: list[str] | None = None) -> Path:
         addresses = self.hosts.addresses
         nodes = node_hosts or addresses[1:]
         text = textwrap.dedent(f"""
@@ -52,6 +53,8 @@ class LaunchHosts:
             num_workers = 1
             home = "{self.tmp / 'home0'}"
         """)
+        if setup:
+            text += "[setup]\ncommands = " + json.dumps(setup) + "\n"
         if tls is not None:  # one certificate per host, named by its address
             text += textwrap.dedent(f"""
                 [tls]
@@ -142,7 +145,7 @@ def test_launch_brings_three_hosts_up_runs_work_and_down_leaves_nothing(launch_h
     assert launch_hosts.ours_left() == []
 
 
-@pytest.mark.parametrize("case", ["wrong key", "no python", "no sshd"])
+@pytest.mark.parametrize("case", ["wrong key", "no python", "no sshd", "setup fails"])
 def test_a_failing_host_is_named_with_the_reason(launch_hosts, case: str) -> None:
     addresses = launch_hosts.hosts.addresses
     if case == "wrong key":
@@ -154,6 +157,9 @@ def test_a_failing_host_is_named_with_the_reason(launch_hosts, case: str) -> Non
     elif case == "no python":
         path = launch_hosts.cluster_file(python="/nowhere/python3")
         expected = "python not found there: /nowhere/python3"
+    elif case == "setup fails":
+        path = launch_hosts.cluster_file(setup=["echo preparing the host", "exit 3"])
+        expected = "setup command failed ('exit 3', exit 3)"
     else:
         unused = addresses[2].rsplit(".", 1)[0] + ".250"  # on the subnet, no host there
         path = launch_hosts.cluster_file(node_hosts=[addresses[1], unused])
@@ -164,6 +170,15 @@ def test_a_failing_host_is_named_with_the_reason(launch_hosts, case: str) -> Non
     assert expected in result.stdout, result.stdout
     assert time.monotonic() - started < 60
     assert launch_hosts.ours_left() == []  # nothing started when a check fails
+
+
+def test_a_dry_run_prints_the_ssh_commands_and_starts_nothing(launch_hosts) -> None:
+    result = launch_hosts.launch(launch_hosts.cluster_file(), "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    commands = [line for line in result.stdout.splitlines() if line.startswith("[dry run] ssh")]
+    starts = [c for c in commands if "sharedcompute.cli start" in c]
+    assert len(starts) == 3 and sum("(token on stdin)" in c for c in starts) == 2
+    assert not any(launch_hosts.tmp.glob("home*"))  # no host did anything
 
 
 def test_a_node_that_cannot_reach_the_head_is_named_with_the_reason(launch_hosts) -> None:

@@ -23,6 +23,7 @@ from sharedcompute._scheduler import (
     FreeObject,
     KeyReleased,
     KeyRetained,
+    LostInputRecheck,
     NodeJoined,
     NodeLeft,
     ObjectPut,
@@ -44,7 +45,7 @@ from sharedcompute._scheduler import (
     WorkerJoined,
     WorkerUnblocked,
 )
-from sharedcompute.errors import DependencyFailedError, WorkerCrashedError
+from sharedcompute.errors import DependencyFailedError, ObjectLostError, WorkerCrashedError
 
 TWO_CPUS = Resources(cpus=2.0)
 GPU = Resources(cpus=1.0, custom=(("GPU", 1.0),))
@@ -1061,6 +1062,35 @@ def test_a_lost_result_whose_input_was_freed_is_not_made_again() -> None:
     assert [show(i) for i in core.handle(KeyReleased(1))] == [("free", 1, "r1")]
     assert core.handle(NodeLeft(2, "killed")) == []
     assert core.state_of(2) is TaskState.FINISHED  # 1 is gone: 2 cannot be made again
+
+
+def test_a_task_whose_input_was_lost_in_transfer_waits_for_it_to_be_made_again() -> None:
+    core = make_cluster(n1={"CPU": 1.0, "X": 1.0}, n2={"CPU": 1.0, "GPU": 1.0})
+    x = Resources(cpus=1.0, custom=(("X", 1.0),))
+    core.handle(submit(1, resources=x))
+    core.handle(TaskFinished(1, 10, "r1", nbytes=1 << 20))
+    core.handle(submit(2, 1, resources=GPU))  # sent to node 2; its pull from node 1 fails
+    out = core.handle(TaskFailed(2, 20, ObjectLostError("gone"), lost_node=1))
+    assert out == [] and core.state_of(2) is TaskState.WAITING  # not failed
+    core.handle(NodeJoined(3, {"CPU": 1.0, "X": 1.0}))
+    core.handle(WorkerJoined(30, 3))
+    out = core.handle(NodeLeft(1, "killed"))  # 1 runs again, on node 3
+    assert [show(i) for i in out] == [dispatch(30, 1)]
+    out = core.handle(TaskFinished(1, 30, "r1-again", nbytes=1 << 20))
+    assert [show(i) for i in out] == [resolve(1, "r1-again"), dispatch(20, 2, (1, "r1-again"))]
+
+
+def test_a_task_whose_input_node_stays_tries_again_at_the_recheck() -> None:
+    core = make_cluster(n1={"CPU": 1.0, "X": 1.0}, n2={"CPU": 1.0, "GPU": 1.0})
+    x = Resources(cpus=1.0, custom=(("X", 1.0),))
+    core.handle(submit(1, resources=x))
+    core.handle(TaskFinished(1, 10, "r1", nbytes=1 << 20))
+    core.handle(submit(2, 1, resources=GPU, max_retries=1))
+    core.handle(TaskFailed(2, 20, ObjectLostError("blip"), lost_node=1))
+    assert [show(i) for i in core.handle(LostInputRecheck(2))] == [dispatch(20, 2, (1, "r1"))]
+    core.handle(TaskFailed(2, 20, ObjectLostError("blip"), lost_node=1))
+    out = core.handle(LostInputRecheck(2))  # no retries left: it fails, naming the inputs
+    assert [show(i) for i in out] == [reject(2, ObjectLostError)]
 
 
 def test_an_actor_is_placed_on_a_node_that_has_its_resources() -> None:

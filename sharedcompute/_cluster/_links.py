@@ -49,7 +49,6 @@ from sharedcompute._runtime._driver import Runtime
 from sharedcompute._runtime._pool import WorkerSlot
 from sharedcompute._scheduler import NO_TASK
 from sharedcompute._store import ObjectRef, RemoteObject, StoredObject
-from sharedcompute._worker._main import pack_error
 
 HEAD_NODE = 0
 
@@ -129,6 +128,7 @@ class ClusterHost:
 
     def __init__(self, runtime: Runtime, token: bytes, host: str) -> None:
         self.runtime = runtime
+        self.lost_input_recheck_s = 6.0  # the head sets it from its node timeout
         store = runtime.store
         self.transfer = TransferServer(store, token, host=host)
         self.puller = Puller(store, token)
@@ -287,7 +287,7 @@ class ClusterHost:
 
     def _undeliverable(self, worker: WorkerSlot, message: tuple[Any, ...],
                        error: BaseException) -> None:
-        answer = failure_answer(message, pack_error(error, "its input could not be fetched"))
+        answer = failure_answer(message, error)
         if answer is not None:
             self.runtime.worker_said(worker, [answer])
 

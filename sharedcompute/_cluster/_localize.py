@@ -141,6 +141,7 @@ class Localizer:
         try:
             self._puller.pull(ref)
         except BaseException as error:
+            error.lost_node = ref.node  # type: ignore[attr-defined]  # see failure_answer
             with self._lock:
                 self._lost[(ref.node, ref.object_id)] = error
         self._flush(worker_id)
@@ -179,9 +180,19 @@ class Localizer:
         self._pulls.shutdown(wait=True, cancel_futures=True)
 
 
-def failure_answer(message: Message, error_bytes: bytes) -> Message | None:
-    """What a worker answers when the task or call in ``message`` fails before it runs."""
+def failure_answer(message: Message, error: BaseException) -> Message | None:
+    """What a worker answers when the task or call in ``message`` fails before it runs.
+
+    A task whose input could not be pulled says from which node (a fourth field): the
+    head has it wait for that input to be made again rather than fail.
+    """
+    from sharedcompute._worker._main import pack_error
+
+    error_bytes = pack_error(error, "its input could not be fetched")
     kind = message[0]
+    lost_node = getattr(error, "lost_node", None)
+    if kind == Msg.RUN and lost_node is not None:
+        return (Msg.FAILED, message[1], error_bytes, lost_node)
     if kind in (Msg.RUN, Msg.CALL):
         return (Msg.FAILED, message[1], error_bytes)
     if kind == Msg.CREATE:

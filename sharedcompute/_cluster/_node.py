@@ -55,7 +55,6 @@ from sharedcompute._protocol._channel import Channel, connect
 from sharedcompute._protocol._messages import map_refs
 from sharedcompute._runtime._pool import ProcessPool, WorkerHandle
 from sharedcompute._store import OwnerStore, StoredObject, ref_from_wire
-from sharedcompute._worker._main import pack_error
 
 ATTACH_TIMEOUT = 30.0
 
@@ -180,7 +179,7 @@ class Node:
 
     def _undeliverable(self, worker: WorkerHandle, message: tuple[Any, ...],
                        error: BaseException) -> None:
-        answer = failure_answer(message, pack_error(error, "its input could not be fetched"))
+        answer = failure_answer(message, error)
         if answer is not None:
             self._to_head(FromWorker(worker.id, [answer]))
 

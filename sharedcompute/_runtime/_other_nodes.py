@@ -24,6 +24,7 @@ from sharedcompute._runtime._pool import WorkerHandle, WorkerSlot
 from sharedcompute._scheduler import (
     Event,
     KeyReleased,
+    LostInputRecheck,
     NodeJoined,
     NodeLeft,
     TaskState,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from sharedcompute._runtime._actors_driver import ActorManager
+    from sharedcompute._runtime._pool import ProcessPool
     from sharedcompute._scheduler import SchedulerCore
     from sharedcompute._store import ObjectRef
     from sharedcompute._sync import DrainingLock
@@ -60,6 +62,8 @@ class NodeHost(Protocol):
     def pull(self, ref: RemoteObject) -> StoredObject:
         """A copy here of another node's object (held by the host)."""
 
+    lost_input_recheck_s: float  # after this, a task whose input was lost tries again
+
 
 class OtherNodes:
     """The runtime's other nodes (mixed into ``Runtime``; used on a head)."""
@@ -74,6 +78,7 @@ class OtherNodes:
         _rewaits: dict[int, list[concurrent.futures.Future[ObjectRef]]]
         _waiters: defaultdict[int, set[int]]
         _next_worker_id: Callable[[], int]
+        _pool: ProcessPool | None
 
         def _handle(self, events: Event | list[Event]) -> None: ...
         def _settle_futures(self) -> None: ...
@@ -158,6 +163,18 @@ class OtherNodes:
             self._remote_workers[worker_id] = worker
             self._handle(WorkerJoined(worker_id, old.node))
 
+
+    def _recheck_later(self, key: int) -> None:
+        """A task lost an input: if that input's node has not left by then, try it again."""
+        if self._pool is None or self.cluster is None:
+            return
+        self._pool.call_later(self.cluster.lost_input_recheck_s, lambda: self._recheck(key))
+
+    def _recheck(self, key: int) -> None:
+        with self._lock:
+            if not self._closed:
+                self._handle(LostInputRecheck(key))
+        self._settle_futures()
 
     def _spawn_remote(self, node: int) -> WorkerSlot | None:
         """A process for an actor on another node, outside the pool (lock held)."""

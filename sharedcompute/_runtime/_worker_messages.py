@@ -127,6 +127,7 @@ class WorkerMessages:
         def _settle_futures(self) -> None: ...
         def _spawn_pool_worker(self) -> None: ...
         def _send_to(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None: ...
+        def _recheck_later(self, key: int) -> None: ...
 
     def _on_messages(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None:
         events: list[Event] = []
@@ -146,7 +147,12 @@ class WorkerMessages:
                     answered += 1
                 elif kind == Msg.FAILED:
                     answered += 1
-                    events.append(TaskFailed(message[1], worker.id, unpack_error(message[2])))
+                    if len(message) > 3:  # it never ran: an input of that node was lost
+                        events.append(TaskFailed(message[1], worker.id, unpack_error(message[2]),
+                                                 lost_node=message[3]))
+                        self._recheck_later(message[1])
+                    else:
+                        events.append(TaskFailed(message[1], worker.id, unpack_error(message[2])))
                 elif kind == Msg.WAIT:
                     if events:
                         self._handle(events)

@@ -87,6 +87,7 @@ from sharedcompute._scheduler._events import (
     Instruction,
     KeyReleased,
     KeyRetained,
+    LostInputRecheck,
     NodeId,
     NodeJoined,
     NodeLeft,
@@ -114,7 +115,7 @@ from sharedcompute._scheduler._events import (
 )
 from sharedcompute._scheduler._nodes import LOCAL_NODE, NodeTable, fits, release, reserve
 from sharedcompute._scheduler._state import Actor, Task, Worker
-from sharedcompute.errors import DependencyFailedError, WorkerCrashedError
+from sharedcompute.errors import DependencyFailedError, ObjectLostError, WorkerCrashedError
 
 
 class SchedulerCore(ActorScheduling):
@@ -278,11 +279,53 @@ class SchedulerCore(ActorScheduling):
             if task.worker != event.worker:
                 return
             self._unassign(task)
+            if event.lost_node is not None and task.actor is None:
+                self._wait_for_lost_inputs(task, event.lost_node)
+                return
             if task.retry_exceptions and task.retries_left > 0:
                 task.retries_left -= 1
                 self._make_ready(task, front=True)
                 return
         self._fail(task, event.error)
+
+    def _wait_for_lost_inputs(self, task: Task, node: NodeId) -> None:
+        """It never ran: an input on ``node`` could not be fetched. Wait for that node's
+        inputs to be made again (``NodeLeft``), or for ``LostInputRecheck``."""
+        suspects = {
+            key for key in dict.fromkeys(task.dependencies)
+            if (dep := self._tasks.get(key)) is not None
+            and dep.state is TaskState.FINISHED and dep.node == node
+        }
+        if not suspects:  # already made again elsewhere (or being made): as its inputs allow
+            task.waiting_on = {
+                key for key in dict.fromkeys(task.dependencies)
+                if (dep := self._tasks.get(key)) is not None and dep.state is not TaskState.FINISHED
+            }
+            if task.waiting_on:
+                task.state = TaskState.WAITING
+            else:
+                self._make_ready(task, front=True)
+            return
+        task.state = TaskState.WAITING
+        task.waiting_on |= suspects
+
+    def _on_LostInputRecheck(self, event: LostInputRecheck) -> None:
+        """The node of a lost input did not leave: its objects are there; try again."""
+        task = self._tasks.get(event.key)
+        if task is None or task.state is not TaskState.WAITING:
+            return
+        lost = {k for k in task.waiting_on if self._tasks[k].state is TaskState.FINISHED}
+        if not lost:
+            return  # waiting for inputs being made again, as it should
+        if task.retries_left <= 0:
+            self._fail(task, ObjectLostError(
+                f"task {task.key} could not fetch its inputs {sorted(lost)} from their node"
+            ))
+            return
+        task.retries_left -= 1
+        task.waiting_on -= lost
+        if not task.waiting_on:
+            self._make_ready(task, front=True)
 
     def _on_NodeJoined(self, event: NodeJoined) -> None:
         self.nodes.join(event.node, event.resources)
@@ -810,6 +853,6 @@ SchedulerCore._handlers = {
         ActorStarted, ActorFailed, WorkerRetired, TaskReturned, TaskSubmitted, ExternalTask,
         ObjectPut, TaskFinished, TaskFailed, WorkerJoined, WorkerDied, WorkerBlocked,
         WorkerUnblocked, CancelRequested, KeyReleased, KeyRetained, PoolBroken,
-        WithdrawRequested, ActorRequested, NodeJoined, NodeLeft,
+        WithdrawRequested, ActorRequested, NodeJoined, NodeLeft, LostInputRecheck,
     )
 }

@@ -27,6 +27,7 @@ __all__ = [
     "Instruction",
     "KeyReleased",
     "KeyRetained",
+    "LostInputRecheck",
     "NodeId",
     "NodeJoined",
     "NodeLeft",
@@ -126,11 +127,24 @@ class TaskFinished:
 
 @dataclass(slots=True)
 class TaskFailed:
-    """The task raised, or could not be set up (``worker`` is None when it never ran)."""
+    """The task raised, or could not be set up (``worker`` is None when it never ran).
+
+    ``lost_node``: it never ran because an input of node ``lost_node`` could not be
+    fetched (that node is dying, most likely): it waits for that input to be made
+    again (``NodeLeft``), or, if the node stays, runs again at ``LostInputRecheck``.
+    """
 
     key: TaskKey
     worker: WorkerId | None
     error: BaseException
+    lost_node: NodeId | None = None
+
+
+@dataclass(slots=True)
+class LostInputRecheck:
+    """A while after ``TaskFailed(lost_node=...)``: if its inputs are still there, retry it."""
+
+    key: TaskKey
 
 
 @dataclass(slots=True)
@@ -288,6 +302,7 @@ Event = (
     | ActorRequested
     | NodeJoined
     | NodeLeft
+    | LostInputRecheck
 )
 
 
