@@ -60,7 +60,7 @@ def home(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_every_verb_has_help(tmp_path: Path) -> None:
-    for verb in ([], ["start"], ["status"], ["stop"]):
+    for verb in ([], ["start"], ["status"], ["stop"], ["launch"], ["tls-gen"]):
         result = run(tmp_path, *verb, "--help")
         assert result.returncode == 0 and "usage: sharedcompute" in result.stdout
 
