@@ -34,6 +34,7 @@ __all__ = [
     "ActorPool",
     "Executor",
     "Future",
+    "Pool",
     "RemoteFunction",
     "Runtime",
     "as_completed",
@@ -59,6 +60,7 @@ __all__ = [
 _LAZY = {
     "Future": "sharedcompute._runtime._future",
     "Executor": "sharedcompute._executor",
+    "Pool": "sharedcompute._pool_api",
     "Runtime": "sharedcompute._runtime._driver",
     "ActorClass": "sharedcompute._runtime._actor",
     "ActorHandle": "sharedcompute._runtime._actor",
@@ -98,6 +100,7 @@ if TYPE_CHECKING:
         wait,
     )
     from sharedcompute._executor import Executor
+    from sharedcompute._pool_api import Pool
     from sharedcompute._runtime._actor import ActorClass, ActorHandle, ActorPool
     from sharedcompute._runtime._driver import Runtime
     from sharedcompute._runtime._future import Future
