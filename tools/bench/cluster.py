@@ -255,6 +255,22 @@ def _start_cluster(system: str, hosts: netns.Hosts, home: Path) -> tuple[str, li
     return f"{head_ip}:{PORT}", []
 
 
+def _stop_cluster(system: str, hosts: netns.Hosts, procs: list[Any]) -> None:
+    """Stop ``system``'s processes politely before the hosts go (which SIGKILLs what is left):
+    killed outright, Dask's and Ray's processes leave their semaphores in /dev/shm."""
+    if system == "ray":
+        ray = str(Path(sys.executable).parent / "ray")
+        for host in (1, 0):
+            hosts.run(host, [ray, "stop"], capture_output=True, timeout=UP_TIMEOUT)
+    for proc in reversed(procs):  # the workers first, then the scheduler or head
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
 def _wait_port(hosts: netns.Hosts, ip: str, port: int) -> None:
     probe = f"import socket; socket.create_connection(({ip!r}, {port}), timeout=1).close()"
     deadline = time.monotonic() + UP_TIMEOUT
@@ -276,16 +292,19 @@ def tasks(system: str, count: int) -> dict[str, float]:
     home = Path(tempfile.mkdtemp(prefix=f"bench-{system}-"))
     try:
         with netns.Hosts(2) as hosts:
-            address, _ = _start_cluster(system, hosts, home)
-            script = (f"ADDRESS = {address!r}\nTASKS = {count}\n" + WORKLOAD
-                      + DRIVERS[system])
-            env = {**os.environ, "SHAREDCOMPUTE_TOKEN": TOKEN}
-            done = hosts.run(0, [sys.executable, "-c", textwrap.dedent(script)],
-                             capture_output=True, text=True, timeout=900, env=env)
-            if done.returncode:
-                raise RuntimeError(f"the {system} driver failed:\n{done.stderr[-3000:]}")
-            result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-            return result
+            address, procs = _start_cluster(system, hosts, home)
+            try:
+                script = (f"ADDRESS = {address!r}\nTASKS = {count}\n" + WORKLOAD
+                          + DRIVERS[system])
+                env = {**os.environ, "SHAREDCOMPUTE_TOKEN": TOKEN}
+                done = hosts.run(0, [sys.executable, "-c", textwrap.dedent(script)],
+                                 capture_output=True, text=True, timeout=900, env=env)
+                if done.returncode:
+                    raise RuntimeError(f"the {system} driver failed:\n{done.stderr[-3000:]}")
+                result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+                return result
+            finally:
+                _stop_cluster(system, hosts, procs)
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
