@@ -71,7 +71,7 @@ from sharedcompute._store import (
     ref_from_wire,
     ref_to_wire,
 )
-from sharedcompute.errors import ObjectLostError, SharedComputeError
+from sharedcompute.errors import SharedComputeError
 
 
 class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
@@ -289,21 +289,13 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
                 ref = self.puller.pull(ref)
         return super().load(ref)
 
-    def load_result(self, key: int, ref: ObjectRef) -> Any:
-        """A task's value; if the node that held it died, the head's answer once it ran again."""
-        try:
-            return self.load(ref)
-        except ObjectLostError:
-            if type(ref) is not RemoteObject:
-                raise
-            waiter: concurrent.futures.Future[ObjectRef] = concurrent.futures.Future()
-            with self._lock:
-                self._rewaits.setdefault(key, []).append(waiter)
-            self._send([(Msg.WAIT, [key])])
-            again = waiter.result()
-            if again == ref:
-                raise
-            return self.load(again)
+    def _made_again(self, key: int, lost: ObjectRef) -> ObjectRef | None:
+        """The head's answer for the task once it has run again (its node died)."""
+        waiter: concurrent.futures.Future[ObjectRef] = concurrent.futures.Future()
+        with self._lock:
+            self._rewaits.setdefault(key, []).append(waiter)
+        self._send([(Msg.WAIT, [key])])
+        return waiter.result()
 
     def cancel(self, future: Future[Any]) -> bool:
         self._send([(Msg.CANCEL, future.key)])

@@ -22,8 +22,15 @@ from sharedcompute._runtime._args import DepMarker, FunctionCache, extract_depen
 from sharedcompute._runtime._future import Future
 from sharedcompute._serialization import deserialize, serialize
 from sharedcompute._serialization._pickled import PICKLE_HEADER
-from sharedcompute._store import INLINE_THRESHOLD, InlineObject, ObjectRef, ObjectStore
+from sharedcompute._store import (
+    INLINE_THRESHOLD,
+    InlineObject,
+    ObjectRef,
+    ObjectStore,
+    RemoteObject,
+)
 from sharedcompute._sync import DrainingLock
+from sharedcompute.errors import ObjectLostError
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +132,20 @@ class RuntimeBase:
         return self.store.get(ref)
 
     def load_result(self, key: int, ref: ObjectRef) -> Any:
-        """The value of task ``key`` (a runtime of a cluster may have it made again)."""
-        return self.load(ref)
+        """The value of task ``key``; if it lived on a node that died, the value made again."""
+        try:
+            return self.load(ref)
+        except ObjectLostError:
+            if type(ref) is not RemoteObject:
+                raise
+            again = self._made_again(key, ref)
+            if again is None or again == ref:
+                raise
+            return self.load(again)
+
+    def _made_again(self, key: int, lost: ObjectRef) -> ObjectRef | None:
+        """The new result of task ``key``, whose result ``lost`` is gone (None: none comes)."""
+        return None
 
     # -- what each runtime provides ------------------------------------------------
 

@@ -31,7 +31,6 @@ from sharedcompute._scheduler import (
     WorkerJoined,
 )
 from sharedcompute._store import ObjectRef, RemoteObject, StoredObject
-from sharedcompute.errors import ObjectLostError
 
 if TYPE_CHECKING:
     from collections import defaultdict
@@ -196,21 +195,9 @@ class OtherNodes:
             self.cluster.kill(worker)
 
 
-    def load_result(self, key: int, ref: ObjectRef) -> Any:
-        """A task's value; made again if the node that held it died (see ``_recompute_lost``)."""
-        try:
-            return self.load(ref)
-        except ObjectLostError:
-            if type(ref) is not RemoteObject:
-                raise
-            again = self._made_again(key, ref)
-            if again is None:
-                raise
-            return self.load(again)
-
-
     def _made_again(self, key: int, lost: ObjectRef) -> ObjectRef | None:
-        """The new result of a task whose result was lost, once it has run again (or None)."""
+        """The new result of a task whose result was lost, once it has run again (or None);
+        the core runs it again when the node leaves (``_recompute_lost``)."""
         waiter: concurrent.futures.Future[ObjectRef] = concurrent.futures.Future()
         with self._lock:
             outcome = self.core.outcome(key)
