@@ -12,6 +12,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from sharedcompute import _config
 from sharedcompute._cluster import ADDRESS_ENV, ClusterClient, connect
+from sharedcompute._env import check_option as check_runtime_env
 from sharedcompute._runtime import _context
 from sharedcompute._runtime._base import RuntimeBase, TaskOptions
 from sharedcompute._runtime._driver import Runtime
@@ -40,6 +41,7 @@ def init(
     spill_dir: str | None = None,
     resources: dict[str, float] | None = None,
     worker_output_prefix: bool = True,
+    runtime_env: dict[str, Any] | None = None,
 ) -> Runtime | ClusterClient:
     """Start the default runtime (worker processes, store, scheduler) and return it.
 
@@ -47,6 +49,10 @@ def init(
     read from ``SHAREDCOMPUTE_ADDRESS``), connect to that cluster's head as a driver
     instead: the token comes from ``SHAREDCOMPUTE_TOKEN``, ``SHAREDCOMPUTE_TOKEN_FILE``
     or the sharedcompute home, as for the ``sharedcompute`` command.
+
+    ``runtime_env`` (``working_dir``, ``py_modules``, ``env_vars``, ``excludes``) is the
+    environment every task of this driver runs in: its directories are packed and shipped
+    now, once per content, and unpacked once per host that runs its work.
     """
     with _init_lock:
         if _context.in_worker():
@@ -58,7 +64,7 @@ def init(
             )
         address = address or os.environ.get(ADDRESS_ENV) or None
         if address is not None:
-            client = connect(address, store_capacity=store_capacity)
+            client = connect(address, store_capacity=store_capacity, runtime_env=runtime_env)
             _context.set_default(client)
             return client
         runtime = Runtime(
@@ -69,6 +75,7 @@ def init(
             spill_dir=spill_dir,
             resources=resources,
             worker_output_prefix=worker_output_prefix,
+            runtime_env=runtime_env,
         )
         _context.set_default(runtime)
         return runtime
@@ -196,7 +203,8 @@ def as_completed(
 
 _DEFAULT_OPTIONS = TaskOptions()
 _OPTION_NAMES = frozenset(
-    {"num_cpus", "resources", "max_retries", "retry_exceptions", "scheduler", "name", "node"}
+    {"num_cpus", "resources", "max_retries", "retry_exceptions", "scheduler", "name", "node",
+     "runtime_env"}
 )
 
 
@@ -212,8 +220,11 @@ def _make_options(base: TaskOptions, **changes: Any) -> TaskOptions:
         "scheduler": base.scheduler,
         "name": base.name,
         "node": base.node,
+        "runtime_env": base.runtime_env,
     }
     values.update(changes)
+    if "runtime_env" in changes and changes["runtime_env"] is not None:
+        values["runtime_env"] = check_runtime_env(changes["runtime_env"])
     resources = values["resources"]
     if isinstance(resources, dict):
         values["resources"] = tuple(sorted((str(k), float(v)) for k, v in resources.items()))

@@ -13,6 +13,7 @@ from typing import Any
 _KNOWN = {
     "scheduler": None,  # "sync" | "threads" | "processes"; None: the runtime's own
     "num_workers": None,  # workers for a runtime started on first use
+    "runtime_env_max_bytes": None,  # the largest package a runtime_env may ship (512 MiB)
 }
 _values: dict[str, Any] = dict(_KNOWN)
 _lock = threading.Lock()

@@ -18,6 +18,11 @@
     cert = "/etc/sharedcompute/{host}.pem"   # paths on the hosts; {host}: each one's address
     key = "/etc/sharedcompute/{host}.key"
     ca = "/etc/sharedcompute/ca.pem"
+    [runtime_env]                      # optional: under every driver's own (see sc.init)
+    working_dir = "."                  # paths here: on this machine, relative to this file
+    py_modules = ["../libs/mypkg"]
+    env_vars = { OMP_NUM_THREADS = "1" }
+    excludes = ["*.bin"]
     [head]
     host = "10.0.0.1"
     num_workers = 4
@@ -33,7 +38,10 @@ check every host at once (reachable, the python found, sharedcompute importable
 and of this version), run the setup commands, start the head (or find it
 running), read its token back over the ssh channel, start every node at once
 with the token on its stdin (never on a command line), and wait until each has
-joined. A host that fails is named with the reason; the others go on. Run again,
+joined; then, with a ``[runtime_env]``, pack its directories here, upload to the
+head what it lacks, and make it the env under every driver that connects
+(reaching the head's port from this machine, as a driver does). A host that
+fails is named with the reason; the others go on. Run again,
 it starts only what does not run. ``--down`` stops every host's processes;
 ``--dry-run`` prints the commands instead of running them.
 """
@@ -49,6 +57,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from sharedcompute._env import check as check_runtime_env
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,6 +97,7 @@ class ClusterFile:
     tls: tuple[str, str, str] | None  # cert, key, CA paths on the hosts ("{host}" expands)
     head: HostSpec
     nodes: tuple[HostSpec, ...]
+    runtime_env: dict[str, Any] | None = None  # checked; paths absolute on this machine
 
     @property
     def hosts(self) -> tuple[HostSpec, ...]:
@@ -121,7 +132,32 @@ def load(path: str | os.PathLike[str]) -> ClusterFile:
         tls=_tls(_table(data, "tls", path), path),
         head=head,
         nodes=tuple(_host(node, "node", path) for node in nodes),
+        runtime_env=_runtime_env(data.get("runtime_env"), path),
     )
+
+
+def _runtime_env(table: Any, path: Any) -> dict[str, Any] | None:
+    """The ``[runtime_env]`` table, its paths taken relative to the cluster file."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise LaunchError(f"{path}: runtime_env must be a [runtime_env] table")
+    base = os.path.dirname(os.path.abspath(path))
+
+    def here(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return os.path.join(base, os.path.expanduser(value))  # an absolute path stays
+
+    spec = dict(table)
+    if "working_dir" in spec:
+        spec["working_dir"] = here(spec["working_dir"])
+    if isinstance(spec.get("py_modules"), list):
+        spec["py_modules"] = [here(module) for module in spec["py_modules"]]
+    try:
+        return check_runtime_env(spec, f"{path}: [runtime_env]")
+    except (TypeError, ValueError) as error:
+        raise LaunchError(str(error)) from error
 
 
 def _tls(table: dict[str, Any], path: Any) -> tuple[str, str, str] | None:
@@ -268,6 +304,26 @@ class Launcher:
         said = "was running" if running else "started"
         return Outcome(head, True, said), token.stdout.strip() or "dry-run-token"
 
+    def ship_runtime_env(self, token: str) -> Outcome:
+        """Pack the ``[runtime_env]`` here, upload what the head lacks, make it the cluster's."""
+        head, spec = self.cluster.head, self.cluster.runtime_env
+        if self.dry_run:
+            return Outcome(head, True, f"would pack and ship the runtime_env {spec}")
+        from sharedcompute._cluster._messages import SetClusterEnv
+        from sharedcompute._cluster._server import request, ship_package
+        from sharedcompute._env import EnvResolver
+
+        address = f"{head.host}:{self.cluster.port}"
+        try:
+            resolver = EnvResolver(spec, lambda package: ship_package(address, token, package))
+            request(address, token, SetClusterEnv(resolver.base))
+        except Exception as error:
+            return Outcome(head, False, f"runtime_env not shipped: {type(error).__name__}: "
+                           f"{error}")
+        described = resolver.base.describe() if resolver.base is not None else "empty"
+        return Outcome(head, True, f"runtime_env set ({described}; "
+                       f"{resolver.shipped_bytes} bytes uploaded)")
+
     def tls_args(self, host: HostSpec) -> list[str]:
         if self.cluster.tls is None:
             return []
@@ -340,6 +396,11 @@ def launch(path: str, *, down: bool = False, dry_run: bool = False,
     _report([head], say)
     if token is None:
         return 1
+    if cluster.runtime_env:
+        shipped = launcher.ship_runtime_env(token)
+        _report([shipped], say)
+        if not shipped.ok:
+            return 1
     joined = launcher.each(cluster.nodes, lambda node: launcher.start_node(node, token))
     _report(joined, say)
     address = f"{cluster.head.host}:{cluster.port}"

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sharedcompute._cluster._token import find_token, home
+from sharedcompute._env import sweep_dead_caches
 from sharedcompute._protocol._tls import CA_ENV, CERT_ENV, KEY_ENV, configure
 from sharedcompute.errors import AuthenticationError
 
@@ -252,6 +253,8 @@ def _status(args: argparse.Namespace) -> int:
 
 def _stop(args: argparse.Namespace) -> int:
     stopped = [_stop_role(role) for role in ("node", "head")]
+    # What processes killed before they could clean up left of their runtime_env caches.
+    sweep_dead_caches()
     if not any(stopped):
         print("nothing to stop: no head or node runs on this host")
     return 0

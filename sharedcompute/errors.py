@@ -14,7 +14,8 @@ Everything the runtime itself raises derives from :class:`SharedComputeError`::
           ├── ObjectStoreFullError
           ├── SerializationError      (also TypeError and pickle.PicklingError)
           │    └── DeserializationError  (also pickle.UnpicklingError and BrokenProcessPool)
-          └── AuthenticationError     (also PermissionError)
+          ├── AuthenticationError     (also PermissionError)
+          └── RuntimeEnvError         (a runtime_env that cannot be packed, shipped or set up)
 
 The stdlib bases let code written for ``ProcessPoolExecutor`` and ``pickle`` catch
 these unchanged (loky does the same with its ``TerminatedWorkerError``).
@@ -37,6 +38,7 @@ __all__ = [
     "ObjectLostError",
     "ObjectStoreFullError",
     "RemoteTraceback",
+    "RuntimeEnvError",
     "SerializationError",
     "SharedComputeError",
     "WorkerCrashedError",
@@ -78,6 +80,11 @@ class DeserializationError(SerializationError, pickle.UnpicklingError, BrokenPro
     """A value could not be rebuilt where it was needed: a task's arguments in its worker,
     or a result where it is read. Also a ``BrokenProcessPool``, which is what code written
     for ``ProcessPoolExecutor`` catches for these failures (there the pool breaks)."""
+
+
+class RuntimeEnvError(SharedComputeError):
+    """A runtime_env cannot be used: too large, a path that cannot be read, a package that
+    a node cannot fetch or unpack. It names what was wrong and where."""
 
 
 class AuthenticationError(SharedComputeError, PermissionError):

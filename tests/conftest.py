@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 from _cluster import cluster  # noqa: F401 (a fixture: a head here, nodes as processes)
+from _hosts import three_hosts  # noqa: F401 (a fixture: a cluster on three namespace hosts)
 
 from tools import netns
 

@@ -35,7 +35,7 @@ class LaunchHosts:
 
     def cluster_file(self, *, python: str = sys.executable, identity: Path | None = None,
                      node_hosts: list[str] | None = None, tls: Path | None = None,
-                     setup: list[str] | None = None) -> Path:
+                     setup: list[str] | None = None, runtime_env: str | None = None) -> Path:
         addresses = self.hosts.addresses
         nodes = node_hosts or addresses[1:]
         text = textwrap.dedent(f"""
@@ -55,6 +55,8 @@ class LaunchHosts:
         """)
         if setup:
             text += "[setup]\ncommands = " + json.dumps(setup) + "\n"
+        if runtime_env:
+            text += "[runtime_env]\n" + textwrap.dedent(runtime_env)
         if tls is not None:  # one certificate per host, named by its address
             text += textwrap.dedent(f"""
                 [tls]
@@ -108,12 +110,20 @@ def launch_hosts(tmp_path: Path) -> Iterator[LaunchHosts]:
 
 @pytest.mark.timeout(400)
 def test_launch_brings_three_hosts_up_runs_work_and_down_leaves_nothing(launch_hosts) -> None:
-    path = launch_hosts.cluster_file()
+    project = launch_hosts.tmp / "project"  # the [runtime_env] working_dir: no node has it
+    project.mkdir()
+    (project / "launched_mod.py").write_text("def name():\n    return open('tag.txt').read()\n")
+    (project / "tag.txt").write_text("from the launch file")
+    path = launch_hosts.cluster_file(runtime_env="""
+        working_dir = "project"
+        env_vars = { SC_LAUNCHED = "yes" }
+    """)
     started = time.monotonic()
     up = launch_hosts.launch(path)
     took = time.monotonic() - started
     assert up.returncode == 0, up.stdout + up.stderr
     assert "2 of 2 nodes up" in up.stdout, up.stdout
+    assert "runtime_env set (working_dir pkg-" in up.stdout, up.stdout
     print(f"launch took {took:.1f} s")
     head = f"{launch_hosts.hosts.addresses[0]}:6380"
     token = (launch_hosts.tmp / "home0" / "token").read_text().strip()
@@ -124,7 +134,12 @@ def test_launch_brings_three_hosts_up_runs_work_and_down_leaves_nothing(launch_h
         @sc.remote
         def where():
             return os.environ.get("SHAREDCOMPUTE_HOME", "")
+        @sc.remote
+        def shipped():
+            import launched_mod  # only in the launch file's working_dir
+            return launched_mod.name(), os.environ.get("SC_LAUNCHED")
         print(json.dumps({
+            "shipped": shipped.options(resources={"slot2": 1}).submit().result(60),
             "nodes": sorted(n["address"] for n in sc.nodes() if n["alive"]),
             "on1": where.options(resources={"slot1": 1}).submit().result(60),
             "on2": where.options(resources={"slot2": 1}).submit().result(60),
@@ -134,6 +149,7 @@ def test_launch_brings_three_hosts_up_runs_work_and_down_leaves_nothing(launch_h
     assert driver.returncode == 0, driver.stderr
     said = json.loads(driver.stdout.strip().splitlines()[-1])
     assert said["on1"].endswith("home1") and said["on2"].endswith("home2")
+    assert said["shipped"] == ["from the launch file", "yes"]
     assert len(said["nodes"]) == 3
     again = launch_hosts.launch(path)  # everything runs already: nothing new starts
     assert again.returncode == 0 and again.stdout.count("was running") == 3, again.stdout

@@ -112,6 +112,7 @@ HIERARCHY = [
         concurrent.futures.process.BrokenProcessPool,
     )),
     ("AuthenticationError", (errors.SharedComputeError, PermissionError)),
+    ("RuntimeEnvError", (errors.SharedComputeError,)),
 ]
 
 

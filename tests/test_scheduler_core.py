@@ -1098,3 +1098,78 @@ def test_an_actor_is_placed_on_a_node_that_has_its_resources() -> None:
     out = core.handle(ActorRequested(7, Resources(cpus=0.0, custom=(("GPU", 1.0),))))
     assert out == [PlaceActor(7, 2)]
     assert core.nodes[2].available["GPU"] == 0.0
+
+
+# -- runtime_env: tasks run only on workers of their env ---------------------------------------
+
+
+def _restarts(instructions: list[Any]) -> list[tuple[int | None, Any]]:
+    return [(i.replaces, i.env) for i in instructions if isinstance(i, StartWorker)]
+
+
+def test_a_task_with_an_env_restarts_an_idle_worker_in_it_and_waits_for_it() -> None:
+    core = make_core(cpus=2, workers=2)
+    out = core.handle(TaskSubmitted(1, env="E"))
+    assert _restarts(out) == [(0, "E")]
+    assert not [i for i in out if isinstance(i, Dispatch)]
+    assert core.state_of(1) is TaskState.READY
+    # The new worker joins (as the runtime reports it at once): the task runs there.
+    assert [show(i) for i in core.handle(WorkerJoined(5, env="E"))] == [dispatch(5, 1)]
+    # A second task of the env reuses it once it is free; no restart.
+    core.handle(TaskFinished(1, 5, "r"))
+    assert [show(i) for i in core.handle(TaskSubmitted(2, env="E"))] == [dispatch(5, 2)]
+
+
+def test_tasks_without_an_env_never_run_on_a_worker_with_one() -> None:
+    core = make_core(cpus=1, workers=0)
+    core.handle(WorkerJoined(3, env="E"))
+    out = core.handle(submit(1))
+    assert _restarts(out) == [(3, None)]
+    assert [show(i) for i in core.handle(WorkerJoined(4))] == [dispatch(4, 1)]
+
+
+def test_a_burst_of_env_tasks_restarts_one_worker_per_task_up_to_the_idle_ones() -> None:
+    core = make_core(cpus=3, workers=3)
+    core.handle(submit(1))  # worker 0 busy without an env
+    out = core.handle([TaskSubmitted(k, env="E") for k in (2, 3, 4, 5)])
+    assert sorted(_restarts(out)) == [(1, "E"), (2, "E")]
+    out = core.handle([WorkerJoined(10, env="E"), WorkerJoined(11, env="E")])
+    assert sorted(show(i) for i in out) == sorted([dispatch(10, 2), dispatch(11, 3)])
+    assert core.state_of(4) is TaskState.READY  # waits for a worker of its env
+
+
+def test_an_env_task_behind_a_busy_pool_does_not_block_a_task_that_fits_an_idle_worker() -> None:
+    core = make_core(cpus=2, workers=0)
+    core.handle([WorkerJoined(0, env="E"), WorkerJoined(1)])
+    core.handle(TaskSubmitted(1, env="E"))  # takes worker 0
+    out = core.handle([TaskSubmitted(2, env="E"), submit(3)])
+    # Task 2 finds no free worker of E; worker 1 is idle and task 3 fits it: restarting
+    # worker 1 for task 2 would steal it, but FIFO order gives it to task 2 first.
+    assert _restarts(out) == [(1, "E")]
+    assert core.state_of(3) is TaskState.READY
+    core.handle(TaskFinished(1, 0, "r"))  # worker 0 (E) is free: task 2 goes there
+    assert core.workers()[0] == [2]
+
+
+def test_a_worker_replaced_after_a_crash_or_its_share_of_tasks_keeps_its_env() -> None:
+    core = SchedulerCore({"CPU": 1.0}, max_tasks_per_worker=1)
+    core.handle(WorkerJoined(0, env="E"))
+    out = core.handle(TaskSubmitted(1, env="E"))
+    out += core.handle(TaskFinished(1, 0, "r"))
+    assert (0, "E") in _restarts(out)
+    core2 = make_core(cpus=1, workers=0)
+    core2.handle(WorkerJoined(0, env="E"))
+    out = core2.handle(WorkerDied(0, "killed", NO_TASK, replace=True))
+    assert _restarts(out) == [(0, "E")]
+
+
+def test_nested_children_and_chains_stay_within_their_env() -> None:
+    core = make_core(cpus=1, workers=0, max_prefetch=4)
+    core.handle(WorkerJoined(0, env="E"))
+    core.handle(TaskSubmitted(1, env="E"))
+    core.handle(WorkerBlocked(0, 1))
+    # A child of another env does not run nested on worker 0; one of E does.
+    core.handle(TaskSubmitted(2, parent=1, env="F"))
+    assert core.state_of(2) is TaskState.READY
+    core.handle(TaskSubmitted(3, parent=1, env="E"))
+    assert core.workers()[0] == [1, 3]

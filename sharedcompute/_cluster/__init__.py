@@ -10,6 +10,7 @@ start`` runs), ``_client`` (``sharedcompute.init(address=...)``).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from sharedcompute._cluster._client import ClusterClient
 from sharedcompute._cluster._token import find_token, home
@@ -17,7 +18,8 @@ from sharedcompute._cluster._token import find_token, home
 ADDRESS_ENV = "SHAREDCOMPUTE_ADDRESS"
 
 
-def connect(address: str, *, store_capacity: int | None = None) -> ClusterClient:
+def connect(address: str, *, store_capacity: int | None = None,
+            runtime_env: dict[str, Any] | None = None) -> ClusterClient:
     """A driver connected to the head at ``address`` ("auto": the one started here)."""
     if address == "auto":
         started = home() / "head.address"
@@ -31,7 +33,7 @@ def connect(address: str, *, store_capacity: int | None = None) -> ClusterClient
     if ":" not in address:
         raise ValueError(f"address must be 'HOST:PORT' or 'auto', got {address!r}")
     return ClusterClient(address, find_token(os.environ.get("SHAREDCOMPUTE_TOKEN_FILE")),
-                         store_capacity=store_capacity)
+                         store_capacity=store_capacity, runtime_env=runtime_env)
 
 
 __all__ = ["ADDRESS_ENV", "ClusterClient", "connect"]

@@ -30,7 +30,7 @@ import concurrent.futures
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import astuple
+from dataclasses import fields, replace
 from typing import Any
 
 from sharedcompute._cluster._messages import (
@@ -47,7 +47,9 @@ from sharedcompute._cluster._messages import (
     StatusRequest,
     ToWorker,
 )
+from sharedcompute._cluster._server import ship_package
 from sharedcompute._cluster._transfer import Puller, TransferServer
+from sharedcompute._env import EnvResolver, Package
 from sharedcompute._protocol import Msg
 from sharedcompute._protocol._channel import Channel, connect
 from sharedcompute._protocol._messages import map_refs
@@ -78,7 +80,7 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
     """The runtime of a driver connected to a cluster's head."""
 
     def __init__(self, address: str, token: str, *, store_capacity: int | None = None,
-                 host: str | None = None) -> None:
+                 host: str | None = None, runtime_env: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.address = address
         self._token = token.encode()
@@ -95,6 +97,8 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
         self._made: list[Any] = []
         try:
             self._connect(host)
+            # Packed and shipped now: a directory too large fails init, not a later submit.
+            self.envs = EnvResolver(runtime_env, self._ship_to_head, under=self._cluster_env)
         except BaseException:
             self._close_made()
             raise
@@ -108,6 +112,9 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
             target=self._beat, name="sharedcompute-driver-heartbeat", daemon=True
         )
         self._beat_thread.start()
+
+    def _ship_to_head(self, package: Package) -> int:
+        return ship_package(self.address, self._token.decode(), package)
 
     def _connect(self, host: str | None) -> None:
         head_host, _, port = self.address.rpartition(":")
@@ -125,6 +132,7 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
         self._channel.sock.settimeout(None)
         self.node_id = reply.node_id
         self.worker_id = reply.worker_id
+        self._cluster_env = reply.runtime_env
         self._next_key = self._key_counter((reply.worker_id + 1) << 40)
         # A second connection, for heartbeats only: a head that stops answering (a
         # stopped process, a cut network) fails this driver's Futures within its
@@ -254,6 +262,7 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
         if options.scheduler not in (None, "processes"):
             raise ValueError(f"scheduler={options.scheduler!r} runs in this process; a "
                              "driver connected to a cluster sends every task to it")
+        env = self.task_env(options)  # before anything is stored: it may raise
         args_ref, deps = self.prepare_args(args, kwargs)
         fn_key, fn_bytes = self.functions.encode(fn)
         key = self._next_key()
@@ -263,7 +272,7 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
         self._hold_for_head(args_ref)
         self._send([
             (Msg.SUBMIT, key, fn_key, fn_bytes, ref_to_wire(args_ref), tuple(deps),
-             options_to_wire(options), None),
+             options_to_wire(options, env), None),
             (Msg.WAIT, [key]),
         ])
         return future
@@ -372,6 +381,7 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
         With Future arguments not done yet, the request goes once they are (errors then
         reach the actor's calls, as ``ActorDiedError``).
         """
+        options = replace(options, runtime_env=self.envs.resolve(options.runtime_env))
         args_ref, deps = self.prepare_args(args, kwargs)
         cls_key, cls_bytes = self.functions.encode(cls)
         actor_id, reply_key = self._next_key(), self._next_key()
@@ -381,7 +391,8 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
         self._hold_for_head(args_ref)
         request = (
             Msg.CREATE_ACTOR, reply_key, actor_id, cls_key, cls_bytes, ref_to_wire(args_ref),
-            tuple(deps), astuple(options), cls.__qualname__, methods,
+            tuple(deps), tuple(getattr(options, f.name) for f in fields(options)),
+            cls.__qualname__, methods,
         )
         handle = ActorHandle(self, actor_id, cls.__qualname__, methods)
         pending = [future for future in deps.values() if not future.done()]

@@ -35,18 +35,26 @@ from sharedcompute._cluster._links import ClusterHost, NodeLink
 from sharedcompute._cluster._messages import (
     AttachDriver,
     AttachWork,
+    ClusterEnvSet,
     ErrorReply,
+    FetchPackage,
+    HasPackage,
     Heartbeat,
     HeartbeatAck,
     NodeInfo,
+    PackageData,
+    PackageStatus,
     Ping,
     Pong,
     Registered,
     RegisterNode,
+    SetClusterEnv,
+    ShipPackage,
     StatusReply,
     StatusRequest,
 )
 from sharedcompute._cluster._server import ThreadedServer
+from sharedcompute._env import Env
 from sharedcompute._protocol._channel import Channel
 from sharedcompute._runtime._driver import Runtime
 from sharedcompute._scheduler import PINS_PER_NODE, node_resource, public_resources
@@ -84,6 +92,7 @@ class Head(ThreadedServer):
         self.node_timeout = node_timeout
         self._nodes: dict[int, _RemoteNode] = {}
         self._next_node_id = 1
+        self.cluster_env: Env | None = None  # under every driver's (sharedcompute launch)
         self.runtime = Runtime(
             num_workers=num_workers, resources=resources, store_capacity=store_capacity
         )
@@ -101,6 +110,7 @@ class Head(ThreadedServer):
         self._handlers: dict[type, Callable[[Any, _Connection], Any]] = {
             StatusRequest: self._status, RegisterNode: self._register, Heartbeat: self._heartbeat,
             Ping: lambda _, __: Pong(HEARTBEAT_SECONDS, self.node_timeout),
+            HasPackage: self._has_package, SetClusterEnv: self._set_cluster_env,
         }
         self.start()
         self._stop_watch = threading.Event()
@@ -154,6 +164,30 @@ class Head(ThreadedServer):
             remote.info = replace(remote.info, store_used=request.store_used)
         return HeartbeatAck()
 
+    # -- runtime_env packages: drivers ship them here, nodes fetch them from here -----------------
+
+    def _has_package(self, request: HasPackage, _: _Connection) -> PackageStatus:
+        return PackageStatus(self.runtime.packages().has(request.package))
+
+    def _ship_package(self, request: ShipPackage, buffers: list[Any]) -> Any:
+        if len(buffers) != 1:
+            return ErrorReply(f"ShipPackage carries one buffer, not {len(buffers)}")
+        self.runtime.packages().add(request.package, buffers[0], pin=True)
+        return PackageStatus(True)
+
+    def _set_cluster_env(self, request: SetClusterEnv, _: _Connection) -> Any:
+        if request.env is not None and not isinstance(request.env, Env):
+            return ErrorReply(f"SetClusterEnv carries an Env, not {type(request.env).__name__}")
+        missing = self.runtime.packages().missing(request.env.packages) if request.env else []
+        if missing:
+            return ErrorReply(f"the cluster's runtime_env names packages never shipped: {missing}")
+        self.cluster_env = request.env
+        return ClusterEnvSet()
+
+    def _fetch_package(self, request: FetchPackage) -> tuple[Any, list[bytes]]:
+        data = self.runtime.packages().read(request.package)
+        return PackageData(request.package), [data]
+
     def _node_lost(self, node_id: int, reason: str) -> None:
         with self._lock:
             remote = self._nodes.get(node_id)
@@ -186,7 +220,10 @@ class Head(ThreadedServer):
         connection = _Connection(channel.sock, channel.peer)
         try:
             while True:
-                request, _ = channel.receive()
+                request, buffers = channel.receive()
+                if type(request) is ShipPackage or type(request) is FetchPackage:
+                    self._package_request(channel, request, buffers)
+                    continue
                 if type(request) is AttachWork:
                     self._serve_work(request.node_id, channel)
                     return
@@ -198,6 +235,17 @@ class Head(ThreadedServer):
             if connection.node_id is not None:
                 self._node_lost(connection.node_id,
                                 f"its connection from {channel.peer} closed")
+
+    def _package_request(self, channel: Channel, request: Any, buffers: list[Any]) -> None:
+        out: list[bytes] = []
+        try:
+            if type(request) is ShipPackage:
+                reply = self._ship_package(request, buffers)
+            else:
+                reply, out = self._fetch_package(request)
+        except Exception as error:  # the caller gets it; the head goes on
+            reply = ErrorReply(f"{type(error).__name__}: {error}")
+        channel.send(reply, out)
 
     def _serve_work(self, node_id: int, channel: Any) -> None:
         """A node's work connection: its workers join the head's runtime, until it ends."""
@@ -221,7 +269,8 @@ class Head(ThreadedServer):
             self._next_node_id += 1
         print(f"sharedcompute head: a driver connected from {channel.peer} (node {node_id})",
               file=sys.stderr)
-        link = self.cluster.attach_driver(node_id, channel, request.data_address)
+        link = self.cluster.attach_driver(node_id, channel, request.data_address,
+                                          self.cluster_env)
         reason = self.cluster.serve(link)
         self.cluster.driver_lost(link)
         print(f"sharedcompute head: the driver from {channel.peer} left ({reason})",

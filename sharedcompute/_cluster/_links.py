@@ -42,6 +42,7 @@ from sharedcompute._cluster._messages import (
     WorkerExited,
 )
 from sharedcompute._cluster._transfer import Puller, TransferServer
+from sharedcompute._env import Env
 from sharedcompute._protocol import ConnectionClosed
 from sharedcompute._protocol._channel import Channel
 from sharedcompute._protocol._messages import map_refs
@@ -180,7 +181,8 @@ class ClusterHost:
         except ConnectionError as error:
             return str(error)
 
-    def attach_driver(self, node_id: int, channel: Channel, data_address: str) -> NodeLink:
+    def attach_driver(self, node_id: int, channel: Channel, data_address: str,
+                      runtime_env: Env | None = None) -> NodeLink:
         """A driver connected: it submits as a worker would, and its store serves its objects."""
         link = NodeLink(node_id, channel, channel.peer)
         worker = link.new_worker(self.runtime.new_worker_id())
@@ -190,7 +192,7 @@ class ClusterHost:
             self.puller.addresses[node_id] = data_address
             addresses = dict(self.data_addresses)
         self.runtime.add_driver(worker)
-        link.send(DriverAttached(node_id, worker.id, addresses))
+        link.send(DriverAttached(node_id, worker.id, addresses, runtime_env))
         self._broadcast_addresses()
         return link
 
@@ -235,13 +237,14 @@ class ClusterHost:
         except ConnectionClosed:
             pass  # the node is gone: its loss sends the tasks elsewhere
 
-    def spawn(self, node: int, worker_id: int) -> WorkerSlot | None:
+    def spawn(self, node: int, worker_id: int, env: Env | None = None) -> WorkerSlot | None:
         link = self.links.get(node)
         if link is None:
             return None
         worker = link.new_worker(worker_id)
+        worker.env = env
         try:
-            link.send(StartWorkers((worker_id,)))
+            link.send(StartWorkers((worker_id,), env))
         except ConnectionClosed:
             link.workers.pop(worker_id, None)
             return None

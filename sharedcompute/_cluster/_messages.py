@@ -7,6 +7,7 @@ They travel only on channels whose peer has proved the token (``_handshake``).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -113,9 +114,54 @@ class WorkAttached:
 
 @dataclass(frozen=True)
 class StartWorkers:
-    """Head -> node: start workers with these ids (the head numbers every worker)."""
+    """Head -> node: start workers with these ids (the head numbers every worker), in
+    ``env`` (a runtime_env's ``Env``; None: none)."""
 
     worker_ids: tuple[int, ...]
+    env: Any = None
+
+
+@dataclass(frozen=True)
+class HasPackage:
+    """Driver -> head: do you hold this runtime_env package? (``PackageStatus``)"""
+
+    package: str
+
+
+@dataclass(frozen=True)
+class ShipPackage:
+    """Driver -> head: keep this package (its zip is the message's one buffer)."""
+
+    package: str
+
+
+@dataclass(frozen=True)
+class PackageStatus:
+    present: bool
+
+
+@dataclass(frozen=True)
+class SetClusterEnv:
+    """Launcher -> head: the Env under every driver's from now on (its packages shipped)."""
+
+    env: Any
+
+
+@dataclass(frozen=True)
+class ClusterEnvSet:
+    """Head -> launcher: done."""
+
+
+@dataclass(frozen=True)
+class FetchPackage:
+    """Node -> head: send me this package (``PackageData`` with the zip as its buffer)."""
+
+    package: str
+
+
+@dataclass(frozen=True)
+class PackageData:
+    package: str
 
 
 @dataclass(frozen=True)
@@ -186,3 +232,4 @@ class DriverAttached:
     node_id: int
     worker_id: int
     addresses: dict[int, str]  # every node's transfer server
+    runtime_env: Any = None  # the cluster's own Env, under the driver's (SetClusterEnv)

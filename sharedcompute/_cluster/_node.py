@@ -36,12 +36,14 @@ from sharedcompute._cluster._localize import Localizer, failure_answer
 from sharedcompute._cluster._messages import (
     AttachWork,
     ErrorReply,
+    FetchPackage,
     ForgetCopies,
     FreeObjects,
     FromWorker,
     Heartbeat,
     KillWorker,
     NodeAddresses,
+    PackageData,
     Registered,
     RegisterNode,
     StartWorkers,
@@ -49,7 +51,9 @@ from sharedcompute._cluster._messages import (
     WorkAttached,
     WorkerExited,
 )
+from sharedcompute._cluster._server import request_with_buffers
 from sharedcompute._cluster._transfer import Puller, TransferServer
+from sharedcompute._env import PackageCache
 from sharedcompute._protocol import ConnectionClosed, Msg
 from sharedcompute._protocol._channel import Channel, connect
 from sharedcompute._protocol._messages import map_refs
@@ -124,12 +128,34 @@ class Node:
             self.node_id, self.puller, self._own, self._send_local, self._undeliverable
         )
         self._made.append(self.localizer)
-        self.pool = ProcessPool(self.store.address, self._relay, self._exited)
+        self._packages: PackageCache | None = None
+        self._packages_lock = threading.Lock()
+        self._token_text = token.decode()
+        self.pool = ProcessPool(self.store.address, self._relay, self._exited,
+                                packages=self.packages, node=self.node_id)
         self._made.append(self.pool)
         self._work: Channel = connect((host, int(port)), token)
         self._made.append(self._work)
         self._work_lock = threading.Lock()
         self._work.send(AttachWork(self.node_id))
+
+    # -- runtime_env packages -----------------------------------------------------------------
+
+    def packages(self) -> PackageCache:
+        """This node's packages (made on first use), fetched from the head as needed."""
+        with self._packages_lock:
+            if self._packages is None:
+                self._packages = PackageCache(self._fetch_package, where=f"node {self.node_id}")
+                self._made.insert(0, self._packages)  # closed last, after the pool
+            return self._packages
+
+    def _fetch_package(self, package: str) -> bytes:
+        reply, buffers = request_with_buffers(
+            self.head_address, self._token_text, FetchPackage(package), timeout=300
+        )
+        if not isinstance(reply, PackageData) or len(buffers) != 1:
+            raise ConnectionError(f"the head answered {reply!r} to a package request")
+        return bytes(buffers[0])
 
     # -- the head's work --------------------------------------------------------------------
 
@@ -142,7 +168,7 @@ class Node:
                     self._to_worker(message.worker_id, message.messages)
                 elif kind is StartWorkers:
                     for worker_id in message.worker_ids:
-                        self.pool.spawn(worker_id)
+                        self.pool.spawn(worker_id, message.env)
                 elif kind is KillWorker:
                     victim = self.pool.workers.get(message.worker_id)
                     if victim is not None:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
-from sharedcompute._cluster._messages import ErrorReply
-from sharedcompute._protocol._channel import Channel, accept, connect
+from sharedcompute._cluster._messages import ErrorReply, HasPackage, PackageStatus, ShipPackage
+from sharedcompute._env import Package
+from sharedcompute._protocol._channel import Buffer, Channel, accept, connect
 from sharedcompute.errors import AuthenticationError
 
 
@@ -98,14 +100,32 @@ class ThreadedServer:
 
 def request(address: str, token: str, message: Any, *, timeout: float = 10.0) -> Any:
     """Send one request to the head at ``address`` and return its reply."""
+    return request_with_buffers(address, token, message, timeout=timeout)[0]
+
+
+def ship_package(address: str, token: str, package: Package) -> int:
+    """Upload a runtime_env package to the head at ``address`` unless it holds it already;
+    the bytes that went up."""
+    status = request(address, token, HasPackage(package.id))
+    if isinstance(status, PackageStatus) and status.present:
+        return 0
+    request_with_buffers(address, token, ShipPackage(package.id), [package.data], timeout=300)
+    return len(package.data)
+
+
+def request_with_buffers(
+    address: str, token: str, message: Any, buffers: Sequence[Buffer | bytes] = (), *,
+    timeout: float = 10.0,
+) -> tuple[Any, list[Buffer]]:
+    """One request with raw buffers (a package, say), and the reply with its own."""
     host, _, port = address.rpartition(":")
     channel: Channel = connect((host, int(port)), token.encode(), timeout=timeout)
     try:
         channel.sock.settimeout(timeout)
-        channel.send(message)
-        reply, _ = channel.receive()
+        channel.send(message, buffers)
+        reply, received = channel.receive()
     finally:
         channel.close()
     if isinstance(reply, ErrorReply):
         raise RuntimeError(f"the head at {address} answered: {reply.message}")
-    return reply
+    return reply, received

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
+from sharedcompute._env import check_option as check_runtime_env
 from sharedcompute._runtime import _context
 from sharedcompute._runtime._future import Future
 
@@ -39,6 +40,9 @@ class ActorOptions:
     num_cpus: float = 0.0
     resources: tuple[tuple[str, float], ...] = ()
     node: int | None = None  # start it on this node (and restart it there)
+    # A dict as the user wrote it (checked), laid over the driver's; the Env it resolves to
+    # once the driver has taken it (``resolved_env``).
+    runtime_env: Any = None
 
 
 _ACTOR_OPTION_NAMES = frozenset(ActorOptions.__dataclass_fields__)
@@ -60,6 +64,8 @@ def make_actor_options(base: ActorOptions, **changes: Any) -> ActorOptions:
     if options.node is not None and (type(options.node) is not int):
         raise TypeError(f"node must be a node id (an int, see sharedcompute.nodes()), "
                         f"got {options.node!r}")
+    if changes.get("runtime_env") is not None:
+        options = replace(options, runtime_env=check_runtime_env(changes["runtime_env"]))
     if options.name is not None and not isinstance(options.name, str):
         raise TypeError(f"an actor name must be a string, got {type(options.name).__name__}")
     return options

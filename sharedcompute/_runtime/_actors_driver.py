@@ -20,7 +20,7 @@ a handle turns a lease into a hold; a worker that dies drops its holds.
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from sharedcompute._protocol import Msg
@@ -113,6 +113,7 @@ class ActorManager:
     ) -> ActorHandle:
         if self.rt._pool is None:
             self.rt._start_processes()
+        options = replace(options, runtime_env=self.rt.envs.resolve(options.runtime_env))
         label = f"actor {cls.__qualname__}" + (f" {options.name!r}" if options.name else "")
         needs = actor_resources(options)
         why = None if needs is None else self.rt.core.infeasible(needs, f"the {label}")
@@ -230,8 +231,9 @@ class ActorManager:
     def _place_actor(self, record: ActorRecord) -> None:
         """Give the actor a process: an idle pool worker if there is one (lock held)."""
         assert self.rt._pool is not None
+        env = record.options.runtime_env  # an Env (resolved when it was created)
         if record.node:
-            worker = self.rt._spawn_remote(record.node)
+            worker = self.rt._spawn_remote(record.node, env)
             if worker is None:
                 self._end_actor(record, ActorDiedError(
                     f"{record.description} cannot start: node {record.node} is gone"
@@ -241,12 +243,13 @@ class ActorManager:
             return
         for worker_id in self.rt.core.idle_workers():
             worker = self.rt._pool.workers.get(worker_id)
-            if worker is not None and worker.ready and worker.actor_id is None:
+            if (worker is not None and worker.ready and worker.actor_id is None
+                    and worker.env == env):
                 worker.actor_id = record.id
                 self.rt._handle(WorkerRetired(worker_id))
                 self._start_actor_on(record, worker)
                 return
-        worker = self.rt._pool.spawn(self.rt._next_worker_id())
+        worker = self.rt._pool.spawn(self.rt._next_worker_id(), env)
         worker.actor_id = record.id  # READY from it starts the actor
 
     def _start_actor_on(self, record: ActorRecord, worker: WorkerSlot) -> None:

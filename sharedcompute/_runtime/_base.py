@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from sharedcompute._env import Env, EnvResolver
 from sharedcompute._protocol import Msg
 from sharedcompute._runtime._args import DepMarker, FunctionCache, extract_dependencies
 from sharedcompute._runtime._future import Future
@@ -42,12 +43,15 @@ class TaskOptions:
     scheduler: str | None = None
     name: str = ""
     node: int | None = None  # run only on this node
+    # A dict as the user wrote it (checked), laid over the runtime's own; on the wire
+    # and in the scheduler, the Env it resolves to (see RuntimeBase.task_env).
+    runtime_env: Any = None
 
 
-def options_to_wire(options: TaskOptions) -> tuple[Any, ...]:
+def options_to_wire(options: TaskOptions, env: Env | None) -> tuple[Any, ...]:
     return (
         options.num_cpus, options.resources, options.max_retries, options.retry_exceptions,
-        options.scheduler, options.name, options.node,
+        options.scheduler, options.name, options.node, env,
     )
 
 
@@ -71,6 +75,9 @@ class RuntimeBase:
 
     def __init__(self) -> None:
         self.functions = FunctionCache()
+        # The runtime_env of what this runtime submits (a driver's from init, a worker's
+        # from the env it was started in).
+        self.envs = EnvResolver()
         self._released: deque[int] = deque()
         self._release_lock = DrainingLock(self._flush_releases, self._releases_pending)
 
@@ -146,6 +153,10 @@ class RuntimeBase:
     def _made_again(self, key: int, lost: ObjectRef) -> ObjectRef | None:
         """The new result of task ``key``, whose result ``lost`` is gone (None: none comes)."""
         return None
+
+    def task_env(self, options: TaskOptions) -> Env | None:
+        """The runtime_env a task submitted with ``options`` runs in."""
+        return self.envs.resolve(options.runtime_env)
 
     # -- what each runtime provides ------------------------------------------------
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import threading
 import weakref
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +28,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from sharedcompute import _config
+from sharedcompute._env import Env, EnvResolver, Package, PackageCache
 from sharedcompute._protocol import ConnectionClosed, Msg
 from sharedcompute._runtime._actor import ActorHandle, ActorOptions
 from sharedcompute._runtime._actors_driver import ActorCallSpec, ActorManager
@@ -103,6 +105,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         initializer: Callable[..., object] | None = None,
         initargs: tuple[Any, ...] = (),
         max_tasks_per_child: int | None = None,
+        runtime_env: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if address is not None:
@@ -120,6 +123,16 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
             raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        # This host's runtime_env packages (a head's: what its drivers shipped), made on
+        # first use; then the runtime's own env, packed and shipped now so that a directory
+        # too large fails here.
+        self._packages: PackageCache | None = None
+        self._packages_lock = threading.Lock()
+        try:
+            self.envs = EnvResolver(runtime_env, self._ship_here)
+        except BaseException:
+            self._close_packages()
+            raise
         # Run in every worker before its first task (replacements too): pickled now, so a
         # value that cannot travel fails here, before any process or memory is made. The
         # objects are kept while workers may start: the descriptors sent refer to them.
@@ -206,22 +219,42 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
                     store.address, self._on_messages, self._on_exit,
                     on_idle=self._release_lock.try_drain, idle_pending=self._releases_pending,
                     initializer=self._init_payload, output_prefix=self.worker_output_prefix,
+                    packages=self.packages,
                 )
                 for _ in range(self.num_workers):
-                    self._spawn_pool_worker()
+                    self._spawn_pool_worker(self.envs.base)  # in this runtime's own env
         except BaseException:
             # Nothing half-made may stay: the workers started, the I/O thread, the store.
             self.shutdown()
             raise
         self._settle_futures()
 
-    def _spawn_pool_worker(self) -> None:
+    def _spawn_pool_worker(self, env: Env | None = None) -> None:
         """Start a pool worker (lock held). It may be sent tasks at once: they wait in its
         connection while it starts, which saves the first task a round trip (and a task
         sent there counts as running, as one in ProcessPoolExecutor's call queue does)."""
         assert self._pool is not None
-        worker = self._pool.spawn(self._next_worker_id())
-        self._handle(WorkerJoined(worker.id))
+        worker = self._pool.spawn(self._next_worker_id(), env)
+        self._handle(WorkerJoined(worker.id, env=env))
+
+    def packages(self) -> PackageCache:
+        """This host's runtime_env packages (made on first use)."""
+        with self._packages_lock:
+            if self._packages is None:
+                self._packages = PackageCache(where="node 0")
+            return self._packages
+
+    def _ship_here(self, package: Package) -> int:
+        cache = self.packages()
+        if cache.has(package.id):
+            return 0
+        cache.add(package.id, package.data, pin=True)
+        return len(package.data)
+
+    def _close_packages(self) -> None:
+        with self._packages_lock:
+            if self._packages is not None:
+                self._packages.close()
 
     def _thread_pool(self) -> ThreadPool:
         with self._lock:
@@ -252,6 +285,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         self._callbacks.close()
         if self._store is not None:
             self._store.close()
+        self._close_packages()
 
     @property
     def closed(self) -> bool:
@@ -303,12 +337,16 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
                     self._lineage.discard(instruction.key)
                     self._release_task(instruction.key, freed)
             elif type(instruction) is StartWorker and self._pool is not None and not self._closed:
-                self._replace_worker(instruction.replaces)
+                self._replace_worker(instruction.replaces, instruction.env)
             elif type(instruction) is Withdraw:
                 outbox[instruction.worker].append((Msg.DROP, instruction.key))
                 urgent.append(instruction.worker)
             elif type(instruction) is StopWorker:
-                outbox[instruction.worker].append((Msg.SHUTDOWN,))
+                # At once: the StartWorker that follows forgets a worker of another node.
+                # (A retired worker is idle: nothing for it waits in the outbox.)
+                stopping = self._worker(instruction.worker)
+                if stopping is not None:
+                    self._send_to(stopping, [(Msg.SHUTDOWN,)])
             elif type(instruction) is PlaceActor:
                 self.actors.place(instruction.actor, instruction.node)
         if self.actors.ending:
@@ -476,6 +514,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
             self._start_processes()
         if self.broken is not None:
             raise self._broken_error()
+        env = self.task_env(options)  # before anything is stored: it may raise
         fn_key, fn_bytes = self.functions.encode(fn)
         args_ref, deps = self.prepare_args(args, kwargs)
         key = self._next_key()
@@ -484,6 +523,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         event = TaskSubmitted(
             key, tuple(deps), resources, options.max_retries, options.retry_exceptions,
             TaskSpec(fn_key, args_ref, name), short=fn_key in self._short_functions,
+            env=env,
         )
         self._lock.acquire()
         try:

@@ -20,6 +20,7 @@ import os
 import signal
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sharedcompute._env import Env
 from sharedcompute._runtime._pool import WorkerHandle, WorkerSlot
 from sharedcompute._scheduler import (
     Event,
@@ -49,8 +50,8 @@ class NodeHost(Protocol):
     def deliver(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None:
         """Send to a worker (of any node) once the objects the messages name are there."""
 
-    def spawn(self, node: int, worker_id: int) -> WorkerSlot | None:
-        """Start a worker on a node other than this one (None: that node is gone)."""
+    def spawn(self, node: int, worker_id: int, env: Env | None = None) -> WorkerSlot | None:
+        """Start a worker (in ``env``) on a node other than this one (None: it is gone)."""
 
     def freed(self, refs: list[ObjectRef]) -> None:
         """Objects nobody needs: free them where they live, and drop their copies."""
@@ -81,7 +82,7 @@ class OtherNodes:
 
         def _handle(self, events: Event | list[Event]) -> None: ...
         def _settle_futures(self) -> None: ...
-        def _spawn_pool_worker(self) -> None: ...
+        def _spawn_pool_worker(self, env: Env | None = None) -> None: ...
         def load(self, ref: ObjectRef) -> Any: ...
         def _on_messages(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None: ...
         def _on_exit(self, worker: WorkerSlot, reason: str) -> None: ...
@@ -150,17 +151,17 @@ class OtherNodes:
             self._on_exit(worker, reason)
 
 
-    def _replace_worker(self, replaces: int | None) -> None:
-        """A worker for the core, on the node of the one it replaces (lock held)."""
+    def _replace_worker(self, replaces: int | None, env: Env | None = None) -> None:
+        """A worker for the core in ``env``, on the node of the one it replaces (lock held)."""
         old = self._remote_workers.pop(replaces, None) if replaces is not None else None
         if old is None or self.cluster is None:
-            self._spawn_pool_worker()
+            self._spawn_pool_worker(env)
             return
         worker_id = self._next_worker_id()
-        worker = self.cluster.spawn(old.node, worker_id)
+        worker = self.cluster.spawn(old.node, worker_id, env)
         if worker is not None:
             self._remote_workers[worker_id] = worker
-            self._handle(WorkerJoined(worker_id, old.node))
+            self._handle(WorkerJoined(worker_id, old.node, env))
 
 
     def _recheck_later(self, key: int) -> None:
@@ -175,12 +176,12 @@ class OtherNodes:
                 self._handle(LostInputRecheck(key))
         self._settle_futures()
 
-    def _spawn_remote(self, node: int) -> WorkerSlot | None:
+    def _spawn_remote(self, node: int, env: Env | None = None) -> WorkerSlot | None:
         """A process for an actor on another node, outside the pool (lock held)."""
         if self.cluster is None:
             return None
         worker_id = self._next_worker_id()
-        worker = self.cluster.spawn(node, worker_id)
+        worker = self.cluster.spawn(node, worker_id, env)
         if worker is not None:
             self._remote_workers[worker_id] = worker
         return worker

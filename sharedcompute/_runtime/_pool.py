@@ -57,9 +57,11 @@ from typing import Any, Protocol, TextIO
 
 import cloudpickle
 
+from sharedcompute._env import Env, PackageCache, WorkerEnv
 from sharedcompute._protocol import Connection, ConnectionClosed, Msg
 from sharedcompute._worker._main import ENV_VAR
 from sharedcompute._worker._running import RunningSlot
+from sharedcompute.errors import RuntimeEnvError
 
 # After a thread stops leading, the I/O thread waits this long before it reads again.
 _LEAD_GRACE_SECONDS = 0.002
@@ -132,6 +134,7 @@ class WorkerSlot:
     calls_in_flight: int = 0
     held_calls: list[tuple[Any, ...]] = field(default_factory=list)
     node: int = 0
+    env: Env | None = None  # the runtime_env it was started in
 
     def hold_calls(self, messages: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """The messages to send now; the other calls are held (see ``serial_calls``)."""
@@ -165,6 +168,7 @@ class WorkerHandle(WorkerSlot):
     exited: bool = False
     pidfd: int = -1  # while its connection is closed and its exit not yet seen
     stderr: _OutputForwarder | None = None
+    prepared: WorkerEnv | None = None  # its env as set up on this host (released at exit)
 
     @property
     def pid(self) -> int:
@@ -312,8 +316,14 @@ class ProcessPool:
         idle_pending: Callable[[], bool] = lambda: False,
         initializer: tuple[bytes, tuple[int, ...]] | None = None,
         output_prefix: bool = True,
+        packages: Callable[[], PackageCache] | None = None,
+        node: int = 0,
     ) -> None:
         self._store_address = store_address
+        # This host's runtime_env packages (made on first use), and the node we are, for
+        # the errors of workers that cannot import what a task needs.
+        self._packages = packages
+        self._node = node
         self._output_prefix = output_prefix  # "(worker N, pid P) " before each output line
         # Sent first to every worker (from pickle_for_workers), with the descriptors it names.
         self._init_message: tuple[Any, ...] | None = None
@@ -352,16 +362,25 @@ class ProcessPool:
 
     # -- processes ---------------------------------------------------------------
 
-    def spawn(self, worker_id: int) -> WorkerHandle:
+    def spawn(self, worker_id: int, runtime_env: Env | None = None) -> WorkerHandle:
+        """Start a worker; in ``runtime_env``, set up here first (a worker that cannot have
+        its env set up still starts, and fails each task it is given with the reason)."""
+        prepared, env_error = self._prepare(runtime_env)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         watch_r, watch_w = os.pipe2(os.O_CLOEXEC)
         running, running_fd = RunningSlot.create()
         config = {
-            "path": sys.path, "store": self._store_address, "id": worker_id,
+            "path": [*(prepared.paths if prepared else ()), *sys.path],
+            "store": self._store_address, "id": worker_id,
             "init": self._init_message is not None,
             "authkey": _multiprocessing_authkey().hex(),
+            "node": self._node,
+            "env": runtime_env.to_json() if runtime_env is not None else None,
+            "env_error": env_error,
         }
         env = dict(os.environ)
+        if prepared is not None:
+            env.update(prepared.env_vars)
         env[ENV_VAR] = json.dumps(config)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(
@@ -376,14 +395,20 @@ class ProcessPool:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=env,
+                cwd=prepared.cwd if prepared is not None else None,
             )
+        except BaseException:
+            if prepared is not None and self._packages is not None:
+                self._packages().release(prepared.env)
+            raise
         finally:
             child_sock.close()
             os.close(watch_r)
             os.close(running_fd)
         conn = Connection(parent_sock, on_backlog=self._on_backlog)
         worker = WorkerHandle(
-            id=worker_id, conn=conn, running=running, proc=proc, watch_fd=watch_w
+            id=worker_id, conn=conn, running=running, proc=proc, watch_fd=watch_w,
+            env=runtime_env, prepared=prepared,
         )
         # Known at once (the runtime may send it tasks now); read, and written when its
         # socket is full, once the polling thread has registered its connection.
@@ -394,6 +419,16 @@ class ProcessPool:
             conn.send(self._init_message)  # never blocks: what does not fit waits in a backlog
         self._wake()
         return worker
+
+    def _prepare(self, runtime_env: Env | None) -> tuple[WorkerEnv | None, str | None]:
+        if runtime_env is None:
+            return None, None
+        if self._packages is None:
+            return None, "runtime_env: this pool has no package cache"
+        try:
+            return self._packages().prepare(runtime_env), None
+        except RuntimeEnvError as error:
+            return None, f"{error} (on node {self._node})"
 
     def _on_backlog(self, conn: Connection) -> None:
         """A send did not fit in the socket: whoever polls next watches it for writing."""
@@ -694,6 +729,7 @@ class ProcessPool:
         self._drain_output(worker)
         worker.exited = True
         self._close_watch(worker)
+        self._release_env(worker)
         self.workers.pop(worker.id, None)
         if not self._stopping:
             self._on_exit(worker, describe_exit(worker.pid, returncode))
@@ -706,6 +742,11 @@ class ProcessPool:
             key = self._selector.get_map().get(pipe)
             if key is not None:
                 self._read_output(pipe, key.data[2], until_empty=True)
+
+    def _release_env(self, worker: WorkerHandle) -> None:
+        if worker.prepared is not None and self._packages is not None:
+            prepared, worker.prepared = worker.prepared, None
+            self._packages().release(prepared.env)
 
     @staticmethod
     def _close_watch(worker: WorkerHandle) -> None:
@@ -753,6 +794,7 @@ class ProcessPool:
                 key.fileobj.close()  # type: ignore[union-attr]
         for worker in workers:
             worker.conn.close()
+            self._release_env(worker)
         self._selector.close()
         with self._wake_lock:
             os.close(self._wake_r)

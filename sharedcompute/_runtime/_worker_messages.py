@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from sharedcompute._env import Env
 from sharedcompute._protocol import ConnectionClosed, Msg
 from sharedcompute._runtime._actor import ActorOptions
 from sharedcompute._runtime._actors_driver import ActorCallSpec
@@ -125,7 +126,7 @@ class WorkerMessages:
         def store(self) -> OwnerStore: ...
         def _handle(self, events: Event | list[Event]) -> None: ...
         def _settle_futures(self) -> None: ...
-        def _spawn_pool_worker(self) -> None: ...
+        def _spawn_pool_worker(self, env: Env | None = None) -> None: ...
         def _send_to(self, worker: WorkerSlot, messages: list[tuple[Any, ...]]) -> None: ...
         def _recheck_later(self, key: int) -> None: ...
 
@@ -240,7 +241,7 @@ class WorkerMessages:
                 key, dep_keys, task_resources(options),
                 options.max_retries, options.retry_exceptions,
                 TaskSpec(fn_key, args_ref, options.name or str(key), parent), parent=parent,
-                short=fn_key in self._short_functions,
+                short=fn_key in self._short_functions, env=options.runtime_env,
             ))
         elif kind == Msg.SUBMIT_CALL:
             _, key, actor_id, class_name, method, args_wire, dep_keys = message

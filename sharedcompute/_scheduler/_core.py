@@ -52,6 +52,14 @@ the dependency fails, the task fails with it and the worker, lacking the
 value, hands it back unrun (``TaskReturned``); a speculative task handed back
 or orphaned by a dead worker goes back to WAITING until its dependency is done.
 
+Environments: a task submitted with a runtime_env (``env``, an opaque hashable
+value) runs only on a worker started in that env, and a task without one only on
+a worker without one. When no worker of its env is free but one of another env is
+idle, that worker is retired and a new one starts in the task's env in its place
+(``StopWorker`` + ``StartWorker(env=...)``; the runtime reports the new worker at
+once); one restart per such task and pass, so a burst of them spreads. Until any
+env appears (``_envs_in_use``) none of this costs anything.
+
 Each worker holds the reservation of exactly one task, its first assigned
 task that is not blocked; when a task blocks on a future,
 that reservation passes on (or back to the node), which is how a task waiting
@@ -143,6 +151,9 @@ class SchedulerCore(ActorScheduling):
         self._broken: BaseException | None = None  # PoolBroken: tasks that become ready fail
         # Actors waiting for their resources (ActorRequested), first come first placed.
         self._actors_waiting: deque[tuple[int, Resources]] = deque()
+        # Set once a task or worker has a runtime_env: placement then matches envs and may
+        # restart an idle worker in another env (see Environments).
+        self._envs_in_use = False
 
     # -- queries (for tests, the dashboard and error messages) -------------
 
@@ -208,8 +219,11 @@ class SchedulerCore(ActorScheduling):
             actor=event.actor,
             parent=event.parent,
             short=event.short,
+            env=event.env,
         )
         self._tasks[event.key] = task
+        if event.env is not None:
+            self._envs_in_use = True
         if event.actor is not None:
             actor = self._actor(event.actor)
             if actor.error is not None:
@@ -389,8 +403,10 @@ class SchedulerCore(ActorScheduling):
             raise ValueError(f"worker {event.worker} joined node {event.node}, which is unknown")
         self._workers[event.worker] = Worker(
             event.worker, event.node, self.nodes[event.node].available,
-            tasks_left=self.max_tasks_per_worker,
+            tasks_left=self.max_tasks_per_worker, env=event.env,
         )
+        if event.env is not None:
+            self._envs_in_use = True
         self._workers_by_node[event.node] = self._workers_by_node.get(event.node, 0) + 1
 
     def _on_WorkerDied(self, event: WorkerDied) -> None:
@@ -443,7 +459,7 @@ class SchedulerCore(ActorScheduling):
         for task in reversed(requeue):
             self._requeue(task)
         if event.replace:
-            self._out.append(StartWorker(replaces=event.worker))
+            self._out.append(StartWorker(replaces=event.worker, env=worker.env))
 
     def _executing(self, event: WorkerDied) -> TaskKey | None:
         """The task the dead worker was executing; None if it cannot be told."""
@@ -699,11 +715,12 @@ class SchedulerCore(ActorScheduling):
             if worker.tasks_left is not None and worker.tasks_left <= 0 and not worker.assigned:
                 self._retire(worker)
 
-    def _retire(self, worker: Worker) -> None:
-        """The worker has had its share of tasks: it exits, and another takes its place."""
+    def _retire(self, worker: Worker, env: Any = None, *, new_env: bool = False) -> None:
+        """The worker exits, and another takes its place: in the same env once it has had its
+        share of tasks, in ``env`` when a task needs that env (``new_env``)."""
         self._remove_worker(worker)
         self._out.append(StopWorker(worker.id))
-        self._out.append(StartWorker(replaces=worker.id))
+        self._out.append(StartWorker(replaces=worker.id, env=env if new_env else worker.env))
 
     def _remove_worker(self, worker: Worker) -> None:
         del self._workers[worker.id]
@@ -723,6 +740,8 @@ class SchedulerCore(ActorScheduling):
                 continue  # it only takes children of its top task (_serve_blocked)
             if worker.tasks_left is not None and worker.tasks_left <= 0:
                 continue  # it retires once its tasks are done
+            if worker.env != task.env:
+                continue
             if not worker.active:
                 return worker if fits(worker.pool, task.resources) else None
             if worker.active < best_load and not worker.active_long:
@@ -739,6 +758,8 @@ class SchedulerCore(ActorScheduling):
         best_load = 1 + self.max_prefetch
         for worker in self._workers.values():
             if worker.blocked_order or (worker.tasks_left is not None and worker.tasks_left <= 0):
+                continue
+            if worker.env != task.env:
                 continue
             if not worker.active:
                 if fits(worker.pool, task.resources):
@@ -769,7 +790,7 @@ class SchedulerCore(ActorScheduling):
                 task = self._tasks.get(children.popleft())
                 if task is not None and task.state is TaskState.READY and fits(
                     worker.pool, task.resources
-                ):
+                ) and task.env == worker.env:
                     self._assign(task, worker)
                     break
 
@@ -792,6 +813,8 @@ class SchedulerCore(ActorScheduling):
             worker = self._pick_worker(task)
             if worker is None:
                 skipped.append(key)
+                if self._envs_in_use and self._restart_for(task):
+                    continue
                 if task.resources.is_unit:
                     break  # no unit task can be placed now, and other tasks need more
                 continue
@@ -799,6 +822,24 @@ class SchedulerCore(ActorScheduling):
             if task.dependents and task.short:
                 self._follow(task)
         self._ready.extendleft(reversed(skipped))
+
+    def _restart_for(self, task: Task) -> bool:
+        """No worker of the task's env is free: restart an idle worker of another env in it.
+
+        True when other tasks may still be placed (a worker restarts, or one of another env
+        is idle); the task waits in the queue for the new worker, which joins at once.
+        """
+        other_idle = False
+        for worker in self._workers.values():
+            if worker.active or worker.blocked_order or worker.assigned:
+                continue
+            if worker.tasks_left is not None and worker.tasks_left <= 0:
+                continue
+            other_idle = True
+            if worker.env != task.env and fits(worker.pool, task.resources):
+                self._retire(worker, task.env, new_env=True)
+                return True
+        return other_idle
 
     def _follow(self, first: Task) -> None:
         """Queue the short task waiting only for ``first`` right behind it (see Chains)."""
@@ -822,6 +863,7 @@ class SchedulerCore(ActorScheduling):
                     dependent is not None and dependent.state is TaskState.WAITING
                     and dependent.short and dependent.actor is None
                     and dependent.resources is UNIT and dependent.waiting_on == {task.key}
+                    and dependent.env == worker.env
                 ):
                     task.followed = True
                     self._assign(dependent, worker)

@@ -104,6 +104,7 @@ class TaskSubmitted:
     actor: int | None = None  # an actor method call: runs on that actor's process, in order
     parent: TaskKey | None = None  # the task that submitted this one from inside a worker
     short: bool = False  # its function has run for under a millisecond before
+    env: Any = None  # its runtime_env (hashable; None: none): runs only on a worker of that env
 
 
 @dataclass(slots=True)
@@ -167,6 +168,7 @@ class NodeLeft:
 class WorkerJoined:
     worker: WorkerId
     node: NodeId = 0
+    env: Any = None  # the runtime_env it was started in
 
 
 NO_TASK: TaskKey = 0  # no key is 0: "the worker was executing nothing"
@@ -340,7 +342,10 @@ class FreeObject:
 
 @dataclass(slots=True)
 class StartWorker:
+    """Start a pool worker in ``env``, on the node of the one it ``replaces``."""
+
     replaces: WorkerId | None = None
+    env: Any = None
 
 
 @dataclass(slots=True)

@@ -38,6 +38,7 @@ class Task:
     nbytes: int = 0  # FINISHED: the result's size
     followed: bool = False  # a dependent was once queued behind it (see Chains)
     withdrawing: bool = False  # asked to be dropped unrun from its worker's queue
+    env: Any = None  # its runtime_env: it runs only on a worker started in the same one
 
 
 @dataclass(slots=True)
@@ -69,6 +70,7 @@ class Worker:
     # is on top of the worker's stack, and only its own children may run nested above it.
     blocked_order: list[TaskKey] = field(default_factory=list)
     tasks_left: int | None = None  # more tasks it may be given (max_tasks_per_worker)
+    env: Any = None  # the runtime_env it was started in (None: none)
 
     def count(self, task: Task, sign: int) -> None:
         self.active += sign

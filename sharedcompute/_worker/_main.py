@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from sharedcompute._env import Env, EnvResolver
 from sharedcompute._protocol import Connection, ConnectionClosed, Msg
 from sharedcompute._runtime._args import restore_dependencies
 from sharedcompute._runtime._base import (
@@ -47,7 +48,12 @@ from sharedcompute._serialization import deserialize, serialize
 from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
 from sharedcompute._worker._heap import IDLE_TRIM_SECONDS, Heap
 from sharedcompute._worker._running import RunningSlot
-from sharedcompute.errors import DeserializationError, SerializationError, SharedComputeError
+from sharedcompute.errors import (
+    DeserializationError,
+    RuntimeEnvError,
+    SerializationError,
+    SharedComputeError,
+)
 
 if TYPE_CHECKING:
     from sharedcompute._worker._actor_host import ActorHost
@@ -137,6 +143,8 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
         self.store = store
         self._store_client = store.client_id
         self._next_key = self._key_counter((worker_id + 1) << 40)
+        self.node = 0  # the node it runs on (for errors that name it)
+        self.env_error: str | None = None  # why its runtime_env could not be set up
         self._futures: dict[int, Future[Any]] = {}
         self._waited: set[int] = set()
         self._queue: deque[tuple[Any, ...]] = deque()
@@ -380,18 +388,38 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
         started = time.perf_counter()
         try:
             try:
+                if self.env_error is not None:
+                    raise RuntimeEnvError(self.env_error)
                 fn = target()
                 args, kwargs = self._arguments(args_wire, dep_refs)
                 result = fn(*args, **kwargs)
             except BaseException as exc:
                 where = f"Task {name or key} failed in worker {self.worker_id} (pid {os.getpid()})"
-                send((Msg.FAILED, key, pack_error(exc, where)))
+                send((Msg.FAILED, key, pack_error(self._named_missing_module(exc), where)))
                 return
             self._report(key, result, name, started, batch_key, send, on_main, fn)
         finally:
             if on_main:
                 self._stack.pop()
                 self._running[0] = self._stack[-1] if self._stack else 0
+
+    def _named_missing_module(self, exc: BaseException) -> BaseException:
+        """A module this node cannot import: say which, where, and that runtime_env ships it."""
+        missing = exc if isinstance(exc, ModuleNotFoundError) else exc.__cause__
+        if not isinstance(missing, ModuleNotFoundError) or missing.name is None:
+            return exc
+        shipped = self.envs.base
+        hint = (
+            f"this worker's runtime_env ships {shipped.describe()}, which lacks it"
+            if shipped is not None and shipped.packages else
+            "ship it with runtime_env={'working_dir': ...} or {'py_modules': [...]} "
+            "(in sc.init or .options)"
+        )
+        named = ModuleNotFoundError(
+            f"No module named {missing.name!r} on node {self.node} (worker "
+            f"{self.worker_id}, pid {os.getpid()}): {hint}", name=missing.name,
+        )
+        return named.with_traceback(exc.__traceback__)
 
     def _arguments(
         self, args_wire: tuple[Any, ...], dep_refs: tuple[tuple[int, Any], ...]
@@ -453,6 +481,7 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
         options: TaskOptions,
     ) -> Future[Any]:
+        env = self.task_env(options)  # before anything is stored: it may raise
         args_ref, deps = self.prepare_args(args, kwargs)
         fn_key, fn_bytes = self.functions.encode(fn)
         key = self._next_key()
@@ -462,7 +491,7 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
         parent = self._stack[-1] if self._stack else None
         self._send((
             Msg.SUBMIT, key, fn_key, fn_bytes, ref_to_wire(args_ref),
-            tuple(deps), options_to_wire(options), parent,
+            tuple(deps), options_to_wire(options, env), parent,
         ))
         return future
 
@@ -662,6 +691,10 @@ def main() -> None:
     os.close(int(sys.argv[3]))
     store = ClientStore(config["store"])
     runtime = WorkerRuntime(config["id"], conn, store, running)
+    runtime.node = config.get("node", 0)
+    runtime.env_error = config.get("env_error")
+    if config.get("env") is not None:
+        runtime.envs = EnvResolver(inherited=Env.from_json(config["env"]))
     from sharedcompute._runtime import _context
 
     _context.set_worker_runtime(runtime)

@@ -64,6 +64,15 @@ class Timing:
         return max(self.samples)
 
 
+def wait_for_file(path: Path, timeout: float = 120.0) -> None:
+    """Wait until ``path`` exists (a started process writes it once it is up)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.1)
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Keep a collection from landing inside a measurement."""

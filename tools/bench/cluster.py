@@ -39,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from tools import netns
+from tools.bench._common import wait_for_file
 
 MiB = 1024 * 1024
 TOKEN = "bench" * 13
@@ -232,7 +233,7 @@ def _start_cluster(system: str, hosts: netns.Hosts, home: Path) -> tuple[str, li
         node = hosts.popen(1, [*cli, "start", "--address", address, "--num-workers", "1",
                                "--block"], **{**quiet, "env": {**env, "SHAREDCOMPUTE_HOME":
                                                                str(node_home)}})
-        _wait_file(node_home / "node.address")
+        wait_for_file(node_home / "node.address", UP_TIMEOUT)
         return address, [head, node]
     if system == "dask":
         bin_dir = Path(sys.executable).parent
@@ -278,14 +279,6 @@ def _wait_port(hosts: netns.Hosts, ip: str, port: int) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listens on {ip}:{port}")
         time.sleep(0.2)
-
-
-def _wait_file(path: Path) -> None:
-    deadline = time.monotonic() + UP_TIMEOUT
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.1)
 
 
 def tasks(system: str, count: int) -> dict[str, float]:
