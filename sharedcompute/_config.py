@@ -14,6 +14,8 @@ _KNOWN = {
     "scheduler": None,  # "sync" | "threads" | "processes"; None: the runtime's own
     "num_workers": None,  # workers for a runtime started on first use
     "runtime_env_max_bytes": None,  # the largest package a runtime_env may ship (512 MiB)
+    "spill_threshold": None,  # past this fraction of the store, objects spill (0.8)
+    "object_store_wait_s": None,  # how long a put or result waits for room (30 s)
 }
 _values: dict[str, Any] = dict(_KNOWN)
 _lock = threading.Lock()

@@ -128,11 +128,20 @@ def test_value_larger_than_capacity_names_both_sizes():
         assert small.stats()["num_objects"] == 0
 
 
-def test_full_store_raises_and_recovers():
-    with OwnerStore(capacity=16 * MiB) as small:
+def test_full_store_waits_then_raises_and_recovers():
+    with OwnerStore(capacity=16 * MiB, wait_s=0.3, spill_threshold=1.0) as small:
         refs = [small.put(np.zeros(MiB)) for _ in range(2)]  # 8 MiB each
-        with pytest.raises(ObjectStoreFullError, match="in use"):
+        views = [small.get(ref) for ref in refs]  # viewed: they cannot be spilled
+        started = time.monotonic()
+        with pytest.raises(ObjectStoreFullError, match="after waiting 0.3 s") as info:
             small.put(np.zeros(MiB))
+        assert time.monotonic() - started >= 0.3
+        message = str(info.value)
+        for words in (f"{8 * MiB:,} bytes", f"capacity {16 * MiB:,}", "spilled 0 bytes",
+                      f"object {refs[0].object_id} ({8 * MiB:,} bytes, in memory, held by "
+                      "the owner"):
+            assert words in message, message
+        del views
         small.delete(refs[0])
         again = small.put(np.zeros(MiB))
         assert again.offset == refs[0].offset

@@ -67,8 +67,9 @@ class TransferServer(ThreadedServer):
             channel.send((_MISSING, str(error)))
             return
         try:
-            view = self._store.segment.writable(ref.offset, ref.nbytes)
-            channel.send((_OBJECT, ref.header), [view])
+            data = self._store.buffer(ref)  # in the arena, or mapped from its spill file
+            channel.send((_OBJECT, ref.header), [memoryview(data)])
+            del data
             with self._lock:
                 self.served += 1
                 self.bytes_served += ref.nbytes

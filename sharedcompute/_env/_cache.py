@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from sharedcompute._env._pack import unpack
 from sharedcompute._env._spec import Env
+from sharedcompute._files import make_own_dir, sweep_dead
 from sharedcompute.errors import RuntimeEnvError
 
 DEFAULT_CACHE_BYTES = 4 << 30
@@ -58,8 +59,7 @@ class PackageCache:
         self._fetch = fetch  # the head's copy of a package this host lacks
         self.max_bytes = max_bytes
         self.where = where
-        sweep_dead_caches()
-        self.root = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
+        self.root = make_own_dir(_PREFIX)
         os.mkdir(os.path.join(self.root, "zips"))
         os.mkdir(os.path.join(self.root, "pkgs"))
         self._lock = threading.Lock()
@@ -246,28 +246,4 @@ def _disk_bytes(directory: str) -> int:
 
 def sweep_dead_caches(directory: str | None = None) -> list[str]:
     """Remove the caches of processes that are gone (killed before they could); returns them."""
-    directory = directory or tempfile.gettempdir()
-    removed: list[str] = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(_PREFIX):
-            continue
-        pid_text = name[len(_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
-            continue
-        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-        removed.append(name)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return sweep_dead(directory or tempfile.gettempdir(), _PREFIX)

@@ -201,7 +201,11 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         if self._store is None:
             with self._lock:
                 if self._store is None:
-                    self._store = OwnerStore(self._store_capacity, self.spill_dir)
+                    self._store = OwnerStore(
+                        self._store_capacity, spill_dir=self.spill_dir,
+                        spill_threshold=float(_config.get("spill_threshold", 0.8)),
+                        wait_s=float(_config.get("object_store_wait_s", 30.0)),
+                    )
         return self._store
 
     def _start_processes(self) -> None:

@@ -27,6 +27,13 @@ alive here (``_local`` counts both; the owner sees one reference). Views carry a
 thread next takes the store lock, never inside a finalizer that might run
 while this thread already holds it.
 
+Objects may move: the owner spills those only it holds to files when the arena
+fills (``_spill``), so a process reads an object where the owner last said it is
+(the answer to the ``incref`` it makes before its first view) and the owner looks
+its own objects up at each view. A spilled object is read from its file, mapped.
+A create that finds no room waits (the owner) or retries (a client) for at most
+the store's ``wait_s`` while spilling or readers make room.
+
 The owner accepts only peers running as the same user (SO_PEERCRED) on an
 abstract Unix socket, so there is no filesystem entry to leak either.
 """
@@ -42,6 +49,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -53,9 +61,16 @@ from sharedcompute._store._segment import (
     create_memory_file,
     default_capacity,
 )
-from sharedcompute._store._table import ObjectTable, StoredObject
+from sharedcompute._store._spill import (
+    DEFAULT_THRESHOLD,
+    DEFAULT_WAIT_S,
+    MIN_SPILL_BYTES,
+    Spiller,
+    SpillFiles,
+)
+from sharedcompute._store._table import SPILLED, NoRoom, ObjectTable, StoredObject
 from sharedcompute._sync import DrainingLock
-from sharedcompute.errors import ObjectLostError, SharedComputeError
+from sharedcompute.errors import ObjectLostError, ObjectStoreFullError, SharedComputeError
 
 # Values whose serialized form is smaller than this travel inline in messages.
 INLINE_THRESHOLD = 64 * 1024
@@ -131,6 +146,18 @@ class _Pin:
             pass
 
 
+class _ViewPin(_Pin):
+    """An owner's view: while one lives, its object stays where the view points."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        try:
+            self.store._queue_view_release(self.object_id)
+        except Exception:
+            pass
+
+
 class ObjectStore:
     """What every process can do with the store; transports differ in subclasses."""
 
@@ -138,6 +165,9 @@ class ObjectStore:
 
     def __init__(self) -> None:
         self._local: collections.Counter[int] = collections.Counter()
+        # Where each object held here was when this process took its hold (objects move
+        # only while no other process holds them).
+        self._where: dict[int, StoredObject] = {}
         self._pending: collections.deque[int] = collections.deque()
         self._lock = DrainingLock(self._drain, lambda: self._pending)
         self._closed = False
@@ -162,10 +192,7 @@ class ObjectStore:
         if serialized.nbytes < INLINE_THRESHOLD:
             return InlineObject(serialized.header, serialized.to_bytes())
         hand_over = for_owner and not isinstance(self, OwnerStore)
-        with self._lock:
-            object_id, offset = self._create(serialized.nbytes, for_owner=hand_over)
-            if not hand_over:
-                self._local[object_id] += 1
+        object_id, offset = self._create_waiting(serialized.nbytes, hand_over)
         try:
             serialized.write_into(self.segment.writable(offset, serialized.nbytes))
             with self._lock:
@@ -192,14 +219,55 @@ class ObjectStore:
         """A read-only ``pyarrow.Buffer`` over the object; it keeps the object alive."""
         import pyarrow as pa
 
-        self._hold(ref.object_id)
+        where = self._hold(ref.object_id) or ref
         pin = _Pin(self, ref.object_id)
-        return pa.foreign_buffer(self.segment.address + ref.offset, ref.nbytes, base=pin)
+        if where.offset == SPILLED:
+            return self._mapped(where, pin)
+        return pa.foreign_buffer(self.segment.address + where.offset, where.nbytes, base=pin)
+
+    def _mapped(self, where: StoredObject, pin: _Pin) -> Any:
+        """A spilled object's file, mapped: the view reads the page cache, no copy."""
+        import pyarrow as pa
+
+        try:
+            mapped = pa.memory_map(self._spill_file(where.object_id), "r")
+        except OSError as error:
+            raise ObjectLostError(
+                f"object {where.object_id} was spilled, and its file cannot be read: {error}"
+            ) from error
+        data = mapped.read_buffer(where.nbytes)
+        return pa.foreign_buffer(data.address, data.size, base=(pin, data))
+
+    def _spill_file(self, object_id: int) -> str:
+        raise NotImplementedError
+
+    def _create_waiting(self, nbytes: int, hand_over: bool) -> tuple[int, int]:
+        """Make room for an object (held here unless ``hand_over``), retrying while the
+        store is full for as long as its owner says."""
+        deadline = None
+        pause = 0.002
+        while True:
+            with self._lock:
+                try:
+                    object_id, offset = self._create(nbytes, for_owner=hand_over)
+                except NoRoom as full:
+                    if deadline is None:
+                        deadline = time.monotonic() + full.wait_s
+                    if time.monotonic() >= deadline:
+                        raise ObjectStoreFullError(str(full)) from None
+                else:
+                    if not hand_over:
+                        self._local[object_id] += 1
+                    return object_id, offset
+            time.sleep(pause)  # without the lock: this process's releases may make room
+            pause = min(pause * 2, 0.05)
 
     def locate(self, object_id: int) -> StoredObject:
         """Look an object up by id and take a reference to it (released by ``delete``)."""
         with self._lock:
             ref = self._incref(object_id) if not self._local[object_id] else None
+            if ref is not None:
+                self._where[object_id] = ref
             self._local[object_id] += 1
         return ref if ref is not None else self._describe(object_id)
 
@@ -224,16 +292,21 @@ class ObjectStore:
 
     # -- reference counting ----------------------------------------------
 
-    def _hold(self, object_id: int) -> None:
+    def _hold(self, object_id: int) -> StoredObject | None:
+        """Take a hold; where the object is (None: where this process made it)."""
         with self._lock:
             if not self._local[object_id]:
-                self._incref(object_id)
+                self._where[object_id] = self._incref(object_id)
             self._local[object_id] += 1
+            return self._where.get(object_id)
 
     def _queue_release(self, object_id: int) -> None:
         # Runs from finalizers: must not block on a lock this thread may hold.
         self._pending.append(object_id)
         self._lock.try_drain()
+
+    def _queue_view_release(self, object_id: int) -> None:
+        self._queue_release(object_id)
 
     def _drain(self) -> None:
         released: collections.Counter[int] = collections.Counter()
@@ -242,6 +315,7 @@ class ObjectStore:
             self._local[object_id] -= 1
             if self._local[object_id] <= 0:
                 del self._local[object_id]
+                self._where.pop(object_id, None)
                 released[object_id] += 1
         if released and not self._closed:
             self._decref(released)
@@ -282,14 +356,21 @@ class ObjectStore:
 class OwnerStore(ObjectStore):
     """The store's owner: holds the object table and serves other processes."""
 
-    def __init__(self, capacity: int | None = None, directory: str | None = None) -> None:
+    def __init__(self, capacity: int | None = None, directory: str | None = None, *,
+                 spill_dir: str | None = None, spill_threshold: float = DEFAULT_THRESHOLD,
+                 wait_s: float = DEFAULT_WAIT_S) -> None:
         super().__init__()
         directory = directory or DEFAULT_SHM_DIR
         capacity = capacity if capacity is not None else default_capacity(directory)
         if capacity <= 0:
             raise ValueError(f"store_capacity must be positive, got {capacity}")
         self._table = ObjectTable(capacity)
+        # Views of objects alive in this process (they pin an object where it is).
+        self._views: collections.Counter[int] = collections.Counter()
+        self._pending_views: collections.deque[int] = collections.deque()
+        self._lock = DrainingLock(self._drain, lambda: self._pending or self._pending_views)
         self.segment = MappedSegment(create_memory_file(directory, capacity), capacity)
+        self._spiller = Spiller(self, SpillFiles(spill_dir), spill_threshold, wait_s)
         self.address = f"sharedcompute-{os.getpid()}-{secrets.token_hex(8)}"
         self._server = _StoreServer(self)
 
@@ -334,9 +415,22 @@ class OwnerStore(ObjectStore):
             return self._table.drop_deliveries(client, _OWNER)
 
     def _create_for(
-        self, client: int, nbytes: int, *, courier: int | None = None
+        self, client: int, nbytes: int, *, courier: int | None = None, wait: bool = True
     ) -> tuple[int, int]:
-        object_id, offset = self._table.create(client, nbytes, courier=courier)
+        """Allocate (lock held). No room: ``wait`` for the spiller or for releases (the
+        lock let go meanwhile), else raise ``NoRoom`` for the client to retry."""
+        try:
+            object_id, offset = self._table.create(client, nbytes, courier=courier)
+        except NoRoom:
+            if self._spiller.disk_error is not None:
+                raise ObjectStoreFullError(self._spiller.disk_error) from None
+            if not wait:
+                self._spiller.wake()
+                full = NoRoom(self._full_message(nbytes))
+                full.wait_s = self._spiller.wait_s
+                raise full from None
+            object_id, offset = self._wait_for_room(client, nbytes, courier)
+        self._spiller.check(self._table.allocator.used_bytes)
         try:
             end = offset + self._table.allocator.block_size(offset)
             self.segment.reserve(end, requested=nbytes)
@@ -344,6 +438,111 @@ class OwnerStore(ObjectStore):
             self._table.abort(client, object_id)
             raise
         return object_id, offset
+
+    def _wait_for_room(self, client: int, nbytes: int,
+                       courier: int | None) -> tuple[int, int]:
+        made: list[tuple[int, int]] = []
+
+        def attempt() -> bool:
+            with self._lock:
+                try:
+                    made.append(self._table.create(client, nbytes, courier=courier))
+                except NoRoom:
+                    return False
+            return True
+
+        self._lock.release()
+        try:
+            self._spiller.wait_for_room(time.monotonic() + self._spiller.wait_s, attempt)
+        except NoRoom:
+            with self._lock:
+                message = self._full_message(nbytes)
+            raise ObjectStoreFullError(message) from None
+        finally:
+            self._lock.acquire()
+        return made[0]
+
+    def _full_message(self, nbytes: int) -> str:
+        """Why an object of ``nbytes`` does not fit (lock held): sizes, spilled, holders."""
+        table = self._table
+        largest = []
+        for object_id, size, spilled, holders in table.largest(3):
+            who = ", ".join(self._server.describe_client(c) for c in sorted(holders))
+            largest.append(f"object {object_id} ({size:,} bytes, "
+                           f"{'spilled' if spilled else 'in memory'}, held by {who or 'none'})")
+        return (
+            f"the object store has no room for an object of {nbytes:,} bytes after waiting "
+            f"{self._spiller.wait_s:g} s: capacity {table.capacity:,} bytes, in memory "
+            f"{table.allocator.used_bytes:,} bytes (largest free block "
+            f"{table.allocator.largest_free():,}), spilled {table.spilled_bytes:,} bytes to "
+            f"{self._spiller.files.path or self._spiller.files.parent}; the largest objects: "
+            f"{'; '.join(largest) or 'none'}. Objects held by a process other than the "
+            "driver, or viewed, cannot be spilled: let go of some, or raise store_capacity"
+        )
+
+    def buffer(self, ref: StoredObject) -> Any:
+        import pyarrow as pa
+
+        object_id = ref.object_id
+        with self._lock:
+            self.move_out_before_read(object_id)
+            where = self._table.locate(object_id)  # it may have moved to a file
+            if not self._local[object_id]:
+                self._table.incref(_OWNER, object_id)
+            self._local[object_id] += 1
+            self._views[object_id] += 1
+        pin = _ViewPin(self, object_id)
+        if where.offset == SPILLED:
+            return self._mapped(where, pin)
+        return pa.foreign_buffer(self.segment.address + where.offset, where.nbytes, base=pin)
+
+    def move_out_before_read(self, object_id: int) -> None:
+        """Past the spill threshold, write an object to its file before a reader takes it
+        (lock held): read mapped, it pins no arena memory while the reader holds it, so
+        tasks that read large inputs never hold the room their results need."""
+        spiller = self._spiller
+        if self._table.allocator.used_bytes <= spiller.limit or spiller.disk_error:
+            return
+        found = self._table.spill_candidate(object_id, _OWNER, self._views, MIN_SPILL_BYTES)
+        if found is None:
+            return
+        offset, nbytes, refs = found
+        try:
+            written = spiller.files.write(object_id, self.segment.writable(offset, nbytes))
+        except OSError:
+            return  # read from the arena, then; the spill thread reports a full disk
+        if self._table.spilled(object_id, offset, refs, _OWNER, self._views):
+            spiller.files.keep(object_id, written)
+            spiller.written_bytes += nbytes
+            spiller.freed()
+        else:
+            spiller.files.discard(written)
+
+    def _queue_view_release(self, object_id: int) -> None:
+        self._pending_views.append(object_id)
+        self._lock.try_drain()
+
+    def _drain(self) -> None:
+        while self._pending_views:
+            object_id = self._pending_views.popleft()
+            self._views[object_id] -= 1
+            if self._views[object_id] <= 0:
+                del self._views[object_id]
+            self._pending.append(object_id)  # and its hold
+        super()._drain()
+        self.after_free()
+
+    def after_free(self) -> None:
+        """Objects may have gone (lock held): remove their files, tell who waits for room."""
+        unlinks = self._table.unlinks
+        while unlinks:
+            self._spiller.files.unlink(unlinks.pop())
+            self._spiller.freed()
+        if self._spiller._waiting:
+            self._spiller.freed()
+
+    def _spill_file(self, object_id: int) -> str:
+        return self._spiller.files.file(object_id)
 
     def _seal(self, object_id: int, header: bytes) -> StoredObject:
         return self._table.seal(object_id, header)
@@ -365,11 +564,18 @@ class OwnerStore(ObjectStore):
         with self._lock:
             stats = self._table.stats()
         stats["reserved_bytes"] = self.segment.reserved
+        stats["spill_written_bytes"] = self._spiller.written_bytes
         return stats
+
+    @property
+    def spill_path(self) -> str | None:
+        """The directory of this store's spill files (None: nothing spilled yet)."""
+        return self._spiller.files.path
 
     def close(self) -> None:
         if self._closed:
             return
+        self._spiller.close()
         self._server.close()
         with self._lock:
             self._closed = True
@@ -401,6 +607,7 @@ class ClientStore(ObjectStore):
         capacity, self.client_id = struct.unpack("!QQ", hello)
         self.segment = MappedSegment(fds[0], capacity)
         self.address = address
+        self._spill_dir: str | None = None
 
     def _request(self, *message: object) -> Any:
         try:
@@ -434,6 +641,12 @@ class ClientStore(ObjectStore):
         with self._lock:
             result: StoredObject = self._request("describe", object_id)
         return result
+
+    def _spill_file(self, object_id: int) -> str:
+        if self._spill_dir is None:
+            with self._lock:
+                self._spill_dir = self._request("spill_dir")
+        return os.path.join(str(self._spill_dir), str(object_id))
 
     def _decref(self, released: collections.Counter[int]) -> None:
         # In slices: one datagram must stay well under the socket's limit (EMSGSIZE).
@@ -481,6 +694,7 @@ class _StoreServer:
         self._selector.register(self._listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._clients: dict[socket.socket, int] = {}
+        self._pids: dict[int, int] = {}  # client -> its process (for error messages)
         self._request_buffer = bytearray(_MAX_MESSAGE)
         self._next_client = _OWNER + 1
         self._uid = os.getuid()
@@ -505,7 +719,7 @@ class _StoreServer:
         except OSError:
             return
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
+        pid, uid, _gid = struct.unpack("3i", creds)
         if uid not in (self._uid, 0):
             conn.close()
             return
@@ -518,6 +732,7 @@ class _StoreServer:
             conn.close()
             return
         self._clients[conn] = self._next_client
+        self._pids[self._next_client] = pid
         self._next_client += 1
         self._selector.register(conn, selectors.EVENT_READ, None)
 
@@ -545,25 +760,30 @@ class _StoreServer:
 
     def _dispatch(self, client: int, op: str, args: list[Any]) -> Any:
         table = self._owner._table
-        if op == "create":
+        if op == "create":  # no room: the client retries (this thread serves every client)
             if args[1]:  # for the owner: in transit from this client until adopted
-                return self._owner._create_for(_OWNER, args[0], courier=client)
-            return self._owner._create_for(client, args[0])
+                return self._owner._create_for(_OWNER, args[0], courier=client, wait=False)
+            return self._owner._create_for(client, args[0], wait=False)
         if op == "abort":
             table.abort(_OWNER, args[0])
             return None
         if op == "seal":
             return table.seal(args[0], args[1])
         if op == "incref":
+            self._owner.move_out_before_read(args[0])
             return table.incref(client, args[0])
         if op == "describe":
+            self._owner.move_out_before_read(args[0])
             ref = table.incref(client, args[0])
             table.decref(client, args[0])
             return ref
         if op == "decref":
             for object_id, count in args[0].items():
                 table.decref(client, object_id, count)
+            self._owner.after_free()
             return None
+        if op == "spill_dir":
+            return self._owner._spiller.files.ensure()
         if op == "stats":
             stats = table.stats()
             stats["reserved_bytes"] = self._owner.segment.reserved
@@ -584,6 +804,14 @@ class _StoreServer:
         conn.close()
         with self._owner._lock:
             self._owner._table.drop_client(client)
+            self._owner.after_free()
+        self._pids.pop(client, None)
+
+    def describe_client(self, client: int) -> str:
+        if client == _OWNER:
+            return f"the owner (pid {os.getpid()})"
+        pid = self._pids.get(client)
+        return f"client {client}" + (f" (pid {pid})" if pid else "")
 
     def close(self) -> None:
         self._stopping = True

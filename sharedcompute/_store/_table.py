@@ -15,8 +15,18 @@ the object is in transit from that client. If the client dies first, its
 message naming the object never arrives, so the owner drops what that client
 had in transit once it has read everything the client said (``drop_deliveries``).
 
+Spilling: an object may move out of the arena into a file (``_spill``) while only
+the owner holds it and no view of it is alive in the owner (the caller says
+which objects have views): a client that holds an object may read it by offset at
+any moment, so it never moves under a holder. ``spill_candidates`` lists such
+objects, least recently used first; ``spilled`` records the move, once the file
+is written, only if nothing changed meanwhile (else the write is thrown away), and
+frees the block. A spilled object is located with offset ``SPILLED``; when it is
+freed its id goes to ``unlinks`` (the owner removes its file).
+
 Invariants:
 - ``entry.refs == sum(holders[c][id] for c in holders)`` for every entry;
+- a spilled entry holds no block; ``spilled_bytes`` is the sum of their sizes;
 - an object in ``_in_transit[c]`` is held by the owner (client 0), created by ``c``;
 - an entry exists exactly while ``entry.refs > 0``;
 - only sealed entries can be looked up by clients that did not create them.
@@ -24,6 +34,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -41,12 +52,22 @@ class StoredObject:
     header: bytes
 
 
+SPILLED = -1  # the offset of an object that lives in a spill file
+
+
+class NoRoom(ObjectStoreFullError):
+    """No block fits now (others may be freed or spilled): the caller may wait and retry."""
+
+    wait_s: float = 0.0  # how long a client should keep trying (set by the owner)
+
+
 @dataclass(slots=True)
 class _Entry:
     offset: int
     nbytes: int
     header: bytes | None
     refs: int
+    last_use: int = 0
 
 
 class ObjectTable:
@@ -60,6 +81,10 @@ class ObjectTable:
         # reaches the table after that, from one of them, is refused.
         self._gone: set[int] = set()
         self._next_id = 1
+        self._clock = itertools.count(1)
+        self.spilled_bytes = 0
+        self.spilled_objects = 0
+        self.unlinks: list[int] = []  # spilled objects freed: their files go (owner drains)
 
     @property
     def capacity(self) -> int:
@@ -82,7 +107,7 @@ class ObjectTable:
             )
         offset = self.allocator.allocate(nbytes)
         if offset is None:
-            raise ObjectStoreFullError(
+            raise NoRoom(
                 f"the object store has no room for an object of {nbytes:,} bytes: "
                 f"{self.allocator.used_bytes:,} of {self.capacity:,} bytes are in use by "
                 f"{len(self._entries)} objects (largest free block "
@@ -91,7 +116,7 @@ class ObjectTable:
             )
         object_id = self._next_id
         self._next_id += 1
-        self._entries[object_id] = _Entry(offset, nbytes, None, 1)
+        self._entries[object_id] = _Entry(offset, nbytes, None, 1, next(self._clock))
         self._holders.setdefault(client, Counter())[object_id] += 1
         if courier is not None:
             self._in_transit.setdefault(courier, set()).add(object_id)
@@ -135,8 +160,74 @@ class ObjectTable:
         if entry is None or entry.header is None:
             raise ObjectLostError(f"object {object_id} is not in the store (freed or never sealed)")
         entry.refs += 1
+        entry.last_use = next(self._clock)
         self._holders.setdefault(client, Counter())[object_id] += 1
         return StoredObject(object_id, entry.offset, entry.nbytes, entry.header)
+
+    def locate(self, object_id: int) -> StoredObject:
+        """Where a sealed object is now (``SPILLED``: in its file), as a use of it."""
+        entry = self._entries.get(object_id)
+        if entry is None or entry.header is None:
+            raise ObjectLostError(f"object {object_id} is not in the store (freed or never sealed)")
+        entry.last_use = next(self._clock)
+        return StoredObject(object_id, entry.offset, entry.nbytes, entry.header)
+
+    # -- spilling ---------------------------------------------------------------------
+
+    def spill_candidates(self, owner: int, viewed: Counter[int] | dict[int, int],
+                         min_bytes: int) -> list[tuple[int, int, int, int]]:
+        """(id, offset, nbytes, refs) of the objects that may move to a file, least
+        recently used first: sealed, in the arena, held by ``owner`` alone, not in transit
+        and with no view alive in the owner."""
+        owned = self._holders.get(owner, Counter())
+        found = []
+        for object_id, held in owned.items():
+            entry = self._entries[object_id]
+            if self._movable(object_id, entry, held, viewed, min_bytes):
+                found.append((entry.last_use, object_id, entry.offset, entry.nbytes, entry.refs))
+        found.sort()
+        return [(object_id, offset, nbytes, refs) for _, object_id, offset, nbytes, refs in found]
+
+    def spill_candidate(self, object_id: int, owner: int, viewed: Counter[int] | dict[int, int],
+                        min_bytes: int) -> tuple[int, int, int] | None:
+        """(offset, nbytes, refs) if this object may move to a file now, else None."""
+        entry = self._entries.get(object_id)
+        held = self._holders.get(owner, Counter()).get(object_id, 0)
+        if entry is None or not self._movable(object_id, entry, held, viewed, min_bytes):
+            return None
+        return entry.offset, entry.nbytes, entry.refs
+
+    def _movable(self, object_id: int, entry: _Entry, held: int,
+                 viewed: Counter[int] | dict[int, int], min_bytes: int) -> bool:
+        return not (
+            entry.header is None or entry.offset == SPILLED or entry.refs != held
+            or entry.nbytes < min_bytes or object_id in self._courier or viewed.get(object_id)
+        )
+
+    def spilled(self, object_id: int, offset: int, refs: int, owner: int,
+                viewed: Counter[int] | dict[int, int]) -> bool:
+        """Record that the object is in its file now, if it is still as it was when the
+        write began (same place, same holders, no view); its block is freed."""
+        entry = self._entries.get(object_id)
+        if (entry is None or entry.offset != offset or entry.refs != refs
+                or self._holders.get(owner, Counter())[object_id] != refs
+                or viewed.get(object_id)):
+            return False
+        self.allocator.release(entry.offset)
+        entry.offset = SPILLED
+        self.spilled_bytes += entry.nbytes
+        self.spilled_objects += 1
+        return True
+
+    def largest(self, count: int) -> list[tuple[int, int, bool, dict[int, int]]]:
+        """(id, nbytes, spilled, {client: refs}) of the largest objects."""
+        biggest = sorted(self._entries.items(), key=lambda item: -item[1].nbytes)[:count]
+        return [
+            (object_id, entry.nbytes, entry.offset == SPILLED,
+             {client: held[object_id] for client, held in self._holders.items()
+              if held.get(object_id)})
+            for object_id, entry in biggest
+        ]
 
     def decref(self, client: int, object_id: int, count: int = 1) -> None:
         held = self._holders.get(client)
@@ -161,7 +252,12 @@ class ObjectTable:
         entry.refs -= count
         if entry.refs <= 0:
             del self._entries[object_id]
-            self.allocator.release(entry.offset)
+            if entry.offset == SPILLED:
+                self.spilled_bytes -= entry.nbytes
+                self.spilled_objects -= 1
+                self.unlinks.append(object_id)
+            else:
+                self.allocator.release(entry.offset)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -169,4 +265,6 @@ class ObjectTable:
             "used_bytes": self.allocator.used_bytes,
             "num_objects": len(self._entries),
             "high_water": self.allocator.high_water,
+            "spilled_bytes": self.spilled_bytes,
+            "spilled_objects": self.spilled_objects,
         }
