@@ -49,6 +49,7 @@ __all__ = [
     "is_initialized",
     "kill",
     "map",
+    "memory_summary",
     "nodes",
     "put",
     "remote",
@@ -70,7 +71,8 @@ _LAZY = {
         for name in (
             "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "RemoteFunction",
             "as_completed", "available_resources", "cluster_resources", "gather", "get",
-            "get_actor", "init", "is_initialized", "kill", "map", "nodes", "put", "remote",
+            "get_actor", "init", "is_initialized", "kill", "map", "memory_summary", "nodes",
+            "put", "remote",
             "shutdown", "submit", "wait",
         )
     },
@@ -92,6 +94,7 @@ if TYPE_CHECKING:
         is_initialized,
         kill,
         map,
+        memory_summary,
         nodes,
         put,
         remote,

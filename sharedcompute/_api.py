@@ -302,6 +302,14 @@ def nodes() -> list[dict[str, Any]]:
     return _driver_runtime("nodes").node_table()
 
 
+def memory_summary() -> str:
+    """What holds memory, as a report: each store's totals (in memory, spilled, where), then
+    every object, largest first, with what made it (a task, a put, a task's arguments), where
+    it is (memory or spilled, which node) and who holds it (Futures, pending tasks, the
+    processes reading it). On a cluster, the head's report (``sharedcompute memory``)."""
+    return _driver_runtime("memory_summary").memory_summary()
+
+
 def cluster_resources() -> dict[str, float]:
     """Resources of all live nodes together (``{"CPU": 8.0, "gpu": 1.0}``, say)."""
     runtime = _driver_runtime("cluster_resources")

@@ -214,14 +214,40 @@ def _status_reply(address: str, token_file: str | None) -> Any:
     return request(address, find_token(token_file), StatusRequest())
 
 
-def _status(args: argparse.Namespace) -> int:
-    address = args.address or os.environ.get("SHAREDCOMPUTE_ADDRESS")
+def _head_address(args: argparse.Namespace) -> str | None:
+    """--address, SHAREDCOMPUTE_ADDRESS or the head started on this host (None: said why)."""
+    address: str | None = args.address or os.environ.get("SHAREDCOMPUTE_ADDRESS")
     if not address:
         address_file = _files()["address"]
         if not address_file.exists():
             print("no head runs on this host; pass --address HOST:PORT", file=sys.stderr)
-            return 1
+            return None
         address = address_file.read_text().strip()
+    return address
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from sharedcompute._cluster._messages import MemoryRequest
+    from sharedcompute._cluster._server import request
+
+    address = _head_address(args)
+    if address is None:
+        return 1
+    try:
+        reply = request(address, find_token(args.token_file), MemoryRequest())
+    except AuthenticationError:
+        raise
+    except (ConnectionError, OSError) as error:
+        print(f"cannot reach the head at {address}: {error}", file=sys.stderr)
+        return 1
+    print(reply.text)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    address = _head_address(args)
+    if address is None:
+        return 1
     try:
         reply = _status_reply(address, args.token_file)
     except AuthenticationError:
@@ -316,6 +342,12 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--token-file", help="the cluster token's file")
     _tls_flags(status)
     status.set_defaults(run=_status)
+    memory = verbs.add_parser("memory", help="objects in the stores, their sizes and holders, "
+                              "in memory or spilled")
+    memory.add_argument("--address", help="HOST:PORT (default: the head started on this host)")
+    memory.add_argument("--token-file", help="the cluster token's file")
+    _tls_flags(memory)
+    memory.set_defaults(run=_memory)
     stop = verbs.add_parser("stop", help="stop what `start` began on this host")
     stop.set_defaults(run=_stop)
     launch = verbs.add_parser("launch", help="start (or --down: stop) a whole cluster over ssh, "

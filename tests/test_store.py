@@ -133,7 +133,7 @@ def test_full_store_waits_then_raises_and_recovers():
         refs = [small.put(np.zeros(MiB)) for _ in range(2)]  # 8 MiB each
         views = [small.get(ref) for ref in refs]  # viewed: they cannot be spilled
         started = time.monotonic()
-        with pytest.raises(ObjectStoreFullError, match="after waiting 0.3 s") as info:
+        with pytest.raises(ObjectStoreFullError, match=r"after waiting 0\.3 s") as info:
             small.put(np.zeros(MiB))
         assert time.monotonic() - started >= 0.3
         message = str(info.value)

@@ -40,6 +40,7 @@ from sharedcompute._cluster._messages import (
     ForgetCopies,
     FreeObjects,
     FromWorker,
+    MemoryRequest,
     NodeAddresses,
     Ping,
     Pong,
@@ -440,6 +441,16 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
 
     def node_table(self) -> list[dict[str, Any]]:
         return [node.as_dict() for node in self.status().nodes]
+
+    def memory_summary(self) -> str:
+        """The head's memory report, then this driver's own store (its puts)."""
+        from sharedcompute._cluster._server import request
+        from sharedcompute._memory import size
+
+        reply = request(self.address, self._token.decode(), MemoryRequest())
+        stats = self._owner.stats()
+        return (f"{reply.text}\n\nthis driver (node {self.node_id}): "
+                f"{size(stats['used_bytes'])} in its store ({stats['num_objects']} objects put)")
 
     def cluster_resources(self) -> dict[str, float]:
         return _summed(node.resources for node in self.status().nodes if node.alive)

@@ -41,6 +41,8 @@ from sharedcompute._cluster._messages import (
     HasPackage,
     Heartbeat,
     HeartbeatAck,
+    MemoryReply,
+    MemoryRequest,
     NodeInfo,
     PackageData,
     PackageStatus,
@@ -111,6 +113,7 @@ class Head(ThreadedServer):
             StatusRequest: self._status, RegisterNode: self._register, Heartbeat: self._heartbeat,
             Ping: lambda _, __: Pong(HEARTBEAT_SECONDS, self.node_timeout),
             HasPackage: self._has_package, SetClusterEnv: self._set_cluster_env,
+            MemoryRequest: self._memory,
         }
         self.start()
         self._stop_watch = threading.Event()
@@ -136,6 +139,10 @@ class Head(ThreadedServer):
                     info = replace(info, available=public_resources(available.get(node_id, {})))
                 nodes.append(info)
         return StatusReply(nodes=nodes, tasks=self.runtime.core.counts())
+
+    def _memory(self, _: MemoryRequest, __: _Connection) -> MemoryReply:
+        others = [node.as_dict() for node in self.status().nodes if node.node_id]
+        return MemoryReply(self.runtime.memory_summary(self.address, others))
 
     def _register(self, request: RegisterNode, connection: _Connection) -> Registered:
         with self._lock:

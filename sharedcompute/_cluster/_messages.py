@@ -153,6 +153,16 @@ class ClusterEnvSet:
 
 
 @dataclass(frozen=True)
+class MemoryRequest:
+    """Ask the head for its memory report (``sharedcompute memory``)."""
+
+
+@dataclass(frozen=True)
+class MemoryReply:
+    text: str
+
+
+@dataclass(frozen=True)
 class FetchPackage:
     """Node -> head: send me this package (``PackageData`` with the zip as its buffer)."""
 

@@ -781,6 +781,14 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
             "workers": len(self.worker_pids()),
         }]
 
+    def memory_summary(self, address: str | None = None,
+                       other_nodes: list[dict[str, Any]] | None = None) -> str:
+        """The memory report (``sc.memory_summary()``): stores, objects, holders (a head
+        passes its other nodes, as ``sc.nodes()`` lists them)."""
+        from sharedcompute._runtime._memory_report import memory_report
+
+        return memory_report(self, address, other_nodes)
+
     def worker_pids(self) -> list[int]:
         pool = self._pool
         return [w.pid for w in pool.workers.values()] if pool is not None else []

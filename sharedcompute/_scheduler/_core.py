@@ -182,6 +182,15 @@ class SchedulerCore(ActorScheduling):
     def workers(self) -> dict[WorkerId, list[TaskKey]]:
         return {w.id: list(w.assigned) for w in self._workers.values()}
 
+    def objects(self) -> list[tuple[TaskKey, Any, int, int, str | None]]:
+        """(key, ref, holders, pending dependents, name) of every value that exists: the
+        results of finished tasks (their payload's name) and values put (None)."""
+        return [
+            (task.key, task.ref, task.holders, task.pending_dependents, task.name)
+            for task in self._tasks.values()
+            if task.state is TaskState.FINISHED and task.ref is not None
+        ]
+
     def counts(self) -> dict[str, int]:
         counts = {state.value: 0 for state in TaskState}
         for task in self._tasks.values():
@@ -220,6 +229,7 @@ class SchedulerCore(ActorScheduling):
             parent=event.parent,
             short=event.short,
             env=event.env,
+            name=getattr(event.payload, "name", ""),
         )
         self._tasks[event.key] = task
         if event.env is not None:
@@ -262,7 +272,7 @@ class SchedulerCore(ActorScheduling):
         if task is None:
             self._tasks[event.key] = Task(
                 key=event.key, state=TaskState.FINISHED, ref=event.ref, node=event.node,
-                nbytes=event.nbytes,
+                nbytes=event.nbytes, name=None,
             )
         else:  # an external task completed
             task.node, task.nbytes = event.node, event.nbytes

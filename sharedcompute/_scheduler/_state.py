@@ -39,6 +39,7 @@ class Task:
     followed: bool = False  # a dependent was once queued behind it (see Chains)
     withdrawing: bool = False  # asked to be dropped unrun from its worker's queue
     env: Any = None  # its runtime_env: it runs only on a worker started in the same one
+    name: str | None = ""  # for reports (the payload goes once it ran); None: a value put
 
 
 @dataclass(slots=True)

@@ -567,6 +567,14 @@ class OwnerStore(ObjectStore):
         stats["spill_written_bytes"] = self._spiller.written_bytes
         return stats
 
+    def objects(self) -> list[tuple[int, int, bool, list[str]]]:
+        """(id, nbytes, spilled, holders named) of every object, largest first."""
+        with self._lock:
+            listed = self._table.largest()
+            return [(object_id, nbytes, spilled,
+                     [self._server.describe_client(c) for c in sorted(holders)])
+                    for object_id, nbytes, spilled, holders in listed]
+
     @property
     def spill_path(self) -> str | None:
         """The directory of this store's spill files (None: nothing spilled yet)."""

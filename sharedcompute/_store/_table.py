@@ -219,8 +219,8 @@ class ObjectTable:
         self.spilled_objects += 1
         return True
 
-    def largest(self, count: int) -> list[tuple[int, int, bool, dict[int, int]]]:
-        """(id, nbytes, spilled, {client: refs}) of the largest objects."""
+    def largest(self, count: int | None = None) -> list[tuple[int, int, bool, dict[int, int]]]:
+        """(id, nbytes, spilled, {client: refs}) of the largest objects (all: no count)."""
         biggest = sorted(self._entries.items(), key=lambda item: -item[1].nbytes)[:count]
         return [
             (object_id, entry.nbytes, entry.offset == SPILLED,
