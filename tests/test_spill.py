@@ -179,3 +179,20 @@ def test_a_killed_driver_leaves_no_spill_file_after_the_next_start(tmp_path: Pat
         for ref in refs:
             store.delete(ref)
     assert os.listdir(tmp_path) == []
+
+
+def _slow_block(i: int) -> np.ndarray:
+    time.sleep(0.05)
+    return np.full(2 * MiB, i, dtype=np.int64)
+
+
+def test_a_worker_killed_while_the_store_spills_leaves_no_file(tmp_path: Path) -> None:
+    with sc.Runtime(num_workers=2, store_capacity=64 * MiB, spill_dir=str(tmp_path)) as rt:
+        parts = [sc.submit(_slow_block, i) for i in range(16)]  # 256 MiB: most spill
+        parts[3].result(timeout=TIMEOUT)
+        os.kill(rt.worker_pids()[0], signal.SIGKILL)  # its task reruns (retries)
+        values = sc.get(parts, timeout=TIMEOUT)
+        assert [int(v[0]) for v in values] == list(range(16))
+        assert rt.store.stats()["spilled_objects"] > 0
+        del values, parts
+    assert os.listdir(tmp_path) == []
