@@ -179,10 +179,16 @@ def wait(
 
 
 def as_completed(
-    futures: Iterable[Future[T]], timeout: float | None = None
+    futures: Iterable[Future[T]], timeout: float | None = None, *, progress: bool = False
 ) -> Iterator[Future[T]]:
-    """Yield Futures as they finish, like ``concurrent.futures.as_completed``."""
+    """Yield Futures as they finish, like ``concurrent.futures.as_completed``; with
+    ``progress``, under a tqdm bar (a notebook widget or terminal text)."""
     futures = list(futures)
+    if progress:
+        from sharedcompute._progress import counted
+
+        yield from counted(as_completed(futures, timeout), len(futures))
+        return
     runtime = _context.current()
     if runtime is None or not (runtime.needs_pump or runtime.in_task_thread()):
         yield from concurrent.futures.as_completed(futures, timeout)  # type: ignore[misc]
@@ -197,6 +203,16 @@ def as_completed(
         for future in [f for f in pending if f.done()]:
             pending.remove(future)
             yield future
+
+
+def progress(futures: Iterable[Future[T]], timeout: float | None = None,
+             **options: Any) -> list[Future[T]]:
+    """Show a progress bar (tqdm: a widget in a notebook, text in a terminal) until every
+    Future is done, failed or cancelled; return them. ``options`` go to tqdm (``desc``,
+    ``file``, ``leave``...). Needs ``pip install "sharedcompute[progress]"``."""
+    from sharedcompute._progress import progress as show
+
+    return show(futures, as_completed, timeout, **options)
 
 
 # -- remote functions --------------------------------------------------------------------

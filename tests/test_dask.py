@@ -222,15 +222,18 @@ def test_config_by_name_and_by_function(runtime: sc.Runtime) -> None:
 
 
 def test_dask_diagnostics_see_every_task(runtime: sc.Runtime) -> None:
-    from dask.diagnostics import Profiler, ProgressBar
+    from dask.diagnostics import Profiler, ProgressBar, ResourceProfiler
 
     x = da.ones((1000, 1000), chunks=(250, 250))
     bar = io.StringIO()
-    with ProgressBar(out=bar, minimum=0, dt=0.01), Profiler() as profile:
+    with ProgressBar(out=bar, minimum=0, dt=0.01), Profiler() as profile, \
+            ResourceProfiler(dt=0.01) as resources:
         assert ours((x + 1).sum()) == 2_000_000
     assert "100% Completed" in bar.getvalue()
     assert len(profile.results) >= 16  # at least one task a chunk
     assert all(task.end_time >= task.start_time for task in profile.results)
+    # ResourceProfiler samples this process's memory and CPU while the graph runs.
+    assert resources.results and all(sample.mem > 0 for sample in resources.results)
 
 
 def test_executor_as_the_scheduler() -> None:
