@@ -56,6 +56,7 @@ __all__ = [
     "remote",
     "shutdown",
     "submit",
+    "timeline",
     "wait",
 ]
 
@@ -74,7 +75,7 @@ _LAZY = {
             "as_completed", "available_resources", "cluster_resources", "gather", "get",
             "get_actor", "init", "is_initialized", "kill", "map", "memory_summary", "nodes",
             "progress", "put", "remote",
-            "shutdown", "submit", "wait",
+            "shutdown", "submit", "timeline", "wait",
         )
     },
 }
@@ -102,6 +103,7 @@ if TYPE_CHECKING:
         remote,
         shutdown,
         submit,
+        timeline,
         wait,
     )
     from sharedcompute._executor import Executor

@@ -326,6 +326,19 @@ def memory_summary() -> str:
     return _driver_runtime("memory_summary").memory_summary()
 
 
+def timeline(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The recent task executions (up to 100,000) as Chrome trace events: a row per worker,
+    grouped by node, an event per task with its function's name and its stored arguments'
+    size. Written to ``path`` (JSON) when given; open it in Perfetto or chrome://tracing.
+    On a cluster, the head's record of every node's workers."""
+    from sharedcompute._runtime._timeline import write_trace
+
+    trace: dict[str, Any] = _driver_runtime("timeline").timeline_trace()
+    if path is not None:
+        write_trace(trace, path)
+    return trace
+
+
 def cluster_resources() -> dict[str, float]:
     """Resources of all live nodes together (``{"CPU": 8.0, "gpu": 1.0}``, say)."""
     runtime = _driver_runtime("cluster_resources")

@@ -46,6 +46,7 @@ from sharedcompute._cluster._messages import (
     Pong,
     StatusReply,
     StatusRequest,
+    TimelineRequest,
     ToWorker,
 )
 from sharedcompute._cluster._server import ship_package
@@ -273,7 +274,7 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
         self._hold_for_head(args_ref)
         self._send([
             (Msg.SUBMIT, key, fn_key, fn_bytes, ref_to_wire(args_ref), tuple(deps),
-             options_to_wire(options, env), None),
+             options_to_wire(options, env, name), None),
             (Msg.WAIT, [key]),
         ])
         return future
@@ -441,6 +442,14 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
 
     def node_table(self) -> list[dict[str, Any]]:
         return [node.as_dict() for node in self.status().nodes]
+
+    def timeline_trace(self) -> dict[str, Any]:
+        """The head's timeline: every node's workers."""
+        from sharedcompute._cluster._server import request
+
+        reply = request(self.address, self._token.decode(), TimelineRequest(), timeout=60)
+        trace: dict[str, Any] = reply.trace
+        return trace
 
     def memory_summary(self) -> str:
         """The head's memory report, then this driver's own store (its puts)."""

@@ -54,6 +54,8 @@ from sharedcompute._cluster._messages import (
     ShipPackage,
     StatusReply,
     StatusRequest,
+    TimelineReply,
+    TimelineRequest,
 )
 from sharedcompute._cluster._server import ThreadedServer
 from sharedcompute._env import Env
@@ -114,6 +116,7 @@ class Head(ThreadedServer):
             Ping: lambda _, __: Pong(HEARTBEAT_SECONDS, self.node_timeout),
             HasPackage: self._has_package, SetClusterEnv: self._set_cluster_env,
             MemoryRequest: self._memory,
+            TimelineRequest: lambda _, __: TimelineReply(self.runtime.timeline_trace()),
         }
         self.start()
         self._stop_watch = threading.Event()

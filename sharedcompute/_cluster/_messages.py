@@ -163,6 +163,16 @@ class MemoryReply:
 
 
 @dataclass(frozen=True)
+class TimelineRequest:
+    """Ask the head for its timeline (``sc.timeline`` on a connected driver)."""
+
+
+@dataclass(frozen=True)
+class TimelineReply:
+    trace: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class FetchPackage:
     """Node -> head: send me this package (``PackageData`` with the zip as its buffer)."""
 

@@ -48,10 +48,11 @@ class TaskOptions:
     runtime_env: Any = None
 
 
-def options_to_wire(options: TaskOptions, env: Env | None) -> tuple[Any, ...]:
+def options_to_wire(options: TaskOptions, env: Env | None, name: str = "") -> tuple[Any, ...]:
+    """The options as a SUBMIT carries them: ``env`` resolved, ``name`` the task's."""
     return (
         options.num_cpus, options.resources, options.max_retries, options.retry_exceptions,
-        options.scheduler, options.name, options.node, env,
+        options.scheduler, name or options.name, options.node, env,
     )
 
 

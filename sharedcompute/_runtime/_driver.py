@@ -44,6 +44,7 @@ from sharedcompute._runtime._future import Future, ValueRef, is_done, when_all_d
 from sharedcompute._runtime._local import ThreadPool, run_inline
 from sharedcompute._runtime._other_nodes import NodeHost, OtherNodes
 from sharedcompute._runtime._pool import ProcessPool, WorkerSlot, pickle_for_workers
+from sharedcompute._runtime._timeline import Timeline
 from sharedcompute._runtime._worker_messages import WorkerMessages, _portable, task_resources
 from sharedcompute._scheduler import (
     PINS_PER_NODE,
@@ -163,6 +164,8 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         self._fn_bytes: dict[bytes, bytes] = {}
         self._fn_users: Counter[bytes] = Counter()
         self._task_fn: dict[int, bytes] = {}  # the function of each pending task
+        self._task_names: dict[int, str] = {}  # ... and its name (for the timeline)
+        self.timeline = Timeline()  # the recent task executions (sc.timeline)
         # Functions whose last run took under _SHORT_TASK_SECONDS (they may be queued
         # behind one another on a worker); insertion-ordered, bounded.
         self._short_functions: dict[bytes, None] = {}
@@ -534,7 +537,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
             if self._closed:
                 self.store.delete(args_ref)
                 raise RuntimeError("this runtime has been shut down")
-            self._hold_function(key, fn_key, fn_bytes)
+            self._hold_function(key, fn_key, fn_bytes, name)
             self._futures[key] = future
             if type(args_ref) is StoredObject:
                 self._args_refs[key] = args_ref
@@ -788,6 +791,10 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         from sharedcompute._runtime._memory_report import memory_report
 
         return memory_report(self, address, other_nodes)
+
+    def timeline_trace(self) -> dict[str, Any]:
+        """The recent task executions as Chrome trace events (``sc.timeline``)."""
+        return self.timeline.trace()
 
     def worker_pids(self) -> list[int]:
         pool = self._pool

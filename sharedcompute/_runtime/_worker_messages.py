@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from sharedcompute._runtime._actors_driver import ActorManager
     from sharedcompute._runtime._other_nodes import NodeHost
     from sharedcompute._runtime._pool import ProcessPool
+    from sharedcompute._runtime._timeline import Timeline
     from sharedcompute._scheduler import SchedulerCore
     from sharedcompute._store import ObjectRef, OwnerStore
     from sharedcompute._sync import DrainingLock
@@ -118,6 +119,8 @@ class WorkerMessages:
         _fn_bytes: dict[bytes, bytes]
         _fn_users: Counter[bytes]
         _task_fn: dict[int, bytes]
+        _task_names: dict[int, str]
+        timeline: Timeline
         _args_refs: dict[int, ObjectRef]
         _waiters: defaultdict[int, set[int]]
         _remote_workers: dict[int, WorkerSlot]
@@ -140,6 +143,7 @@ class WorkerMessages:
                 kind = message[0]
                 if kind == Msg.DONE:
                     self._learn_duration(message[1], message[3])
+                    self._record(message[1], worker, message[3], True)
                     ref = ref_from_wire(message[2])
                     self.store.adopt(ref)
                     # Its size, for placing the tasks that read it (inline: it travels anyway).
@@ -148,6 +152,7 @@ class WorkerMessages:
                     answered += 1
                 elif kind == Msg.FAILED:
                     answered += 1
+                    self._record(message[1], worker, 0.0, False)
                     if len(message) > 3:  # it never ran: an input of that node was lost
                         events.append(TaskFailed(message[1], worker.id, unpack_error(message[2]),
                                                  lost_node=message[3]))
@@ -170,12 +175,20 @@ class WorkerMessages:
                 self._handle(events)
         self._settle_futures()
 
-    def _hold_function(self, key: int, fn_key: bytes, fn_bytes: bytes) -> None:
+    def _hold_function(self, key: int, fn_key: bytes, fn_bytes: bytes, name: str) -> None:
         self._fn_bytes[fn_key] = fn_bytes
         self._fn_users[fn_key] += 1
         self._task_fn[key] = fn_key
+        self._task_names[key] = name
+
+    def _record(self, key: int, worker: WorkerSlot, duration: float, ok: bool) -> None:
+        """A worker answered for a task: one record of the timeline (``sc.timeline``)."""
+        args = self._args_refs.get(key)
+        self.timeline.add(key, self._task_names.get(key, ""), worker.id, worker.node, duration,
+                          0 if args is None else args.nbytes, ok)
 
     def _release_function(self, key: int) -> None:
+        self._task_names.pop(key, None)
         fn_key = self._task_fn.pop(key, None)
         if fn_key is not None:
             self._fn_users[fn_key] -= 1
@@ -232,7 +245,7 @@ class WorkerMessages:
             _, key, fn_key, fn_bytes, args_wire, dep_keys, options_wire, parent = message
             args_ref = ref_from_wire(args_wire)
             options = options_from_wire(options_wire)
-            self._hold_function(key, fn_key, fn_bytes)
+            self._hold_function(key, fn_key, fn_bytes, options.name or str(key))
             self.store.adopt(args_ref)
             if isinstance(args_ref, (StoredObject, RemoteObject)):
                 self._args_refs[key] = args_ref

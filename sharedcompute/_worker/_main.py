@@ -485,13 +485,14 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
         args_ref, deps = self.prepare_args(args, kwargs)
         fn_key, fn_bytes = self.functions.encode(fn)
         key = self._next_key()
-        future: Future[Any] = Future(self, key, options.name or getattr(fn, "__name__", ""))
+        name = options.name or getattr(fn, "__qualname__", "") or type(fn).__name__
+        future: Future[Any] = Future(self, key, name)
         self._futures[key] = future
         # From any thread of the task: its children are what it may wait for.
         parent = self._stack[-1] if self._stack else None
         self._send((
             Msg.SUBMIT, key, fn_key, fn_bytes, ref_to_wire(args_ref),
-            tuple(deps), options_to_wire(options, env), parent,
+            tuple(deps), options_to_wire(options, env, name), parent,
         ))
         return future
 
