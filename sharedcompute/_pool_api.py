@@ -8,7 +8,8 @@ people use: ``apply``/``map``/``starmap`` and their ``_async`` forms (``callback
 terminates on exit, as the stdlib's does; ``ValueError("Pool not running")`` once
 closed. Workers are fresh interpreters (``initializer``/``initargs`` run in each,
 ``maxtasksperchild`` retires them); large arrays travel through the shared store.
-``map(chunksize=)`` sends that many items per task; by default one task per item.
+``map(chunksize=)`` sends that many items per task; by default ``map`` and ``starmap`` size
+chunks as ``multiprocessing.Pool`` does (about four per worker), ``imap`` sends one item per task.
 """
 
 from __future__ import annotations
@@ -128,15 +129,26 @@ class Pool:
         with self._lock:
             self._pending.discard(future)
 
+    def _sized(self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]],
+               chunksize: int | None) -> tuple[list[Future[Any]], int]:
+        """``map``'s chunks: by default as ``multiprocessing.Pool.map`` sizes them (about
+        four per worker), so a thousand tiny calls cost a few tasks, not a thousand."""
+        items = list(items)
+        if chunksize is None:
+            chunksize, extra = divmod(len(items), self._runtime.num_workers * 4)
+            chunksize = max(chunksize + (1 if extra else 0), 1)
+        return self._chunked(fn, items, chunksize), chunksize
+
     def _chunked(self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]],
                  chunksize: int | None) -> list[Future[Any]]:
         items = list(items)
-        size = chunksize or 1
+        size = 1 if chunksize is None else chunksize
         if size < 1:
             raise ValueError(f"Chunksize must be 1+, not {size}")
         if size == 1:
             return [self._submit(fn, args, {}) for args in items]
-        return [self._submit(_Chunk(fn), (items[i:i + size],), {})
+        runner = _Chunk(fn)  # one for every chunk: pickled and sent to each worker once
+        return [self._submit(runner, (items[i:i + size],), {})
                 for i in range(0, len(items), size)]
 
     @staticmethod
@@ -166,8 +178,8 @@ class Pool:
                   callback: Callable[[Any], object] | None = None,
                   error_callback: Callable[[BaseException], object] | None = None,
                   ) -> AsyncResult:
-        futures = self._chunked(func, ((item,) for item in iterable), chunksize)
-        return AsyncResult(futures, self._flatten(chunksize), callback, error_callback)
+        futures, size = self._sized(func, ((item,) for item in iterable), chunksize)
+        return AsyncResult(futures, self._flatten(size), callback, error_callback)
 
     def starmap(self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]],
                 chunksize: int | None = None) -> list[Any]:
@@ -178,8 +190,8 @@ class Pool:
                       callback: Callable[[Any], object] | None = None,
                       error_callback: Callable[[BaseException], object] | None = None,
                       ) -> AsyncResult:
-        futures = self._chunked(func, (tuple(args) for args in iterable), chunksize)
-        return AsyncResult(futures, self._flatten(chunksize), callback, error_callback)
+        futures, size = self._sized(func, (tuple(args) for args in iterable), chunksize)
+        return AsyncResult(futures, self._flatten(size), callback, error_callback)
 
     def imap(self, func: Callable[..., Any], iterable: Iterable[Any],
              chunksize: int = 1) -> Iterator[Any]:

@@ -131,3 +131,14 @@ def test_a_large_array_goes_through_the_store() -> None:
     data = np.arange(4_000_000, dtype=np.float64)  # 32 MB
     with sc.Pool(processes=2) as pool:
         assert pool.map(total, [data] * 4) == [float(data.sum())] * 4
+
+
+def test_map_chunks_tiny_calls_as_multiprocessing_does() -> None:
+    with sc.Pool(2) as pool:
+        assert pool.map(square, range(2000)) == [x * x for x in range(2000)]
+        ran = [e for e in pool._runtime.timeline_trace()["traceEvents"] if e["ph"] == "X"]
+        assert len(ran) == 8  # 2000 items, 4 chunks a worker (multiprocessing's default)
+        assert pool.starmap(pow, [(2, i) for i in range(10)], chunksize=3) == [
+            2 ** i for i in range(10)]
+        with pytest.raises(ValueError, match="Chunksize must be 1"):
+            pool.map(square, range(3), chunksize=0)
