@@ -17,6 +17,7 @@ from sharedcompute._runtime import _context
 from sharedcompute._runtime._base import RuntimeBase, TaskOptions
 from sharedcompute._runtime._driver import Runtime
 from sharedcompute._runtime._future import Future
+from sharedcompute._runtime._shared_args import store_shared
 from sharedcompute._scheduler import public_resources
 
 P = ParamSpec("P")
@@ -133,10 +134,16 @@ def submit(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R
 
 
 def map(fn: Callable[..., R], *iterables: Iterable[Any]) -> list[Future[R]]:
-    """Submit ``fn`` once per item (several iterables are zipped); return the Futures."""
+    """Submit ``fn`` once per item (several iterables are zipped); return the Futures.
+
+    On a local runtime tiny calls run in batches, learnt as they go (each item keeps its own
+    Future, error and order; long calls run one a task and spread over every worker)."""
     runtime = _runtime()
-    batches = zip(*iterables, strict=False)
-    return [runtime.submit(fn, args, {}, _DEFAULT_OPTIONS) for args in batches]
+    # A large value in many calls goes into the store once, not once a call.
+    items = store_shared(runtime.put, list(zip(*iterables, strict=False)))
+    if isinstance(runtime, Runtime) and runtime._default_scheduler() == "processes":
+        return runtime.batched_map(fn, items, _DEFAULT_OPTIONS)
+    return [runtime.submit(fn, args, {}, _DEFAULT_OPTIONS) for args in items]
 
 
 def put(value: T) -> Future[T]:

@@ -22,6 +22,7 @@ from typing import Any
 from sharedcompute._runtime._base import TaskOptions
 from sharedcompute._runtime._driver import Runtime
 from sharedcompute._runtime._future import Future
+from sharedcompute._runtime._shared_args import store_shared
 
 _OPTIONS = TaskOptions()
 
@@ -141,7 +142,8 @@ class Pool:
 
     def _chunked(self, fn: Callable[..., Any], items: Iterable[tuple[Any, ...]],
                  chunksize: int | None) -> list[Future[Any]]:
-        items = list(items)
+        # A large value in many calls goes into the store once, not once a task.
+        items = store_shared(self._runtime.put, list(items))
         size = 1 if chunksize is None else chunksize
         if size < 1:
             raise ValueError(f"Chunksize must be 1+, not {size}")

@@ -175,6 +175,8 @@ def test_an_actor_whose_node_dies_restarts_on_a_live_node(cluster: Cluster) -> N
     proc = cluster.nodes[node]
     proc.kill()
     proc.wait(TIMEOUT)
+    # (A call sent before the head notices would die with the actor: max_task_retries=0.)
+    wait_until(lambda: not cluster.node(node)["alive"], TIMEOUT, "the node is dead")
     value, pid = counter.add.remote(5).result(TIMEOUT)  # restarted, fresh, on the head's node
     assert value == 5 and psutil.Process(pid).ppid() == os.getpid()
 

@@ -68,11 +68,11 @@ class TransferServer(ThreadedServer):
             return
         try:
             data = self._store.buffer(ref)  # in the arena, or mapped from its spill file
-            channel.send((_OBJECT, ref.header), [memoryview(data)])
-            del data
-            with self._lock:
+            with self._lock:  # counted before it goes: the puller may look once it has it
                 self.served += 1
                 self.bytes_served += ref.nbytes
+            channel.send((_OBJECT, ref.header), [memoryview(data)])
+            del data
         finally:
             self._store.delete(ref)
 

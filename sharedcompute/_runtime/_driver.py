@@ -25,7 +25,7 @@ import weakref
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sharedcompute import _config
 from sharedcompute._env import Env, EnvResolver, Package, PackageCache
@@ -45,6 +45,9 @@ from sharedcompute._runtime._local import ThreadPool, run_inline
 from sharedcompute._runtime._other_nodes import NodeHost, OtherNodes
 from sharedcompute._runtime._pool import ProcessPool, WorkerSlot, pickle_for_workers
 from sharedcompute._runtime._timeline import Timeline
+
+if TYPE_CHECKING:
+    from sharedcompute._runtime._batched_map import BatchedMap
 from sharedcompute._runtime._worker_messages import WorkerMessages, _portable, task_resources
 from sharedcompute._scheduler import (
     PINS_PER_NODE,
@@ -166,6 +169,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         self._task_fn: dict[int, bytes] = {}  # the function of each pending task
         self._task_names: dict[int, str] = {}  # ... and its name (for the timeline)
         self.timeline = Timeline()  # the recent task executions (sc.timeline)
+        self._batched: BatchedMap | None = None  # sc.map's batches (made on first use)
         # Functions whose last run took under _SHORT_TASK_SECONDS (they may be queued
         # behind one another on a worker); insertion-ordered, bounded.
         self._short_functions: dict[bytes, None] = {}
@@ -791,6 +795,15 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         from sharedcompute._runtime._memory_report import memory_report
 
         return memory_report(self, address, other_nodes)
+
+    def batched_map(self, fn: Callable[..., Any], items: list[tuple[Any, ...]],
+                    options: TaskOptions) -> list[Future[Any]]:
+        """``sc.map`` here: tiny calls in batches, each item its own Future."""
+        if self._batched is None:
+            from sharedcompute._runtime._batched_map import BatchedMap
+
+            self._batched = BatchedMap(self)
+        return self._batched.map(fn, items, options)
 
     def timeline_trace(self) -> dict[str, Any]:
         """The recent task executions as Chrome trace events (``sc.timeline``)."""

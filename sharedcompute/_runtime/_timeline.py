@@ -7,37 +7,110 @@ The last ``capacity`` (100,000) are kept in a ring: a bounded cost, one tuple pe
 task. :meth:`Timeline.trace` turns them into the Trace Event Format that Perfetto
 and ``chrome://tracing`` open: one row (thread) per worker, grouped by node
 (process), a complete event ("X") per task.
+
+Each record carries a sequence number (one per record ever added, from 0), so a
+reader that polls (the dashboard) takes only what is new: :meth:`Timeline.since`.
+The last ``ERRORS_KEPT`` failures are kept too, with their traceback text
+(:meth:`Timeline.add_error`, :meth:`Timeline.errors`): strings only, never the
+exception, so nothing a task raised is held alive by them.
+
+One thread adds (the runtime's, under its lock); others may read at any time:
+a deque's ``append`` and ``list(islice(...))`` over it each run without
+releasing the GIL, and the sequence number in each record says where it stands.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 CAPACITY = 100_000
+ERRORS_KEPT = 100
+
+
+class TaskError(NamedTuple):
+    """A task's failure as the dashboard shows it."""
+
+    seq: int
+    time: float  # epoch seconds
+    key: int
+    name: str
+    type_name: str
+    message: str
+    traceback: str  # the remote traceback's text ("" when none came)
 
 
 class Timeline:
     def __init__(self, capacity: int = CAPACITY) -> None:
-        # (key, name, worker, node, end (epoch s), duration (s), input bytes, ok)
-        self._records: deque[tuple[int, str, int, int, float, float, int, bool]] = deque(
+        # (key, name, worker, node, end (epoch s), duration (s), input bytes, ok, seq)
+        self._records: deque[tuple[int, str, int, int, float, float, int, bool, int]] = deque(
             maxlen=capacity
         )
+        self._seq = itertools.count()
+        self._errors: deque[TaskError] = deque(maxlen=ERRORS_KEPT)
+        self._error_seq = itertools.count()
 
     def add(self, key: int, name: str, worker: int, node: int, duration: float,
             input_bytes: int, ok: bool) -> None:
-        self._records.append((key, name, worker, node, time.time(), duration, input_bytes, ok))
+        self._records.append(
+            (key, name, worker, node, time.time(), duration, input_bytes, ok, next(self._seq))
+        )
+
+    def seconds_of(self, keys: set[int], look_back: int = 4096) -> list[float]:
+        """How long the workers say these tasks ran (those among the last records)."""
+        found = []
+        for index in range(len(self._records) - 1, max(-1, len(self._records) - 1 - look_back),
+                           -1):
+            record = self._records[index]
+            if record[0] in keys:
+                found.append(record[5])
+                if len(found) == len(keys):
+                    break
+        return found
 
     def __len__(self) -> int:
         return len(self._records)
 
+    def since(
+        self, seq: int, limit: int = CAPACITY
+    ) -> list[tuple[int, str, int, int, float, float, int, bool, int]]:
+        """The records numbered ``seq`` and after, oldest first, at most the ``limit``
+        newest of them (older ones may have left the ring: check the first's number)."""
+        try:
+            last = self._records[-1][8]
+        except IndexError:
+            return []
+        # A few more than are new by that count: records added meanwhile are cut below.
+        wanted = min(limit, max(0, last - seq + 1) + 256)
+        newest = list(itertools.islice(reversed(self._records), wanted))
+        cut = len(newest)
+        while cut and newest[cut - 1][8] < seq:
+            cut -= 1
+        del newest[cut:]
+        newest.reverse()
+        return newest
+
+    def add_error(self, key: int, name: str, error: BaseException) -> None:
+        """A task failed with ``error`` (its ``__cause__`` may carry the remote traceback)."""
+        cause = error.__cause__
+        tb = getattr(cause, "tb", "") if cause is not None else ""
+        self._errors.append(TaskError(
+            next(self._error_seq), time.time(), key, name, type(error).__name__,
+            _text(error)[:2000], tb if isinstance(tb, str) else "",
+        ))
+
+    def errors(self) -> list[TaskError]:
+        """The recent failures, oldest first."""
+        return list(self._errors)
+
     def trace(self) -> dict[str, Any]:
         events: list[dict[str, Any]] = []
         rows: set[tuple[int, int]] = set()
-        for key, name, worker, node, end, duration, input_bytes, ok in list(self._records):
+        for key, name, worker, node, end, duration, input_bytes, ok, _ in list(self._records):
             rows.add((node, worker))
             events.append({
                 "name": name or f"task {key}", "cat": "task" if ok else "task,error",
@@ -57,3 +130,10 @@ class Timeline:
 def write_trace(trace: dict[str, Any], path: str | os.PathLike[str]) -> None:
     with open(path, "w") as file:
         json.dump(trace, file)
+
+
+def _text(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception:  # a broken __str__ must not lose the record (or the runtime's thread)
+        return f"<{type(error).__name__} whose str() failed>"

@@ -153,12 +153,16 @@ class WorkerMessages:
                 elif kind == Msg.FAILED:
                     answered += 1
                     self._record(message[1], worker, 0.0, False)
+                    error = unpack_error(message[2])
+                    self.timeline.add_error(
+                        message[1], self._task_names.get(message[1], ""), error
+                    )
                     if len(message) > 3:  # it never ran: an input of that node was lost
-                        events.append(TaskFailed(message[1], worker.id, unpack_error(message[2]),
+                        events.append(TaskFailed(message[1], worker.id, error,
                                                  lost_node=message[3]))
                         self._recheck_later(message[1])
                     else:
-                        events.append(TaskFailed(message[1], worker.id, unpack_error(message[2])))
+                        events.append(TaskFailed(message[1], worker.id, error))
                 elif kind == Msg.WAIT:
                     if events:
                         self._handle(events)

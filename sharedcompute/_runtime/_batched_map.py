@@ -1,0 +1,196 @@
+"""``sc.map`` on a local runtime: tiny calls run in batches, every item still its own Future.
+
+::
+
+    map(fn, items) ─▶ an item Future per item (settled by its batch; not in the core)
+        │ fn's speed known?  no: the first items go out alone (probes), the rest wait
+        ▼
+    batches of b items ─▶ _run_batch(fn, items) in a worker ─▶ [(ok, value | packed error)]
+        │ done-callback: each item's Future gets its value (as the batch's result holds
+        ▼                  it: arrays are views of the batch's stored result) or its error
+    item Futures: a task given one as an argument waits for it as for a Future of another
+    scheduler (the core learns of it then, and its value is stored when it is done)
+
+Batch size (joblib's rule of thumb): batches of about ``TARGET_S`` of work, and at least
+``SPREAD`` batches a worker so that every worker gets some; a call of ``LONG_S`` or more
+runs alone. The seconds a call of a function takes are learnt from the probes (the wall time
+from submit to done: an upper bound) and from every batch after, per function, so a second
+``map`` of the same function batches at once. Items are placed in batches in order.
+
+An item cancelled before its batch finishes stays cancelled (its call may still run, as an
+item in ``ProcessPoolExecutor``'s call queue does); a batch that fails as a whole (its worker
+crashed past its retries, the runtime shut down) fails or cancels each of its items.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sharedcompute._runtime._future import Future
+
+if TYPE_CHECKING:
+    from sharedcompute._runtime._base import TaskOptions
+    from sharedcompute._runtime._driver import Runtime
+
+TARGET_S = 0.02  # seconds of work a batch aims at
+LONG_S = 0.05  # a call this long runs alone
+SPREAD = 4  # at least this many batches per worker
+IN_FLIGHT = 2  # batches sent and not back yet, per worker
+_SEEN = 4096  # functions whose speed is remembered
+
+
+def _run_batch(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
+    """In a worker: every call, its value or its error (packed with its traceback)."""
+    from sharedcompute._worker._main import pack_error
+
+    out: list[tuple[bool, Any]] = []
+    for args in items:
+        try:
+            out.append((True, fn(*args)))
+        except Exception as error:
+            out.append((False, pack_error(error, "A call of a batch of sc.map failed")))
+    return out
+
+
+class BatchedMap:
+    """The batched ``map`` of one runtime (it remembers how fast functions are)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+        self._seconds: dict[Any, float] = {}  # fn -> seconds a call took (most recent)
+
+    def map(self, fn: Callable[..., Any], items: list[tuple[Any, ...]],
+            options: TaskOptions) -> list[Future[Any]]:
+        rt = self._rt
+        workers = max(rt.num_workers, 1)
+        if len(items) <= 2 * workers:
+            return [rt.submit(fn, args, {}, options) for args in items]
+        name = getattr(fn, "__qualname__", "") or type(fn).__name__
+        seconds = self._seconds.get(fn)
+        if seconds is None:  # probes: the first items alone, their time tells the rest
+            probes = [rt.submit(fn, args, {}, options) for args in items[:workers]]
+            waiting = self._externals(len(items) - workers, name)
+            remaining = items[workers:]
+            left = [len(probes)]
+
+            def probed(_: Any) -> None:
+                left[0] -= 1
+                if left[0] == 0:  # how long the workers say the probes ran
+                    self._learn(fn, rt.timeline.seconds_of({p.key for p in probes}), 1)
+                    self._dispatch(fn, remaining, waiting, options)
+
+            for probe in probes:
+                probe.add_done_callback(probed)
+            return probes + waiting
+        waiting = self._externals(len(items), name)
+        self._dispatch(fn, items, waiting, options)
+        return waiting
+
+    def _externals(self, count: int, name: str) -> list[Future[Any]]:
+        rt = self._rt
+        return [Future(rt, rt._next_key(), name) for _ in range(count)]
+
+    def _dispatch(self, fn: Callable[..., Any], items: list[tuple[Any, ...]],
+                  futures: list[Future[Any]], options: TaskOptions) -> None:
+        _Feed(self, fn, items, futures, options).pump()
+
+    def _learn(self, fn: Any, seconds: list[float], calls: int) -> None:
+        """Remember a call's time: the longest of these runs, over the calls each made."""
+        if not seconds:
+            return  # it failed before it ran, or fell out of the timeline
+        self._seconds[fn] = max(seconds) / calls
+        if len(self._seconds) > _SEEN:
+            del self._seconds[next(iter(self._seconds))]
+
+    @staticmethod
+    def _resolve(owners: list[Future[Any]], batch: Future[Any] | None,
+                 error: BaseException | None) -> None:
+        """A batch finished (or could not start): settle each item's Future."""
+        from sharedcompute._runtime._worker_messages import unpack_error
+
+        if batch is not None and error is None:
+            if batch.cancelled():
+                for future in owners:
+                    future._cancel_now()
+                return
+            try:
+                outcomes = batch.result()
+            except BaseException as failed:  # the batch as a whole: a crash, a shutdown
+                error = failed
+        for index, future in enumerate(owners):
+            if future.done():
+                continue  # cancelled meanwhile
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                if error is not None:
+                    future.set_exception(error)
+                    continue
+                ok, value = outcomes[index]
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(unpack_error(value))
+
+
+class _Feed:
+    """One ``map``'s items not yet sent: batches go out as earlier ones come back, about
+    ``IN_FLIGHT`` a worker at a time, each sized by the latest time per call (as joblib's
+    auto-batching does: a first call that also imported the function's module makes the
+    first batches small, and the next ones grow)."""
+
+    def __init__(self, mapper: BatchedMap, fn: Callable[..., Any],
+                 items: list[tuple[Any, ...]], futures: list[Future[Any]],
+                 options: TaskOptions) -> None:
+        self._mapper = mapper
+        self._fn = fn
+        self._items = items
+        self._futures = futures
+        self._options = options
+        self._next = 0
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    def pump(self) -> None:
+        rt = self._mapper._rt
+        workers = max(rt.num_workers, 1)
+        while True:
+            with self._lock:
+                left = len(self._items) - self._next
+                if not left or self._in_flight >= IN_FLIGHT * workers:
+                    return
+                seconds = self._mapper._seconds.get(self._fn, LONG_S)
+                size = 1 if seconds >= LONG_S else max(1, min(
+                    int(TARGET_S / max(seconds, 1e-6)), -(-left // (SPREAD * workers)),
+                ))
+                start, self._next = self._next, self._next + size
+                self._in_flight += 1
+            chunk = self._items[start:start + size]
+            owners = self._futures[start:start + size]
+            try:
+                batch = rt.submit(_run_batch, (self._fn, chunk), {}, self._options)
+            except BaseException as error:  # the runtime closed, say: the items fail
+                BatchedMap._resolve(owners, None, error)
+                with self._lock:
+                    self._in_flight -= 1
+                continue
+            batch.add_done_callback(self._finished(owners, len(chunk)))
+
+    def _finished(self, owners: list[Future[Any]], calls: int) -> Callable[[Any], None]:
+        def finished(batch: Any) -> None:
+            mapper = self._mapper
+            mapper._learn(self._fn, mapper._rt.timeline.seconds_of({batch.key}), calls)
+            BatchedMap._resolve(owners, batch, None)
+            with self._lock:
+                self._in_flight -= 1
+            if not batch.cancelled():
+                self.pump()
+            else:  # the runtime is going: what was not sent is cancelled with it
+                with self._lock:
+                    rest, self._next = self._futures[self._next:], len(self._items)
+                for future in rest:
+                    future._cancel_now()
+
+        return finished

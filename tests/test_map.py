@@ -1,0 +1,100 @@
+"""``sc.map`` batches tiny calls on a local runtime; every item keeps its Future, error, order."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import sharedcompute as sc
+
+TIMEOUT = 60
+
+
+def _inc(x: int) -> int:
+    return x + 1
+
+
+def _picky(x: int) -> int:
+    if x % 250 == 7:
+        raise KeyError(x)
+    return x
+
+
+def _nap(x: int) -> int:
+    time.sleep(0.1)
+    return x
+
+
+def _add(a: int, b: int) -> int:
+    return a + b
+
+
+def _tasks_run(rt: sc.Runtime) -> list[dict[str, object]]:
+    return [e for e in rt.timeline_trace()["traceEvents"] if e["ph"] == "X"]
+
+
+def test_tiny_calls_run_in_batches_and_keep_their_order() -> None:
+    with sc.Runtime(num_workers=2) as rt:
+        futures = sc.map(_inc, range(2000))
+        assert len(futures) == 2000 and len({f.key for f in futures}) == 2000
+        assert sc.gather(futures, timeout=TIMEOUT) == [x + 1 for x in range(2000)]
+        first = len(_tasks_run(rt))
+        assert first < 100, first  # 2 probes, then batches: not a task an item
+        # Known fast now: a second map batches from the start.
+        assert sc.gather(sc.map(_add, range(500), range(500)), timeout=TIMEOUT) == [
+            2 * x for x in range(500)]
+        assert len(_tasks_run(rt)) - first < 50
+
+
+def test_each_item_fails_on_its_own_with_its_type_and_traceback() -> None:
+    with sc.Runtime(num_workers=2):
+        futures = sc.map(_picky, range(1000))
+        failed = [i for i, f in enumerate(futures) if f.exception(timeout=TIMEOUT) is not None]
+        assert failed == [7, 257, 507, 757]
+        with pytest.raises(KeyError) as raised:
+            futures[257].result(timeout=0)
+        assert "_picky" in str(raised.value.__cause__)  # the remote traceback
+        assert futures[258].result(timeout=0) == 258
+
+
+def test_an_item_is_a_dependency_like_any_future() -> None:
+    with sc.Runtime(num_workers=2):
+        futures = sc.map(_inc, range(100))
+        assert sc.submit(_add, futures[10], futures[20]).result(timeout=TIMEOUT) == 32
+
+
+def test_long_calls_still_run_one_a_task_on_every_worker() -> None:
+    with sc.Runtime(num_workers=2) as rt:
+        assert sc.gather(sc.map(_nap, range(12)), timeout=TIMEOUT) == list(range(12))
+        ran = _tasks_run(rt)
+        assert len(ran) == 12 and len({e["tid"] for e in ran}) == 2
+
+
+def test_items_left_when_the_runtime_shuts_down_end_without_a_hang() -> None:
+    rt = sc.Runtime(num_workers=1)
+    with rt:
+        futures = sc.map(_nap, range(40))
+    done = [f for f in futures if f.done()]
+    assert len(done) == 40  # each finished, failed or was cancelled: none hangs
+
+
+def _first(a: object, i: int) -> float:
+    return float(a[0]) + i  # type: ignore[index]
+
+
+def test_a_large_argument_in_every_call_is_stored_once() -> None:
+    import numpy as np
+
+    big = np.ones(1 << 20)  # 8 MiB
+    with sc.Runtime(num_workers=2) as rt:
+        made = rt.store._table._next_id
+        assert sc.gather(sc.map(_first, [big] * 50, range(50)), timeout=TIMEOUT) == [
+            1.0 + i for i in range(50)]
+        created = rt.store._table._next_id - made
+        assert created < 5, created  # once, not 50 times (8 MiB each)
+    with sc.Pool(2) as pool:
+        made = pool._runtime.store._table._next_id
+        assert pool.starmap(_first, [(big, i) for i in range(50)], chunksize=1) == [
+            1.0 + i for i in range(50)]
+        assert pool._runtime.store._table._next_id - made < 5
