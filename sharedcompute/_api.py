@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -43,6 +44,8 @@ def init(
     resources: dict[str, float] | None = None,
     worker_output_prefix: bool = True,
     runtime_env: dict[str, Any] | None = None,
+    dashboard: bool = False,
+    dashboard_port: int | None = None,
 ) -> Runtime | ClusterClient:
     """Start the default runtime (worker processes, store, scheduler) and return it.
 
@@ -54,6 +57,10 @@ def init(
     ``runtime_env`` (``working_dir``, ``py_modules``, ``env_vars``, ``excludes``) is the
     environment every task of this driver runs in: its directories are packed and shipped
     now, once per content, and unpacked once per host that runs its work.
+
+    ``dashboard=True`` serves a live dashboard of this runtime on 127.0.0.1 (``dashboard_port``;
+    None: a free port) at ``rt.dashboard_url``, printed once; it needs the ``dashboard`` extra.
+    On a cluster the head serves it (``sharedcompute start --head --dashboard-port PORT``).
     """
     with _init_lock:
         if _context.in_worker():
@@ -64,6 +71,9 @@ def init(
                 "sharedcompute is already initialized; call sharedcompute.shutdown() first"
             )
         address = address or os.environ.get(ADDRESS_ENV) or None
+        if address is not None and dashboard:
+            raise ValueError("on a cluster the head serves the dashboard: start it with "
+                             "sharedcompute start --head --dashboard-port PORT")
         if address is not None:
             client = connect(address, store_capacity=store_capacity, runtime_env=runtime_env)
             _context.set_default(client)
@@ -78,8 +88,27 @@ def init(
             worker_output_prefix=worker_output_prefix,
             runtime_env=runtime_env,
         )
+        if dashboard:
+            try:
+                start_dashboard(runtime, port=dashboard_port)
+            except BaseException:
+                runtime.shutdown()
+                raise
         _context.set_default(runtime)
         return runtime
+
+
+def start_dashboard(runtime: Runtime, *, host: str = "127.0.0.1", port: int | None = None,
+                    token: str | None = None,
+                    nodes: Callable[[], list[dict[str, Any]]] | None = None) -> str:
+    """Serve a dashboard of ``runtime`` (closed with it); its URL, printed once."""
+    from sharedcompute.dashboard import Dashboard
+
+    served = Dashboard(runtime, host=host, port=port, token=token, nodes=nodes)
+    runtime.close_with(served.close)
+    runtime.dashboard_url = served.url
+    print(f"sharedcompute dashboard: {served.url}", file=sys.stderr, flush=True)
+    return served.url
 
 
 def shutdown() -> None:

@@ -138,6 +138,13 @@ def _run_head(args: argparse.Namespace, token: str) -> int:
         node_timeout=args.node_timeout,
     )
     try:
+        if args.dashboard_port is not None:
+            from sharedcompute._api import start_dashboard
+
+            # Every node, as `status` lists them; off loopback it asks for the token.
+            start_dashboard(head.runtime, host=args.host or "127.0.0.1",
+                            port=args.dashboard_port or None, token=token,
+                            nodes=lambda: [node.as_dict() for node in head.status().nodes])
         files["pid"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         files["pid"].write_text(f"{os.getpid()}\n")
         files["address"].write_text(f"{head.address}\n")
@@ -165,6 +172,8 @@ def _start_in_background(args: argparse.Namespace, role: str) -> int:
     if role == "head":
         command += ["--head", "--host", args.host or "127.0.0.1", "--port", str(args.port),
                     "--node-timeout", str(args.node_timeout)]
+        if args.dashboard_port is not None:
+            command += ["--dashboard-port", str(args.dashboard_port)]
     else:
         command += ["--address", args.address]
         if args.host:
@@ -332,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--store-capacity", type=int, help="object store bytes")
     start.add_argument("--token-file", help="the cluster token's file (created if missing)")
     start.add_argument("--block", action="store_true", help="stay in the foreground")
+    start.add_argument("--dashboard-port", type=int, metavar="PORT",
+                       help="head: serve the live dashboard on this port (0: any free one; "
+                       "needs sharedcompute[dashboard])")
     start.add_argument("--node-timeout", type=float, default=5.0,
                        help="seconds a node may be silent before it is dead (default 5)")
     _tls_flags(start)

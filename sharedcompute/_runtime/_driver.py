@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import sys
 import threading
 import weakref
 from collections import Counter, defaultdict, deque
@@ -170,6 +171,9 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         self._task_names: dict[int, str] = {}  # ... and its name (for the timeline)
         self.timeline = Timeline()  # the recent task executions (sc.timeline)
         self._batched: BatchedMap | None = None  # sc.map's batches (made on first use)
+        # What closes before the workers do (a dashboard reading this runtime, say).
+        self._on_shutdown: list[Callable[[], None]] = []
+        self.dashboard_url: str | None = None  # set when a dashboard serves this runtime
         # Functions whose last run took under _SHORT_TASK_SECONDS (they may be queued
         # behind one another on a worker); insertion-ordered, bounded.
         self._short_functions: dict[bytes, None] = {}
@@ -275,8 +279,18 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
                 self._threads = ThreadPool(max(1, self.num_workers))
             return self._threads
 
+    def close_with(self, close: Callable[[], None]) -> None:
+        """Call ``close`` first when this runtime shuts down."""
+        self._on_shutdown.append(close)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the workers and free the store. Pending Futures fail with CancelledError."""
+        while self._on_shutdown:
+            try:
+                self._on_shutdown.pop()()
+            except Exception as error:  # the runtime must still stop
+                print(f"sharedcompute: closing: {type(error).__name__}: {error}",
+                      file=sys.stderr)
         with self._lock:
             if self._closed:
                 return
