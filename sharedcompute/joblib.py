@@ -93,6 +93,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from sharedcompute._runtime import _context
 from sharedcompute._runtime._base import RuntimeBase, TaskOptions
 from sharedcompute._runtime._future import Future
+from sharedcompute._runtime._shared_args import large_nbytes
 
 __all__ = ["BACKEND_NAME", "SharedComputeBackend", "register"]
 
@@ -338,7 +339,7 @@ class SharedComputeBackend(AutoBatchingMixin, ParallelBackendBase):
         slots: dict[int, _Stored] = {}
 
         def slot(value: Any) -> Any:
-            if type(value) in _PLAIN or _nbytes(value) < limit:
+            if type(value) in _PLAIN or large_nbytes(value) < limit:
                 return value
             placeholder = slots.get(id(value))
             if placeholder is None:
@@ -422,26 +423,13 @@ def _any_large(calls: list[Call], limit: int) -> bool:
     plain = _PLAIN
     for _, args, kwargs in calls:  # plain loops: this runs over every call of every batch
         for value in args:
-            if type(value) not in plain and _nbytes(value) >= limit:
+            if type(value) not in plain and large_nbytes(value) >= limit:
                 return True
         if kwargs:
             for value in kwargs.values():
-                if type(value) not in plain and _nbytes(value) >= limit:
+                if type(value) not in plain and large_nbytes(value) >= limit:
                     return True
     return False
-
-
-def _nbytes(value: Any) -> int:
-    """Size of a numpy array or pandas object (0 for anything else: it goes by value)."""
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and isinstance(value, numpy.ndarray):
-        return 0 if value.dtype.hasobject else int(value.nbytes)
-    if _is_pandas(value):
-        try:
-            return int(value.memory_usage(index=True, deep=False).sum())
-        except (AttributeError, TypeError, ValueError):
-            return 0
-    return 0
 
 
 def _is_pandas(value: Any) -> bool:
