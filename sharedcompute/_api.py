@@ -18,6 +18,7 @@ from sharedcompute._runtime import _context
 from sharedcompute._runtime._base import RuntimeBase, TaskOptions
 from sharedcompute._runtime._driver import Runtime
 from sharedcompute._runtime._future import Future
+from sharedcompute._runtime._returns import check_num_returns, split
 from sharedcompute._runtime._shared_args import store_shared
 from sharedcompute._scheduler import public_resources
 
@@ -256,7 +257,7 @@ def progress(futures: Iterable[Future[T]], timeout: float | None = None,
 _DEFAULT_OPTIONS = TaskOptions()
 _OPTION_NAMES = frozenset(
     {"num_cpus", "resources", "max_retries", "retry_exceptions", "scheduler", "name", "node",
-     "runtime_env"}
+     "runtime_env", "num_returns"}
 )
 
 
@@ -273,8 +274,10 @@ def _make_options(base: TaskOptions, **changes: Any) -> TaskOptions:
         "name": base.name,
         "node": base.node,
         "runtime_env": base.runtime_env,
+        "num_returns": base.num_returns,
     }
     values.update(changes)
+    values["num_returns"] = check_num_returns(values["num_returns"])
     if "runtime_env" in changes and changes["runtime_env"] is not None:
         values["runtime_env"] = check_runtime_env(changes["runtime_env"])
     resources = values["resources"]
@@ -313,7 +316,13 @@ class RemoteFunction(Generic[P, R]):
         return self._fn(*args, **kwargs)
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
-        return _runtime().submit(self._fn, args, kwargs, self._options)
+        """Run it as a task; with ``num_returns=N`` (N > 1), a list of N Futures."""
+        runtime = _runtime()
+        future = runtime.submit(self._fn, args, kwargs, self._options)
+        if self._options.num_returns == 1:
+            return future
+        return split(runtime, future, self._options.num_returns,  # type: ignore[return-value]
+                     self.__qualname__)
 
     remote = submit
 

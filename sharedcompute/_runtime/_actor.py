@@ -112,17 +112,31 @@ def public_methods(cls: type) -> dict[str, bool]:
 
 
 class ActorMethod:
-    __slots__ = ("_handle", "_name")
+    __slots__ = ("_handle", "_name", "_num_returns")
 
-    def __init__(self, handle: ActorHandle, name: str) -> None:
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int = 1) -> None:
         self._handle = handle
         self._name = name
+        self._num_returns = num_returns
+
+    def options(self, *, num_returns: int = 1) -> ActorMethod:
+        """This method with ``num_returns=N``: its calls give N Futures."""
+        from sharedcompute._runtime._returns import check_num_returns
+
+        return ActorMethod(self._handle, self._name, check_num_returns(num_returns))
 
     def remote(self, *args: Any, **kwargs: Any) -> Future[Any]:
         handle = self._handle
-        return handle._runtime().submit_actor_call(
+        runtime = handle._runtime()
+        future: Future[Any] = runtime.submit_actor_call(
             handle._actor_id, handle._class_name, self._name, args, kwargs
         )
+        if self._num_returns == 1:
+            return future
+        from sharedcompute._runtime._returns import split
+
+        return split(runtime, future, self._num_returns,  # type: ignore[return-value]
+                     f"{handle._class_name}.{self._name}")
 
     submit = remote
 

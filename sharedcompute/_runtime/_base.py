@@ -46,6 +46,7 @@ class TaskOptions:
     # A dict as the user wrote it (checked), laid over the runtime's own; on the wire
     # and in the scheduler, the Env it resolves to (see RuntimeBase.task_env).
     runtime_env: Any = None
+    num_returns: int = 1  # >1: the result is split into that many Futures (_returns)
 
 
 def options_to_wire(options: TaskOptions, env: Env | None, name: str = "") -> tuple[Any, ...]:
