@@ -45,13 +45,10 @@ import mmap
 import os
 import pickle
 import secrets
-import selectors
 import socket
 import struct
 import sys
-import threading
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +59,7 @@ from sharedcompute._store._segment import (
     create_memory_file,
     default_capacity,
 )
+from sharedcompute._store._server import MAX_MESSAGE, OWNER, StoreServer
 from sharedcompute._store._spill import (
     DEFAULT_THRESHOLD,
     DEFAULT_WAIT_S,
@@ -75,9 +73,7 @@ from sharedcompute.errors import ObjectLostError, ObjectStoreFullError, SharedCo
 
 # Values whose serialized form is smaller than this travel inline in messages.
 INLINE_THRESHOLD = 64 * 1024
-_MAX_MESSAGE = 1 << 20
 _DECREFS_PER_MESSAGE = 4096  # about 40 KiB pickled: far below any datagram limit
-_OWNER = 0
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
 
 
@@ -380,13 +376,13 @@ class OwnerStore(ObjectStore):
         self.segment = MappedSegment(create_memory_file(directory, capacity), capacity)
         self._spiller = Spiller(self, SpillFiles(spill_dir), spill_threshold, wait_s)
         self.address = f"sharedcompute-{os.getpid()}-{secrets.token_hex(8)}"
-        self._server = _StoreServer(self)
+        self._server = StoreServer(self)
 
     def _create(self, nbytes: int, *, for_owner: bool = False) -> tuple[int, int]:
-        return self._create_for(_OWNER, nbytes)
+        return self._create_for(OWNER, nbytes)
 
     def _abort(self, object_id: int) -> None:
-        self._table.abort(_OWNER, object_id)
+        self._table.abort(OWNER, object_id)
 
     def allocate_incoming(self, nbytes: int) -> tuple[int, memoryview]:
         """Room for an object that arrives from elsewhere: (its id, the memory to fill).
@@ -420,7 +416,7 @@ class OwnerStore(ObjectStore):
         result it stored and then died before reporting would otherwise stay.
         """
         with self._lock:
-            return self._table.drop_deliveries(client, _OWNER)
+            return self._table.drop_deliveries(client, OWNER)
 
     def _create_for(
         self, client: int, nbytes: int, *, courier: int | None = None, wait: bool = True
@@ -496,7 +492,7 @@ class OwnerStore(ObjectStore):
             self.move_out_before_read(object_id)
             where = self._table.locate(object_id)  # it may have moved to a file
             if not self._local[object_id]:
-                self._table.incref(_OWNER, object_id)
+                self._table.incref(OWNER, object_id)
             self._local[object_id] += 1
             self._views[object_id] += 1
         pin = _ViewPin(self, object_id)
@@ -511,7 +507,7 @@ class OwnerStore(ObjectStore):
         spiller = self._spiller
         if self._table.allocator.used_bytes <= spiller.limit or spiller.disk_error:
             return
-        found = self._table.spill_candidate(object_id, _OWNER, self._views, MIN_SPILL_BYTES)
+        found = self._table.spill_candidate(object_id, OWNER, self._views, MIN_SPILL_BYTES)
         if found is None:
             return
         offset, nbytes, refs = found
@@ -519,7 +515,7 @@ class OwnerStore(ObjectStore):
             written = spiller.files.write(object_id, self.segment.writable(offset, nbytes))
         except OSError:
             return  # read from the arena, then; the spill thread reports a full disk
-        if self._table.spilled(object_id, offset, refs, _OWNER, self._views):
+        if self._table.spilled(object_id, offset, refs, OWNER, self._views):
             spiller.files.keep(object_id, written)
             spiller.written_bytes += nbytes
             spiller.freed()
@@ -556,17 +552,17 @@ class OwnerStore(ObjectStore):
         return self._table.seal(object_id, header)
 
     def _incref(self, object_id: int) -> StoredObject:
-        return self._table.incref(_OWNER, object_id)
+        return self._table.incref(OWNER, object_id)
 
     def _describe(self, object_id: int) -> StoredObject:
         with self._lock:
-            ref = self._table.incref(_OWNER, object_id)
-            self._table.decref(_OWNER, object_id)
+            ref = self._table.incref(OWNER, object_id)
+            self._table.decref(OWNER, object_id)
         return ref
 
     def _decref(self, released: collections.Counter[int]) -> None:
         for object_id, count in released.items():
-            self._table.decref(_OWNER, object_id, count)
+            self._table.decref(OWNER, object_id, count)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -608,7 +604,7 @@ class ClientStore(ObjectStore):
         super().__init__()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         # Replies land in one reused buffer (recv(n) would allocate n bytes every time).
-        self._reply_buffer = bytearray(_MAX_MESSAGE)
+        self._reply_buffer = bytearray(MAX_MESSAGE)
         try:
             self._sock.connect("\0" + address)
             hello, fds, _flags, _addr = socket.recv_fds(self._sock, 256, 1)
@@ -695,149 +691,3 @@ class ClientStore(ObjectStore):
             self._sock.close()
             views_alive = bool(self._local)
         self.segment.close(unmap=not views_alive)
-
-
-class _StoreServer:
-    """Owner-side thread answering clients; one selector loop over every socket."""
-
-    def __init__(self, owner: OwnerStore) -> None:
-        self._owner = owner
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self._listener.bind("\0" + owner.address)
-        self._listener.listen(64)
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._listener, selectors.EVENT_READ, None)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._clients: dict[socket.socket, int] = {}
-        self._pids: dict[int, int] = {}  # client -> its process (for error messages)
-        self._request_buffer = bytearray(_MAX_MESSAGE)
-        self._next_client = _OWNER + 1
-        self._uid = os.getuid()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="sharedcompute-store", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stopping:
-            for key, _events in self._selector.select():
-                if key.fileobj is self._listener:
-                    self._accept()
-                elif key.fileobj == self._wake_r:
-                    return
-                else:
-                    assert isinstance(key.fileobj, socket.socket)
-                    self._serve(key.fileobj)
-
-    def _accept(self) -> None:
-        try:
-            conn, _ = self._listener.accept()
-        except OSError:
-            return
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _gid = struct.unpack("3i", creds)
-        if uid not in (self._uid, 0):
-            conn.close()
-            return
-        try:
-            socket.send_fds(
-                conn, [struct.pack("!QQ", self._owner.capacity, self._next_client)],
-                [self._owner.segment.fd],
-            )
-        except OSError:  # the client died while connecting
-            conn.close()
-            return
-        self._clients[conn] = self._next_client
-        self._pids[self._next_client] = pid
-        self._next_client += 1
-        self._selector.register(conn, selectors.EVENT_READ, None)
-
-    def _serve(self, conn: socket.socket) -> None:
-        client = self._clients[conn]
-        try:
-            size = conn.recv_into(self._request_buffer)
-        except OSError:
-            size = 0
-        if not size:
-            self._drop(conn)
-            return
-        op, *args = pickle.loads(memoryview(self._request_buffer)[:size])
-        try:
-            with self._owner._lock:
-                result = self._dispatch(client, op, args)
-        except Exception as exc:
-            if op == "decref":  # the client waits for no reply: one would desync it
-                traceback.print_exc()
-            else:
-                self._reply(conn, ("err", exc))
-            return
-        if op != "decref":
-            self._reply(conn, ("ok", result))
-
-    def _dispatch(self, client: int, op: str, args: list[Any]) -> Any:
-        table = self._owner._table
-        if op == "create":  # no room: the client retries (this thread serves every client)
-            if args[1]:  # for the owner: in transit from this client until adopted
-                return self._owner._create_for(_OWNER, args[0], courier=client, wait=False)
-            return self._owner._create_for(client, args[0], wait=False)
-        if op == "abort":
-            table.abort(_OWNER, args[0])
-            return None
-        if op == "seal":
-            return table.seal(args[0], args[1])
-        if op == "incref":
-            self._owner.move_out_before_read(args[0])
-            return table.incref(client, args[0])
-        if op == "describe":
-            self._owner.move_out_before_read(args[0])
-            ref = table.incref(client, args[0])
-            table.decref(client, args[0])
-            return ref
-        if op == "decref":
-            for object_id, count in args[0].items():
-                table.decref(client, object_id, count)
-            self._owner.after_free()
-            return None
-        if op == "spill_dir":
-            return self._owner._spiller.files.ensure()
-        if op == "stats":
-            stats = table.stats()
-            stats["reserved_bytes"] = self._owner.segment.reserved
-            return stats
-        raise SharedComputeError(f"unknown object store request {op!r}")
-
-    def _reply(self, conn: socket.socket, message: tuple[str, Any]) -> None:
-        try:
-            conn.send(pickle.dumps(message, protocol=5))
-        except OSError:
-            self._drop(conn)
-
-    def _drop(self, conn: socket.socket) -> None:
-        client = self._clients.pop(conn, None)
-        if client is None:
-            return
-        self._selector.unregister(conn)
-        conn.close()
-        with self._owner._lock:
-            self._owner._table.drop_client(client)
-            self._owner.after_free()
-        self._pids.pop(client, None)
-
-    def describe_client(self, client: int) -> str:
-        if client == _OWNER:
-            return f"the owner (pid {os.getpid()})"
-        pid = self._pids.get(client)
-        return f"client {client}" + (f" (pid {pid})" if pid else "")
-
-    def close(self) -> None:
-        self._stopping = True
-        os.write(self._wake_w, b"x")
-        self._thread.join(timeout=10)
-        for conn in list(self._clients):
-            self._selector.unregister(conn)
-            conn.close()
-        self._clients.clear()
-        self._selector.close()
-        self._listener.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
