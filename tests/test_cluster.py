@@ -169,13 +169,14 @@ def test_an_actor_pinned_to_a_node_runs_there_restarts_there_and_takes_handles(
 
 def test_an_actor_whose_node_dies_restarts_on_a_live_node(cluster: Cluster) -> None:
     node = cluster.add_node(workers=2)  # the most CPUs free: an actor holding one goes there
-    counter = Counter.options(num_cpus=1, max_restarts=1).remote(0)
+    # A call sent while the head is still learning of the death dies with the old process;
+    # max_task_retries=1 sends it again, to the restarted actor, as in Ray.
+    counter = Counter.options(num_cpus=1, max_restarts=1, max_task_retries=1).remote(0)
     value, pid = counter.add.remote(1).result(TIMEOUT)
     assert value == 1 and psutil.Process(pid).ppid() != os.getpid()  # not the head's child
     proc = cluster.nodes[node]
     proc.kill()
     proc.wait(TIMEOUT)
-    # (A call sent before the head notices would die with the actor: max_task_retries=0.)
     wait_until(lambda: not cluster.node(node)["alive"], TIMEOUT, "the node is dead")
     value, pid = counter.add.remote(5).result(TIMEOUT)  # restarted, fresh, on the head's node
     assert value == 5 and psutil.Process(pid).ppid() == os.getpid()
