@@ -64,6 +64,17 @@ class Timing:
         return max(self.samples)
 
 
+def stop_processes(procs: Sequence[subprocess.Popen[Any]], timeout: float = 30.0) -> None:
+    """Terminate ``procs`` last first (workers before their head), killing what lingers."""
+    for proc in reversed(procs):
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 def wait_for_file(path: Path, timeout: float = 120.0) -> None:
     """Wait until ``path`` exists (a started process writes it once it is up)."""
     deadline = time.monotonic() + timeout

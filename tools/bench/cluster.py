@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from tools import netns
-from tools.bench._common import wait_for_file
+from tools.bench._common import stop_processes, wait_for_file
 
 MiB = 1024 * 1024
 TOKEN = "bench" * 13
@@ -263,13 +263,7 @@ def _stop_cluster(system: str, hosts: netns.Hosts, procs: list[Any]) -> None:
         ray = str(Path(sys.executable).parent / "ray")
         for host in (1, 0):
             hosts.run(host, [ray, "stop"], capture_output=True, timeout=UP_TIMEOUT)
-    for proc in reversed(procs):  # the workers first, then the scheduler or head
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
+    stop_processes(procs)  # the workers first, then the scheduler or head
 
 
 def _wait_port(hosts: netns.Hosts, ip: str, port: int) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 from tools import netns
-from tools.bench._common import wait_for_file
+from tools.bench._common import stop_processes, wait_for_file
 
 MiB = 1024 * 1024
 TOKEN = "renv" * 16
@@ -193,13 +193,7 @@ def run(mib: int) -> dict[str, Any]:
                 first = _driver(hosts, workdir)
                 second = _driver(hosts, workdir)
             finally:
-                for proc in reversed(procs):
-                    proc.terminate()
-                    try:
-                        proc.wait(30)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait(30)
+                stop_processes(procs)
         restart = json.loads(subprocess.run(
             [sys.executable, "-c", RESTART], capture_output=True, text=True, timeout=600,
             check=True).stdout.strip().splitlines()[-1])
