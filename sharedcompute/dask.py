@@ -76,6 +76,8 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dask.utils import key_split
+
 import sharedcompute as sc
 from sharedcompute._dask_graph import GraphPlan, make_plan, nested
 from sharedcompute.errors import DependencyFailedError
@@ -426,7 +428,9 @@ def _is_array_like(value: Any) -> bool:
 
 
 def _task_name(key: Key) -> str:
-    return f"dask {key!r}" if not isinstance(key, str) else f"dask {key}"
+    """What the timeline and the dashboard call a Dask task: its key's prefix, as Dask's
+    own dashboard groups them ("sum-aggregate", "getitem"), not one name per key."""
+    return f"dask {key_split(key)}"
 
 
 def _register_named_scheduler() -> None:

@@ -234,6 +234,10 @@ def test_dask_diagnostics_see_every_task(runtime: sc.Runtime) -> None:
     assert all(task.end_time >= task.start_time for task in profile.results)
     # ResourceProfiler samples this process's memory and CPU while the graph runs.
     assert resources.results and all(sample.mem > 0 for sample in resources.results)
+    # The timeline (and the dashboard's function table) names Dask tasks by key prefix.
+    names = [record[1] for record in runtime.timeline.since(0)]
+    assert len(names) >= 16 and all(name.startswith("dask ") for name in names)
+    assert len(set(names)) <= 4, set(names)  # a few prefixes, not a name per key
 
 
 def test_executor_as_the_scheduler() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -34,24 +35,48 @@ def _tasks_run(rt: sc.Runtime) -> list[dict[str, object]]:
     return [e for e in rt.timeline_trace()["traceEvents"] if e["ph"] == "X"]
 
 
+def _count_submits(rt: sc.Runtime) -> list[str]:
+    """The tasks the runtime is asked to run from here on (by function name)."""
+    submitted: list[str] = []
+    submit = rt.submit
+
+    def counted(fn: Any, *rest: Any) -> Any:
+        submitted.append(getattr(fn, "__name__", ""))
+        return submit(fn, *rest)
+
+    rt.submit = counted  # type: ignore[method-assign]
+    return submitted
+
+
 def test_tiny_calls_run_in_batches_and_keep_their_order() -> None:
     with sc.Runtime(num_workers=2) as rt:
+        submitted = _count_submits(rt)
         futures = sc.map(_inc, range(2000))
         assert len(futures) == 2000 and len({f.key for f in futures}) == 2000
         assert sc.gather(futures, timeout=TIMEOUT) == [x + 1 for x in range(2000)]
-        first = len(_tasks_run(rt))
+        first = len(submitted)
         assert first < 100, first  # 2 probes, then batches: not a task an item
+        # The timeline still shows a call per item (each with its own key), not batches.
+        # (recorded before each item's Future is settled)
+        records = _tasks_run(rt)
+        assert len(records) == 2000 and {e["name"] for e in records} == {"_inc"}
+        assert {e["args"]["key"] for e in records} == {f.key for f in futures}
         # Known fast now: a second map batches from the start.
         assert sc.gather(sc.map(_add, range(500), range(500)), timeout=TIMEOUT) == [
             2 * x for x in range(500)]
-        assert len(_tasks_run(rt)) - first < 50
+        assert len(submitted) - first < 50
 
 
 def test_each_item_fails_on_its_own_with_its_type_and_traceback() -> None:
-    with sc.Runtime(num_workers=2):
+    with sc.Runtime(num_workers=2) as rt:
         futures = sc.map(_picky, range(1000))
         failed = [i for i, f in enumerate(futures) if f.exception(timeout=TIMEOUT) is not None]
         assert failed == [7, 257, 507, 757]
+        # The dashboard's recent errors name each failed item, with its traceback.
+        errors = rt.timeline.errors()
+        assert {e.key for e in errors} == {futures[i].key for i in failed}
+        assert all(e.name == "_picky" and e.type_name == "KeyError" and "_picky" in e.traceback
+                   for e in errors)
         with pytest.raises(KeyError) as raised:
             futures[257].result(timeout=0)
         assert "_picky" in str(raised.value.__cause__)  # the remote traceback

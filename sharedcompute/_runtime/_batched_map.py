@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sharedcompute._runtime._future import Future
+from sharedcompute._runtime._timeline import BATCH_SUFFIX
 
 if TYPE_CHECKING:
     from sharedcompute._runtime._base import TaskOptions
@@ -43,16 +46,23 @@ IN_FLIGHT = 2  # batches sent and not back yet, per worker
 _SEEN = 4096  # functions whose speed is remembered
 
 
-def _run_batch(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
-    """In a worker: every call, its value or its error (packed with its traceback)."""
+def _run_batch(fn: Callable[..., Any],
+               items: list[tuple[Any, ...]]) -> list[tuple[bool, Any, float]]:
+    """In a worker: every call, its value or its error (packed with its traceback), and
+    the seconds it ran (for the timeline and the next batches' size)."""
     from sharedcompute._worker._main import pack_error
 
-    out: list[tuple[bool, Any]] = []
+    out: list[tuple[bool, Any, float]] = []
+    clock = time.perf_counter
     for args in items:
+        start = clock()
         try:
-            out.append((True, fn(*args)))
+            value = fn(*args)
         except Exception as error:
-            out.append((False, pack_error(error, "A call of a batch of sc.map failed")))
+            out.append((False, pack_error(error, "A call of a batch of sc.map failed"),
+                        clock() - start))
+        else:
+            out.append((True, value, clock() - start))
     return out
 
 
@@ -106,21 +116,29 @@ class BatchedMap:
         if len(self._seconds) > _SEEN:
             del self._seconds[next(iter(self._seconds))]
 
-    @staticmethod
-    def _resolve(owners: list[Future[Any]], batch: Future[Any] | None,
-                 error: BaseException | None) -> None:
-        """A batch finished (or could not start): settle each item's Future."""
+    def _resolve(self, owners: list[Future[Any]], batch: Future[Any] | None,
+                 error: BaseException | None) -> list[tuple[bool, Any, float]]:
+        """A batch finished (or could not start): settle each item's Future, and record
+        its calls in the timeline. Returns the batch's outcomes ([] when it gave none)."""
         from sharedcompute._runtime._worker_messages import unpack_error
 
+        outcomes: list[tuple[bool, Any, float]] = []
         if batch is not None and error is None:
             if batch.cancelled():
                 for future in owners:
                     future._cancel_now()
-                return
-            try:
-                outcomes = batch.result()
-            except BaseException as failed:  # the batch as a whole: a crash, a shutdown
-                error = failed
+            else:
+                try:
+                    outcomes = batch.result()
+                except BaseException as failed:  # the batch as a whole: a crash, a shutdown
+                    error = failed
+        timeline = self._rt.timeline
+        if batch is not None:
+            name = batch.name.removesuffix(BATCH_SUFFIX)
+            timeline.add_items(batch.key, name, [
+                (future.key, seconds, ok)
+                for future, (ok, _, seconds) in zip(owners, outcomes, strict=False)
+            ])
         for index, future in enumerate(owners):
             if future.done():
                 continue  # cancelled meanwhile
@@ -128,11 +146,14 @@ class BatchedMap:
                 if error is not None:
                     future.set_exception(error)
                     continue
-                ok, value = outcomes[index]
+                ok, value, _ = outcomes[index]
                 if ok:
                     future.set_result(value)
                 else:
-                    future.set_exception(unpack_error(value))
+                    failure = unpack_error(value)
+                    timeline.add_error(future.key, future.name, failure)
+                    future.set_exception(failure)
+        return outcomes
 
 
 class _Feed:
@@ -148,7 +169,8 @@ class _Feed:
         self._fn = fn
         self._items = items
         self._futures = futures
-        self._options = options
+        name = getattr(fn, "__qualname__", "") or type(fn).__name__
+        self._options = dataclasses.replace(options, name=name + BATCH_SUFFIX)
         self._next = 0
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -172,7 +194,7 @@ class _Feed:
             try:
                 batch = rt.submit(_run_batch, (self._fn, chunk), {}, self._options)
             except BaseException as error:  # the runtime closed, say: the items fail
-                BatchedMap._resolve(owners, None, error)
+                self._mapper._resolve(owners, None, error)
                 with self._lock:
                     self._in_flight -= 1
                 continue
@@ -181,8 +203,9 @@ class _Feed:
     def _finished(self, owners: list[Future[Any]], calls: int) -> Callable[[Any], None]:
         def finished(batch: Any) -> None:
             mapper = self._mapper
-            mapper._learn(self._fn, mapper._rt.timeline.seconds_of({batch.key}), calls)
-            BatchedMap._resolve(owners, batch, None)
+            outcomes = mapper._resolve(owners, batch, None)
+            if outcomes:  # how long its calls ran, as the worker timed them
+                mapper._learn(self._fn, [sum(seconds for _, _, seconds in outcomes)], calls)
             with self._lock:
                 self._in_flight -= 1
             if not batch.cancelled():

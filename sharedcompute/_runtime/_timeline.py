@@ -14,9 +14,16 @@ The last ``ERRORS_KEPT`` failures are kept too, with their traceback text
 (:meth:`Timeline.add_error`, :meth:`Timeline.errors`): strings only, never the
 exception, so nothing a task raised is held alive by them.
 
-One thread adds (the runtime's, under its lock); others may read at any time:
-a deque's ``append`` and ``list(islice(...))`` over it each run without
-releasing the GIL, and the sequence number in each record says where it stands.
+A batch of ``sc.map`` items (``_batched_map``) is one task to the scheduler but
+many calls to the user: its name ends in ``BATCH_SUFFIX``, its worker's answer is
+kept aside rather than recorded, and :meth:`Timeline.add_items` then records each
+item (its own key, name and seconds, laid end to end within the batch's time on its
+worker), so the stream, the counts and the trace show calls, not batches.
+
+Two threads add (the runtime's, under its lock, and the thread that settles batched
+items); ``_lock`` keeps the numbering in the order of the ring. Others read at any
+time without it: a deque's ``append`` and ``list(islice(...))`` over it each run
+without releasing the GIL, and the sequence number in each record says where it stands.
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 import time
 from collections import deque
 from typing import Any, NamedTuple
 
 CAPACITY = 100_000
 ERRORS_KEPT = 100
+BATCH_SUFFIX = " (batch)"  # the name of a task that runs a batch of sc.map's calls
 
 
 class TaskError(NamedTuple):
@@ -53,12 +62,36 @@ class Timeline:
         self._seq = itertools.count()
         self._errors: deque[TaskError] = deque(maxlen=ERRORS_KEPT)
         self._error_seq = itertools.count()
+        self._lock = threading.Lock()
+        # a batch that ran, until its items are recorded: key -> (worker, node, end)
+        self._held: dict[int, tuple[int, int, float]] = {}
 
     def add(self, key: int, name: str, worker: int, node: int, duration: float,
             input_bytes: int, ok: bool) -> None:
-        self._records.append(
-            (key, name, worker, node, time.time(), duration, input_bytes, ok, next(self._seq))
-        )
+        if ok and name.endswith(BATCH_SUFFIX):  # its items are recorded instead
+            self._held[key] = (worker, node, time.time())
+            return
+        with self._lock:
+            self._records.append(
+                (key, name, worker, node, time.time(), duration, input_bytes, ok,
+                 next(self._seq))
+            )
+
+    def add_items(self, key: int, name: str, items: list[tuple[int, float, bool]]) -> None:
+        """The batch ``key`` is settled: a record per item (its key, its seconds, whether
+        it raised), laid end to end up to when the batch's worker answered. Called for
+        every batch once it is done, ``items`` empty when it gave no outcomes."""
+        where = self._held.pop(key, None)
+        if where is None or not items:
+            return  # it never ran, or failed as a whole (recorded as it is)
+        worker, node, end = where
+        at = end - sum(seconds for _, seconds, _ in items)
+        with self._lock:
+            for item_key, seconds, ok in items:
+                at += seconds
+                self._records.append(
+                    (item_key, name, worker, node, at, seconds, 0, ok, next(self._seq))
+                )
 
     def seconds_of(self, keys: set[int], look_back: int = 4096) -> list[float]:
         """How long the workers say these tasks ran (those among the last records)."""
