@@ -383,6 +383,36 @@ def test_a_browser_sees_tasks_counts_and_a_traceback(tmp_path: Any) -> None:
         browser.quit()
 
 
+def test_a_browser_watching_10000_tasks_shows_all_of_them() -> None:
+    """A 10,000-task job watched live: when it ends the page counts every task, its
+    function table and its task pages hold all of them (the stream draws what its window
+    keeps). tools/bench/dashboard.py measures what watching costs."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _headless_chromium()
+    try:
+        with sc.Runtime(num_workers=2) as rt, Dashboard(rt) as dashboard:
+            browser.set_page_load_timeout(TIMEOUT)
+            browser.get(dashboard.url)
+            wait = WebDriverWait(browser, TIMEOUT, poll_frequency=0.2)
+
+            def text(element_id: str) -> str:
+                return str(browser.find_element(By.ID, element_id).text)
+
+            wait.until(lambda _: text("connection") == "live")
+            futures = [sc.submit(square, i) for i in range(10_000)]
+            assert sc.gather(futures, timeout=TIMEOUT)[-1] == 9999 * 9999
+            wait.until(lambda _: text("totals-finished") == "10000")
+            wait.until(lambda _: text("page-info").endswith("of 10000"))
+            row = browser.find_element(By.CSS_SELECTOR, "#functions tbody tr").text
+            assert row.startswith("square 10000"), row
+            canvas = browser.find_element(By.ID, "stream")
+            assert int(canvas.get_attribute("data-records")) > 0
+    finally:
+        browser.quit()
+
+
 def test_init_with_dashboard_serves_it_and_shutdown_closes_it() -> None:
     runtime = sc.init(num_workers=1, dashboard=True)
     try:
