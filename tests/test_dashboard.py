@@ -159,6 +159,18 @@ def test_an_error_and_its_traceback_appear() -> None:
         assert snap
 
 
+def metric_samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``/metrics``, parsed: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(url + "metrics", timeout=TIMEOUT) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
 def test_metrics_parse_and_count_the_tasks() -> None:
     with sc.Runtime(num_workers=2) as rt, Dashboard(rt, push_interval=0.1) as dashboard:
         futures = submit_all(square, 30)
@@ -166,15 +178,13 @@ def test_metrics_parse_and_count_the_tasks() -> None:
         with pytest.raises(ValueError):
             sc.submit(explode, 1).result(timeout=TIMEOUT)
 
-        def scrape() -> dict[str, Any] | None:
-            with urllib.request.urlopen(dashboard.url + "metrics", timeout=TIMEOUT) as response:
-                assert response.headers["Content-Type"].startswith("text/plain")
-                text = response.read().decode()
-            samples = {}
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-            return samples if samples[("sharedcompute_tasks_finished_total", ())] >= 30 else None
+        def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            samples = metric_samples(dashboard.url)
+            # (the totals count at once; the gauges and histogram at the next push)
+            seen = (samples[("sharedcompute_tasks_finished_total", ())],
+                    samples.get(("sharedcompute_tasks", (("state", "erred"),)), 0),
+                    samples[("sharedcompute_task_duration_seconds_count", ())])
+            return samples if seen == (30, 1, 30) else None
 
         samples = poll(scrape, "30 finished tasks in /metrics")
     assert samples[("sharedcompute_tasks_failed_total", ())] == 1
@@ -270,6 +280,20 @@ def test_a_full_timeline_still_gives_small_pages() -> None:
                     return len(await ws.receive_str(timeout=TIMEOUT))
 
             assert run_async(hello(dashboard.url)) < 1_000_000  # the backlog, not the ring
+
+
+def test_totals_count_from_the_runtime_start_not_the_dashboard_start() -> None:
+    with sc.Runtime(num_workers=2) as rt:
+        rt.timeline = Timeline(capacity=10)  # a ring that forgets quickly
+        assert sc.gather([sc.submit(square, i) for i in range(30)], timeout=TIMEOUT)[-1] == 841
+        with pytest.raises(ValueError):
+            sc.submit(explode, 5).result(timeout=TIMEOUT)
+        with Dashboard(rt) as dashboard:  # started after the ring forgot 21 executions
+            snap = get_json(dashboard.url + "api/snapshot")
+            assert snap["totals"]["finished"] == 30 and snap["totals"]["failed"] == 1
+            scraped = metric_samples(dashboard.url)
+            assert scraped[("sharedcompute_tasks_finished_total", ())] == 30
+            assert scraped[("sharedcompute_tasks_failed_total", ())] == 1
 
 
 def test_timeline_since_and_errors_are_bounded() -> None:

@@ -63,6 +63,9 @@ class Timeline:
         self._errors: deque[TaskError] = deque(maxlen=ERRORS_KEPT)
         self._error_seq = itertools.count()
         self._lock = threading.Lock()
+        # executions answered since the runtime started (the ring forgets, these do not)
+        self.finished = 0
+        self.failed = 0
         # a batch that ran, until its items are recorded: key -> (worker, node, end)
         self._held: dict[int, tuple[int, int, float]] = {}
 
@@ -76,6 +79,10 @@ class Timeline:
                 (key, name, worker, node, time.time(), duration, input_bytes, ok,
                  next(self._seq))
             )
+            if ok:
+                self.finished += 1
+            else:
+                self.failed += 1
 
     def add_items(self, key: int, name: str, items: list[tuple[int, float, bool]]) -> None:
         """The batch ``key`` is settled: a record per item (its key, its seconds, whether
@@ -92,6 +99,10 @@ class Timeline:
                 self._records.append(
                     (item_key, name, worker, node, at, seconds, 0, ok, next(self._seq))
                 )
+                if ok:
+                    self.finished += 1
+                else:
+                    self.failed += 1
 
     def seconds_of(self, keys: set[int], look_back: int = 4096) -> list[float]:
         """How long the workers say these tasks ran (those among the last records)."""

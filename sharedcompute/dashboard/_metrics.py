@@ -9,7 +9,7 @@ Metrics (all prefixed ``sharedcompute_``):
 
 - ``tasks{state}``: tasks the scheduler holds, by state (gauge).
 - ``tasks_finished_total`` / ``tasks_failed_total``: executions answered since the
-  dashboard started (counters), and ``function_tasks_total{function,outcome}``.
+  runtime started (counters), and ``function_tasks_total{function,outcome}``.
 - ``task_duration_seconds``: durations of finished tasks (histogram).
 - ``store_capacity_bytes``, ``store_used_bytes``, ``store_spilled_bytes``,
   ``store_spilled_objects``, ``store_objects``: this node's store (gauges).

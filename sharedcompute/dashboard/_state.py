@@ -9,7 +9,9 @@ State, and why it is bounded:
   records added since (``Timeline.since``), so a tick costs O(new tasks), never
   O(tasks kept), and 100,000 finished tasks in the ring cost nothing per tick.
 - ``functions``: per function name, executions that finished, failed, and their total
-  seconds; cumulative since the dashboard started (the ring forgets, these do not).
+  seconds; cumulative from the oldest record the ring held when the dashboard started
+  (the ring forgets, these do not). The totals (``finished_total``, ``failed_total``)
+  are the timeline's own, counted since the runtime started.
   Capped at ``MAX_FUNCTIONS`` names (the rest are counted under ``"(other)"``).
 - ``buckets``: task durations, counted into the fixed ``DURATION_BUCKETS`` (the
   Prometheus histogram of ``/metrics``).
@@ -74,14 +76,20 @@ class DashboardState:
         self.functions: dict[str, FunctionStats] = {}
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
-        self.finished_total = 0
-        self.failed_total = 0
         self._procs: dict[int, Any] = {}
         self._me = psutil.Process() if psutil is not None else None
 
     @property
     def timeline(self) -> Timeline:
         return self.runtime.timeline
+
+    @property
+    def finished_total(self) -> int:
+        return self.timeline.finished
+
+    @property
+    def failed_total(self) -> int:
+        return self.timeline.failed
 
     # -- the task stream ---------------------------------------------------------------
 
@@ -115,13 +123,11 @@ class DashboardState:
             stats = self.functions.setdefault(name, FunctionStats())
         if ok:
             stats.finished += 1
-            self.finished_total += 1
             stats.seconds += duration
             self.buckets[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
             self.duration_sum += duration
         else:
             stats.failed += 1
-            self.failed_total += 1
 
     # -- the snapshot ------------------------------------------------------------------
 
