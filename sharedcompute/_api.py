@@ -13,6 +13,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from sharedcompute import _config
 from sharedcompute._cluster import ADDRESS_ENV, ClusterClient, connect
+from sharedcompute._cluster._messages import WorkerProcess
 from sharedcompute._env import check_option as check_runtime_env
 from sharedcompute._runtime import _context
 from sharedcompute._runtime._base import RuntimeBase, TaskOptions
@@ -101,11 +102,16 @@ def init(
 
 def start_dashboard(runtime: Runtime, *, host: str = "127.0.0.1", port: int | None = None,
                     token: str | None = None,
-                    nodes: Callable[[], list[dict[str, Any]]] | None = None) -> str:
-    """Serve a dashboard of ``runtime`` (closed with it); its URL, printed once."""
+                    nodes: Callable[[], list[dict[str, Any]]] | None = None,
+                    worker_processes: Callable[[], dict[int, WorkerProcess]] | None = None,
+                    ) -> str:
+    """Serve a dashboard of ``runtime`` (closed with it); its URL, printed once.
+
+    A head passes ``nodes`` and ``worker_processes`` so that it shows every node's."""
     from sharedcompute.dashboard import Dashboard
 
-    served = Dashboard(runtime, host=host, port=port, token=token, nodes=nodes)
+    served = Dashboard(runtime, host=host, port=port, token=token, nodes=nodes,
+                       worker_processes=worker_processes)
     runtime.close_with(served.close)
     runtime.dashboard_url = served.url
     print(f"sharedcompute dashboard: {served.url}", file=sys.stderr, flush=True)

@@ -141,10 +141,12 @@ def _run_head(args: argparse.Namespace, token: str) -> int:
         if args.dashboard_port is not None:
             from sharedcompute._api import start_dashboard
 
-            # Every node, as `status` lists them; off loopback it asks for the token.
+            # Every node, as `status` lists them, and every node's workers' CPU and memory
+            # (from their heartbeats); off loopback it asks for the token.
             start_dashboard(head.runtime, host=args.host or "127.0.0.1",
                             port=args.dashboard_port or None, token=token,
-                            nodes=lambda: [node.as_dict() for node in head.status().nodes])
+                            nodes=lambda: [node.as_dict() for node in head.status().nodes],
+                            worker_processes=head.worker_processes)
         files["pid"].parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         files["pid"].write_text(f"{os.getpid()}\n")
         files["address"].write_text(f"{head.address}\n")

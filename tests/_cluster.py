@@ -20,6 +20,43 @@ TIMEOUT = 60
 MiB = 1024 * 1024
 
 
+def start_node(
+    home: Path, head_address: str, workers: int = 2, resources: str = "{}"
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """A node process (``sharedcompute start --address``) joined to the head: its id and
+    process, once the head schedules on its workers. ``home`` is the node's own."""
+    env = {**os.environ, "SHAREDCOMPUTE_TOKEN": TOKEN, "SHAREDCOMPUTE_HOME": str(home)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sharedcompute.cli", "start", "--address",
+         head_address, "--block", "--num-workers", str(workers),
+         "--resources", resources, "--store-capacity", str(256 * MiB)],
+        env=env, stdout=subprocess.DEVNULL,
+    )
+    try:
+        # Written once the node is up and the head schedules on its workers.
+        address_file = home / "node.address"
+        wait_until(lambda: address_file.exists() or proc.poll() is not None, TIMEOUT,
+                   "the node joins")
+        assert proc.poll() is None, f"the node exited with {proc.returncode} before it joined"
+        return int(address_file.read_text().split()[1]), proc
+    except BaseException:
+        stop_processes([proc])
+        raise
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each (they close as they would on a user's stop), then wait; kill what lingers."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(TIMEOUT)
+
+
 class Cluster:
     def __init__(self, home: Path, node_timeout: float) -> None:
         self.home = home
@@ -28,20 +65,9 @@ class Cluster:
         self.nodes: dict[int, subprocess.Popen[bytes]] = {}
 
     def add_node(self, workers: int = 2, resources: str = "{}") -> int:
-        home = self.home / f"node{len(self.nodes)}"
-        env = {**os.environ, "SHAREDCOMPUTE_TOKEN": TOKEN, "SHAREDCOMPUTE_HOME": str(home)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sharedcompute.cli", "start", "--address",
-             self.head.address, "--block", "--num-workers", str(workers),
-             "--resources", resources, "--store-capacity", str(256 * MiB)],
-            env=env, stdout=subprocess.DEVNULL,
+        node_id, proc = start_node(
+            self.home / f"node{len(self.nodes)}", self.head.address, workers, resources
         )
-        # Written once the node is up and the head schedules on its workers.
-        address_file = home / "node.address"
-        wait_until(lambda: address_file.exists() or proc.poll() is not None, TIMEOUT,
-                   "the node joins")
-        assert proc.poll() is None, f"the node exited with {proc.returncode} before it joined"
-        node_id = int(address_file.read_text().split()[1])
         self.nodes[node_id] = proc
         return node_id
 
@@ -49,15 +75,7 @@ class Cluster:
         return next(n.as_dict() for n in self.head.status().nodes if n.node_id == node_id)
 
     def close(self) -> None:
-        for proc in self.nodes.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.nodes.values():
-            try:
-                proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(TIMEOUT)
+        stop_processes(list(self.nodes.values()))
         self.head.close()
 
 

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from _cluster import TOKEN as CLUSTER_TOKEN
+from _cluster import start_node, stop_processes
 
 aiohttp = pytest.importorskip("aiohttp")
 pytest.importorskip("prometheus_client")
@@ -451,32 +458,61 @@ def test_init_with_dashboard_serves_it_and_shutdown_closes_it() -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("sharedcompute-dash")]
 
 
-def test_a_head_started_with_a_dashboard_port_serves_every_node(tmp_path: Any) -> None:
-    import os
-    import socket
-    import subprocess
-    import sys
-
+def start_head_with_dashboard(home: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``sharedcompute start --head --dashboard-port P --block`` on loopback, one worker:
+    the process and its dashboard's snapshot URL (not yet answering, maybe)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "SHAREDCOMPUTE_TOKEN": "d" * 64, "SHAREDCOMPUTE_HOME": str(tmp_path)}
+    env = {**os.environ, "SHAREDCOMPUTE_TOKEN": CLUSTER_TOKEN, "SHAREDCOMPUTE_HOME": str(home)}
     head = subprocess.Popen(
         [sys.executable, "-m", "sharedcompute.cli", "start", "--head", "--port", "0",
          "--num-workers", "1", "--dashboard-port", str(port), "--block"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    return head, f"http://127.0.0.1:{port}/api/snapshot"
+
+
+def snapshot_or_none(url: str) -> Any:
     try:
-        url = f"http://127.0.0.1:{port}/"
+        return get_json(url)
+    except (urllib.error.URLError, ConnectionError):
+        return None
 
-        def snapshot() -> Any:
-            try:
-                return get_json(url + "api/snapshot")
-            except (urllib.error.URLError, ConnectionError):
-                return None
 
-        snap = poll(snapshot, "the head's dashboard", timeout=60)
+def test_a_head_started_with_a_dashboard_port_serves_every_node(tmp_path: Path) -> None:
+    head, url = start_head_with_dashboard(tmp_path)
+    try:
+        snap = poll(lambda: snapshot_or_none(url), "the head's dashboard", timeout=60)
         assert [node["node_id"] for node in snap["nodes"]] == [0]
     finally:
-        head.terminate()
-        head.wait(TIMEOUT)
+        stop_processes([head])
+
+
+def test_a_heads_dashboard_shows_the_cpu_and_memory_of_another_nodes_workers(
+    tmp_path: Path,
+) -> None:
+    psutil = pytest.importorskip("psutil")  # the node reads its workers with it
+    head, url = start_head_with_dashboard(tmp_path / "head")
+    running = [head]
+    try:
+        address_file = tmp_path / "head" / "head.address"
+        poll(lambda: address_file.exists() or head.poll() is not None, "the head", timeout=60)
+        assert head.poll() is None, f"the head exited with {head.returncode}"
+        node_id, node = start_node(tmp_path / "node", address_file.read_text().strip(), 1)
+        running.insert(0, node)  # stopped before the head
+
+        def measured_row() -> dict[str, Any] | None:
+            snap = snapshot_or_none(url)
+            rows = [w for w in snap["workers"] if w["node"] == node_id] if snap else []
+            # A worker's first reading has no CPU figure: its node's second heartbeat does.
+            return next((w for w in rows if isinstance(w["pid"], int) and w["rss"]
+                         and w["cpu"] is not None), None)
+
+        row = poll(measured_row, f"node {node_id}'s worker measured on the head's dashboard",
+                   timeout=30)
+        assert row["rss"] > 0 and row["cpu"] >= 0
+        node_processes = psutil.Process(node.pid).children(recursive=True)
+        assert row["pid"] in [child.pid for child in node_processes]
+    finally:
+        stop_processes(running)

@@ -10,11 +10,13 @@
 What it serves: the head's own node (``start --head`` runs one, as
 ``ray start --head`` does), status requests, and nodes that join
 (``RegisterNode``) and then say they live (``Heartbeat``, answered so that they
-know the head lives too). A node silent for ``node_timeout`` seconds, or whose
-connection drops, is dead from then on: its tasks rerun elsewhere under their
-retries; one that comes back registers anew, with a new id. A registered node
-opens a second connection for its workers' traffic (``AttachWork``), served by
-``ClusterHost`` (``_links``): the head's scheduler places tasks on its workers.
+know the head lives too; each carries the node's workers' pid, CPU and memory,
+kept per live node for the dashboard: ``worker_processes``). A node silent for
+``node_timeout`` seconds, or whose connection drops, is dead from then on: its
+tasks rerun elsewhere under their retries; one that comes back registers anew,
+with a new id. A registered node opens a second connection for its workers'
+traffic (``AttachWork``), served by ``ClusterHost`` (``_links``): the head's
+scheduler places tasks on its workers.
 
 Requests and replies are typed (``_messages``), one handler per request type.
 A connection that fails the handshake is logged once with its address and
@@ -56,6 +58,7 @@ from sharedcompute._cluster._messages import (
     StatusRequest,
     TimelineReply,
     TimelineRequest,
+    WorkerProcess,
 )
 from sharedcompute._cluster._server import ThreadedServer
 from sharedcompute._env import Env
@@ -83,6 +86,7 @@ class _RemoteNode:
     connection: _Connection
     data_address: str
     attached: bool = False
+    workers: tuple[WorkerProcess, ...] = ()  # as its latest heartbeat read them
 
 
 class Head(ThreadedServer):
@@ -172,7 +176,18 @@ class Head(ThreadedServer):
                 return ErrorReply(f"node {request.node_id} is not alive here; register anew")
             remote.last_seen = time.monotonic()
             remote.info = replace(remote.info, store_used=request.store_used)
+            remote.workers = request.workers
         return HeartbeatAck()
+
+    def worker_processes(self) -> dict[int, WorkerProcess]:
+        """The processes of the live nodes' workers, by worker id (this head's own are the
+        runtime's, not here), as their nodes' latest heartbeats read them."""
+        with self._lock:
+            return {
+                process.worker_id: process
+                for remote in self._nodes.values() if remote.info.alive
+                for process in remote.workers
+            }
 
     # -- runtime_env packages: drivers ship them here, nodes fetch them from here -----------------
 
@@ -204,6 +219,7 @@ class Head(ThreadedServer):
             if remote is None or not remote.info.alive:
                 return
             remote.info = replace(remote.info, alive=False, available={}, workers=0)
+            remote.workers = ()
             sock = remote.connection.sock
         print(f"sharedcompute head: node {node_id} is dead: {reason}", file=sys.stderr)
         self.cluster.node_lost(node_id, f"node {node_id} ({remote.info.address}) died: {reason}")

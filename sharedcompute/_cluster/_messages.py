@@ -67,12 +67,24 @@ class Registered:
 
 
 @dataclass(frozen=True)
+class WorkerProcess:
+    """One worker's process as its node read it, for the head's dashboard."""
+
+    worker_id: int  # the head's number for it (``StartWorkers``)
+    pid: int  # on its node's host
+    cpu_percent: float | None  # since the node's previous heartbeat; None: not known yet
+    rss: int | None  # bytes; None: not known (no psutil on the node, or it just ended)
+
+
+@dataclass(frozen=True)
 class Heartbeat:
-    """A node lives; what it has free now. The head answers ``HeartbeatAck``."""
+    """A node lives; what it has free now, and its workers' processes. The head answers
+    ``HeartbeatAck``."""
 
     node_id: int
     available: dict[str, float]
     store_used: int
+    workers: tuple[WorkerProcess, ...] = ()
 
 
 @dataclass(frozen=True)

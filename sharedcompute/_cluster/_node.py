@@ -10,10 +10,11 @@
 
 It registers with the head (``RegisterNode``: its address, resources, workers,
 store and transfer server), then a thread of its own says every ``heartbeat_s``
-that it lives (``Heartbeat``, with what it has free) and waits for the head's
-answer: no answer within ``node_timeout_s`` means the head is gone (``lost`` is
-set, and ``sharedcompute start --address --block`` exits). Both sides thus learn
-of the other's death within the timeout, whatever the cause.
+that it lives (``Heartbeat``, with what it has free, and its workers' CPU and
+memory for the head's dashboard) and waits for the head's answer: no answer
+within ``node_timeout_s`` means the head is gone (``lost`` is set, and
+``sharedcompute start --address --block`` exits). Both sides thus learn of the
+other's death within the timeout, whatever the cause.
 
 A second connection carries the work: the head starts workers here
 (``StartWorkers``, with ids it chose) and sends them messages (``ToWorker``); the
@@ -50,6 +51,7 @@ from sharedcompute._cluster._messages import (
     ToWorker,
     WorkAttached,
     WorkerExited,
+    WorkerProcess,
 )
 from sharedcompute._cluster._server import request_with_buffers
 from sharedcompute._cluster._transfer import Puller, TransferServer
@@ -57,6 +59,7 @@ from sharedcompute._env import PackageCache
 from sharedcompute._protocol import ConnectionClosed, Msg
 from sharedcompute._protocol._channel import Channel, connect
 from sharedcompute._protocol._messages import map_refs
+from sharedcompute._runtime._meter import ProcessMeter
 from sharedcompute._runtime._pool import ProcessPool, WorkerHandle
 from sharedcompute._store import OwnerStore, StoredObject, ref_from_wire
 
@@ -87,6 +90,7 @@ class Node:
             raise
         self._stop = threading.Event()
         self._attached = threading.Event()
+        self._meter = ProcessMeter()  # the heartbeat thread's alone
         self._thread = threading.Thread(
             target=self._beat, name="sharedcompute-node-heartbeat", daemon=True
         )
@@ -259,9 +263,10 @@ class Node:
 
     def _beat(self) -> None:
         while not self._stop.wait(self._heartbeat_s):
+            workers = self._worker_processes()
             try:
                 stats = self.store.stats()
-                self._channel.send(Heartbeat(self.node_id, {}, stats["used_bytes"]))
+                self._channel.send(Heartbeat(self.node_id, {}, stats["used_bytes"], workers))
                 reply, _ = self._channel.receive()
             except (ConnectionError, OSError) as error:
                 if not self._stop.is_set():
@@ -272,6 +277,19 @@ class Node:
                 self.lost_reason = f"the head at {self.head_address} dropped us: {reply.message}"
                 self.lost.set()
                 return
+
+    def _worker_processes(self) -> tuple[WorkerProcess, ...]:
+        """This node's workers' processes, read now (a few /proc reads per worker)."""
+        pids = {worker_id: worker.pid for worker_id, worker in dict(self.pool.workers).items()}
+        try:
+            readings = self._meter.read(pids.values())
+        except Exception as error:  # a dashboard's figures are not worth the node's heartbeat
+            print(f"sharedcompute node: reading the workers' processes: {error}", file=sys.stderr)
+            readings = {}
+        return tuple(
+            WorkerProcess(worker_id, pid, *readings.get(pid, (None, None)))
+            for worker_id, pid in pids.items()
+        )
 
     def close(self) -> None:
         self._closed = True

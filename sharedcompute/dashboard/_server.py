@@ -65,6 +65,7 @@ from sharedcompute.dashboard._metrics import CONTENT_TYPE, Metrics
 from sharedcompute.dashboard._state import STREAM_BACKLOG, DashboardState
 
 if TYPE_CHECKING:
+    from sharedcompute._cluster._messages import WorkerProcess
     from sharedcompute._runtime._driver import Runtime
 
 PUSH_INTERVAL = 0.5
@@ -86,6 +87,8 @@ class Dashboard:
     ``port=None`` takes a free port; ``token`` (the cluster's) is required when
     ``host`` is not a loopback name or address. ``nodes``, where given, lists every
     node (a head passes its ``Head.status()`` as dicts); else the runtime's own.
+    ``worker_processes``, where given, has the pid, CPU and memory of workers on other
+    nodes (a head passes ``Head.worker_processes``); else only this process's are shown.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class Dashboard:
         token: str | None = None,
         *,
         nodes: Callable[[], list[dict[str, Any]]] | None = None,
+        worker_processes: Callable[[], dict[int, WorkerProcess]] | None = None,
         push_interval: float = PUSH_INTERVAL,
     ) -> None:
         self.host = host
@@ -107,7 +111,7 @@ class Dashboard:
         self._token = token.encode() if token else b""
         self._session = secrets.token_urlsafe(32)
         self._push_interval = push_interval
-        self.state = DashboardState(runtime, nodes)
+        self.state = DashboardState(runtime, nodes, worker_processes)
         self._latest: dict[str, Any] = {}
         self._metrics = Metrics(self.state, lambda: self._latest)
         self._error_cursor = 0

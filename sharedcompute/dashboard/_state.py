@@ -15,8 +15,10 @@ State, and why it is bounded:
   Capped at ``MAX_FUNCTIONS`` names (the rest are counted under ``"(other)"``).
 - ``buckets``: task durations, counted into the fixed ``DURATION_BUCKETS`` (the
   Prometheus histogram of ``/metrics``).
-- ``_procs``: one ``psutil.Process`` per worker pid (``cpu_percent`` measures between
-  two calls), dropped when the worker is gone.
+- ``_meter``: CPU and memory of this process's own workers (``_runtime/_meter.py``:
+  one ``psutil.Process`` per pid, kept between ticks, dropped when the worker is gone).
+  Workers on other nodes are read there, by their node: a head's dashboard gets their
+  figures from ``worker_processes`` (``Head.worker_processes``, fed by heartbeats).
 
 What the runtime's scheduler holds (its tasks' states, ``core.workers()``) is read
 under the runtime's lock, briefly, once per tick: only pointers are copied there,
@@ -35,9 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sharedcompute._runtime._meter import ProcessMeter
 from sharedcompute._scheduler import TaskState
 
 if TYPE_CHECKING:
+    from sharedcompute._cluster._messages import WorkerProcess
     from sharedcompute._runtime._driver import Runtime
     from sharedcompute._runtime._timeline import Timeline
 
@@ -68,15 +72,17 @@ class DashboardState:
     """The dashboard's view of one runtime (see the module docstring)."""
 
     def __init__(
-        self, runtime: Runtime, nodes: Callable[[], list[dict[str, Any]]] | None = None
+        self, runtime: Runtime, nodes: Callable[[], list[dict[str, Any]]] | None = None,
+        worker_processes: Callable[[], dict[int, WorkerProcess]] | None = None,
     ) -> None:
         self.runtime = runtime
         self._nodes = nodes
+        self._worker_processes = worker_processes
         self.cursor = 0
         self.functions: dict[str, FunctionStats] = {}
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
-        self._procs: dict[int, Any] = {}
+        self._meter = ProcessMeter()
         self._me = psutil.Process() if psutil is not None else None
 
     @property
@@ -171,28 +177,32 @@ class DashboardState:
     ) -> list[dict[str, Any]]:
         pool = self.runtime._pool
         local = dict(pool.workers) if pool is not None else {}
+        readings = self._meter.read(handle.pid for handle in local.values())
+        elsewhere = self._worker_processes() if self._worker_processes is not None else {}
         rows = []
-        seen_pids = set()
         for wid in sorted(set(assigned) | set(local)):
             handle = local.get(wid)
-            pid = handle.pid if handle is not None else None
-            proc = self._proc(pid) if pid is not None else None
-            if pid is not None:
-                seen_pids.add(pid)
+            process = elsewhere.get(wid)
+            pid: int | None = None
+            cpu: float | None = None
+            rss: int | None = None
+            if handle is not None:
+                pid = handle.pid
+                cpu, rss = readings[pid]
+            elif process is not None:
+                pid, cpu, rss = process.pid, process.cpu_percent, process.rss
             keys = assigned.get(wid, [])
             rows.append({
                 "id": wid,
                 "node": remote.get(wid, 0),
                 "pid": pid,
                 "actor": handle.actor_id if handle is not None else None,
-                "cpu": self._cpu(proc),
-                "rss": self._rss(proc),
+                "cpu": cpu,
+                "rss": rss,
                 "assigned": len(keys),
                 "tasks": [{"key": k, "name": names.get(k) or f"task {k}"}
                           for k in keys[:RUNNING_SHOWN]],
             })
-        for pid in set(self._procs) - seen_pids:
-            del self._procs[pid]
         return rows
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -259,27 +269,6 @@ class DashboardState:
         }
 
     # -- processes ---------------------------------------------------------------------
-
-    def _proc(self, pid: int) -> Any:
-        if psutil is None:
-            return None
-        proc = self._procs.get(pid)
-        if proc is None:
-            try:
-                proc = self._procs[pid] = psutil.Process(pid)
-                proc.cpu_percent(None)  # the first call only starts the measurement
-            except psutil.Error:
-                return None
-        return proc
-
-    @staticmethod
-    def _cpu(proc: Any) -> float | None:
-        if proc is None:
-            return None
-        try:
-            return float(proc.cpu_percent(None))
-        except psutil.Error:
-            return None
 
     @staticmethod
     def _rss(proc: Any) -> int | None:
