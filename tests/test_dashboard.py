@@ -444,6 +444,40 @@ def test_a_browser_watching_10000_tasks_shows_all_of_them() -> None:
         browser.quit()
 
 
+def test_a_browser_off_loopback_is_asked_for_the_token_first() -> None:
+    """Bound off loopback, the page sends a browser to the token form; a wrong token is
+    refused there, the right one lets the live page in (its session cookie)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _headless_chromium()
+    try:
+        with sc.Runtime(num_workers=1) as rt, \
+                Dashboard(rt, host="0.0.0.0", token="s3cret") as dashboard:
+            browser.set_page_load_timeout(TIMEOUT)
+            wait = WebDriverWait(browser, TIMEOUT, poll_frequency=0.1)
+            browser.get(dashboard.url)
+            wait.until(lambda _: browser.current_url.endswith("/login"))
+            assert "cluster token" in browser.find_element(By.TAG_NAME, "body").text
+
+            def log_in(token: str) -> None:
+                field = browser.find_element(By.NAME, "token")
+                field.clear()
+                field.send_keys(token)
+                browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+            log_in("not it")
+            wait.until(lambda _: "not the cluster token" in browser.page_source)
+            assert browser.find_elements(By.ID, "connection") == []
+            log_in("s3cret")
+            wait.until(lambda _: browser.find_elements(By.ID, "connection"))
+            wait.until(lambda _: browser.find_element(By.ID, "connection").text == "live")
+            assert sc.submit(square, 6).result(timeout=TIMEOUT) == 36
+            wait.until(lambda _: browser.find_element(By.ID, "totals-finished").text == "1")
+    finally:
+        browser.quit()
+
+
 def test_init_with_dashboard_serves_it_and_shutdown_closes_it() -> None:
     runtime = sc.init(num_workers=1, dashboard=True)
     try:
