@@ -34,6 +34,7 @@ __all__ = [
     "ActorPool",
     "Executor",
     "Future",
+    "FutureStream",
     "Pool",
     "RemoteFunction",
     "Runtime",
@@ -62,6 +63,7 @@ __all__ = [
 
 _LAZY = {
     "Future": "sharedcompute._runtime._future",
+    "FutureStream": "sharedcompute._runtime._stream",
     "Executor": "sharedcompute._executor",
     "Pool": "sharedcompute._pool_api",
     "Runtime": "sharedcompute._runtime._driver",
@@ -111,6 +113,7 @@ if TYPE_CHECKING:
     from sharedcompute._runtime._actor import ActorClass, ActorHandle, ActorPool
     from sharedcompute._runtime._driver import Runtime
     from sharedcompute._runtime._future import Future
+    from sharedcompute._runtime._stream import FutureStream
 
 
 def __getattr__(name: str) -> Any:

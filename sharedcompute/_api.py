@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from sharedcompute import _config
@@ -21,11 +21,13 @@ from sharedcompute._runtime._driver import Runtime
 from sharedcompute._runtime._future import Future
 from sharedcompute._runtime._returns import check_num_returns, split
 from sharedcompute._runtime._shared_args import store_shared
+from sharedcompute._runtime._stream import FutureStream, is_streaming
 from sharedcompute._scheduler import public_resources
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+Y = TypeVar("Y")
 
 ALL_COMPLETED = concurrent.futures.ALL_COMPLETED
 FIRST_COMPLETED = concurrent.futures.FIRST_COMPLETED
@@ -164,8 +166,17 @@ def _shutdown_at_exit() -> None:
 # -- futures API --------------------------------------------------------------------------
 
 
-def submit(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
-    """Run ``fn(*args, **kwargs)`` as a task; every keyword goes to ``fn``."""
+@overload
+def submit(  # type: ignore[overload-overlap]  # a generator function is also a Callable
+    fn: Callable[P, Generator[Y, Any, Any]], /, *args: P.args, **kwargs: P.kwargs
+) -> FutureStream[Y]: ...
+@overload
+def submit(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]: ...
+def submit(fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> Any:
+    """Run ``fn(*args, **kwargs)`` as a task; every keyword goes to ``fn``. A generator
+    function streams: a ``FutureStream`` of its items' Futures, each ready once yielded."""
+    if is_streaming(fn):
+        return _runtime().submit_stream(fn, args, kwargs, _DEFAULT_OPTIONS)
     return _runtime().submit(fn, args, kwargs, _DEFAULT_OPTIONS)
 
 
@@ -263,7 +274,7 @@ def progress(futures: Iterable[Future[T]], timeout: float | None = None,
 _DEFAULT_OPTIONS = TaskOptions()
 _OPTION_NAMES = frozenset(
     {"num_cpus", "resources", "max_retries", "retry_exceptions", "scheduler", "name", "node",
-     "runtime_env", "num_returns"}
+     "runtime_env", "num_returns", "generator_backpressure"}
 )
 
 
@@ -281,9 +292,14 @@ def _make_options(base: TaskOptions, **changes: Any) -> TaskOptions:
         "node": base.node,
         "runtime_env": base.runtime_env,
         "num_returns": base.num_returns,
+        "generator_backpressure": base.generator_backpressure,
     }
     values.update(changes)
     values["num_returns"] = check_num_returns(values["num_returns"])
+    backpressure = values["generator_backpressure"]
+    if not isinstance(backpressure, int) or isinstance(backpressure, bool) or backpressure < 0:
+        raise ValueError("generator_backpressure must be an int >= 0 (0: no limit), "
+                         f"got {backpressure!r}")
     if "runtime_env" in changes and changes["runtime_env"] is not None:
         values["runtime_env"] = check_runtime_env(changes["runtime_env"])
     resources = values["resources"]
@@ -322,8 +338,15 @@ class RemoteFunction(Generic[P, R]):
         return self._fn(*args, **kwargs)
 
     def submit(self, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
-        """Run it as a task; with ``num_returns=N`` (N > 1), a list of N Futures."""
+        """Run it as a task; with ``num_returns=N`` (N > 1), a list of N Futures; a
+        generator function streams (a ``FutureStream`` of its items' Futures)."""
         runtime = _runtime()
+        if is_streaming(self._fn):
+            if self._options.num_returns != 1:
+                raise ValueError(f"{self.__qualname__} is a generator function: it streams "
+                                 "its items (a FutureStream), so num_returns does not apply")
+            return runtime.submit_stream(  # type: ignore[return-value]
+                self._fn, args, kwargs, self._options)
         future = runtime.submit(self._fn, args, kwargs, self._options)
         if self._options.num_returns == 1:
             return future

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Any
 
 import numpy as np
 import psutil
@@ -51,6 +52,24 @@ def test_tasks_pinned_to_a_node_run_there_and_inputs_cross_both_ways(cluster: Cl
     assert where not in head_pids and value == 2 * MiB
     # The driver (on the head) reads a node's result: a copy is pulled here.
     np.testing.assert_array_equal(made_there.result(TIMEOUT), np.ones(MiB))
+
+
+@sc.remote
+def filled(n: int) -> Any:
+    for i in range(n):
+        yield np.full(MiB, i)  # 8 MiB: in its node's store
+
+
+def test_a_generator_on_a_node_streams_its_items_to_the_driver(cluster: Cluster) -> None:
+    node = cluster.add_node(workers=1)
+    stream = filled.options(node=node).submit(3)
+    futures = list(stream)
+    assert [int(f.result(TIMEOUT)[0]) for f in futures] == [0, 1, 2]
+    _, value = total.options(node=0).submit(futures[2]).result(TIMEOUT)
+    assert value == 2 * MiB
+    assert stream.task.result(TIMEOUT) == 3
+    del futures, stream
+    wait_until(lambda: cluster.node(node)["store_used"] == 0, TIMEOUT, "node frees the items")
 
 
 def test_a_result_stays_on_its_node_until_nobody_needs_it(cluster: Cluster) -> None:

@@ -17,7 +17,7 @@ PINNED = {
     "init", "shutdown", "submit", "map", "put", "get", "wait", "as_completed", "gather",
     "remote", "config", "Executor", "Future", "Runtime", "errors", "get_actor", "kill",
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION",
-    "nodes", "cluster_resources", "available_resources", "Pool",
+    "nodes", "cluster_resources", "available_resources", "Pool", "FutureStream",
 }
 
 

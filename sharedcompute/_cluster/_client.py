@@ -316,9 +316,6 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
 
     broken: BaseException | None = None  # a cluster never breaks as a pool does
 
-    def new_key(self) -> int:
-        return self._next_key()
-
     @property
     def num_workers(self) -> int:
         """The CPUs of the cluster's live nodes (what a Dask graph is sized to)."""

@@ -72,13 +72,16 @@ class Msg(enum.IntEnum):
     CREATE_ACTOR = 27
     KILL_ACTOR = 28
     GET_ACTOR = 29
+    YIELD = 30  # worker -> driver: a generator task's item (key, index, ref)
+    STREAM_ACK = 31  # driver -> worker: items of a stream taken so far (key, count)
+    STREAM_STOP = 32  # driver -> worker: nobody reads this stream: stop its generator
 
 
 # Where messages carry object references (as ``ref_to_wire`` tuples), for the code that
 # rewrites them on their way between nodes: single references, by position ...
 _REF_AT: dict[int, int] = {
     Msg.RUN: 4, Msg.CALL: 3, Msg.CREATE: 4, Msg.DONE: 2, Msg.SUBMIT: 4, Msg.PUT: 2,
-    Msg.SUBMIT_CALL: 5, Msg.CREATE_ACTOR: 5,
+    Msg.SUBMIT_CALL: 5, Msg.CREATE_ACTOR: 5, Msg.YIELD: 3,
 }
 # ... and tuples of (key, reference or None) pairs.
 _DEPS_AT: dict[int, int] = {Msg.RUN: 5, Msg.CALL: 4, Msg.CREATE: 5}

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sharedcompute._env import Env, EnvResolver
 from sharedcompute._protocol import Msg
@@ -33,6 +33,9 @@ from sharedcompute._store import (
 from sharedcompute._sync import DrainingLock
 from sharedcompute.errors import ObjectLostError
 
+if TYPE_CHECKING:
+    from sharedcompute._runtime._stream import FutureStream, StreamState
+
 
 @dataclass(frozen=True, slots=True)
 class TaskOptions:
@@ -47,6 +50,8 @@ class TaskOptions:
     # and in the scheduler, the Env it resolves to (see RuntimeBase.task_env).
     runtime_env: Any = None
     num_returns: int = 1  # >1: the result is split into that many Futures (_returns)
+    # A generator task pauses while this many of its items are unconsumed (0: never).
+    generator_backpressure: int = 0
 
 
 def options_to_wire(options: TaskOptions, env: Env | None, name: str = "") -> tuple[Any, ...]:
@@ -69,11 +74,14 @@ class TaskSpec:
     args_ref: ObjectRef
     name: str
     parent: int | None = None
+    # A generator task's backpressure (0: none); None: not a generator task.
+    stream: int | None = None
 
 
 class RuntimeBase:
     store: ObjectStore
     needs_pump = False
+    _next_key: Callable[[], int]
 
     def __init__(self) -> None:
         self.functions = FunctionCache()
@@ -167,6 +175,25 @@ class RuntimeBase:
         options: TaskOptions,
     ) -> Future[Any]:
         raise NotImplementedError
+
+    def submit_stream(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        options: TaskOptions,
+    ) -> FutureStream[Any]:
+        """Run the generator function ``fn`` as a streaming task (``_stream``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot run generator functions as streaming tasks yet"
+        )
+
+    def stream_taken(self, state: StreamState) -> None:
+        """The user took an item of a stream with backpressure (tell its generator)."""
+
+    def stop_stream(self, state: StreamState) -> None:
+        """Nobody reads this stream any more: stop its generator, free its items."""
+
+    def new_key(self) -> int:
+        """A key no task or object of this runtime has."""
+        return self._next_key()
 
     def put(self, value: Any) -> Future[Any]:
         raise NotImplementedError

@@ -45,6 +45,8 @@ from sharedcompute._runtime._future import Future, ValueRef, is_done, when_all_d
 from sharedcompute._runtime._local import ThreadPool, run_inline
 from sharedcompute._runtime._other_nodes import NodeHost, OtherNodes
 from sharedcompute._runtime._pool import ProcessPool, WorkerSlot, pickle_for_workers
+from sharedcompute._runtime._stream import FutureStream, StreamState
+from sharedcompute._runtime._stream_host import StreamHost
 from sharedcompute._runtime._timeline import Timeline
 
 if TYPE_CHECKING:
@@ -171,6 +173,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         self._task_names: dict[int, str] = {}  # ... and its name (for the timeline)
         self.timeline = Timeline()  # the recent task executions (sc.timeline)
         self._batched: BatchedMap | None = None  # sc.map's batches (made on first use)
+        self.streams = StreamHost(self)  # generator tasks' items on their way
         # What closes before the workers do (a dashboard reading this runtime, say).
         self._on_shutdown: list[Callable[[], None]] = []
         self.dashboard_url: str | None = None  # set when a dashboard serves this runtime
@@ -321,6 +324,9 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
     def release_key(self, key: int) -> None:
         """Called from ``Future.__del__``: queue; the pool's next idle moment hands it on."""
         self._released.append(key)
+        self._wake_releases()
+
+    def _wake_releases(self) -> None:
         pool = self._pool
         if pool is None or self._closed:
             self._release_lock.try_drain()
@@ -328,16 +334,21 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
             pool.wake()
 
     def _releases_pending(self) -> bool:
-        return bool(self._released) or self.actors.pending_holds()
+        return bool(self._released) or self.actors.pending_holds() or self.streams.pending()
 
     def _flush_releases(self) -> None:
         """Turn queued Future and handle finalizations into events (lock held)."""
         if self._closed:  # nothing left to release; drop them so the lock stops draining
             self._released.clear()
             self.actors.clear_holds()
+            self.streams.states.clear()
+            while self.streams.pending():
+                self.streams.flush()
             return
         if self.actors.pending_holds():
             self.actors._flush_actor_holds()
+        if self.streams.pending():
+            self.streams.flush()
         if self._released:
             events: list[Event] = []
             while self._released:
@@ -433,7 +444,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         fn_bytes = None if known else self._fn_bytes[spec.fn_key]
         outbox[instruction.worker].append((
             Msg.RUN, instruction.key, spec.fn_key, fn_bytes, ref_to_wire(spec.args_ref), deps,
-            spec.name, spec.parent,
+            spec.name, spec.parent, spec.stream,
         ))
 
     def _conclude(
@@ -531,9 +542,23 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
     def _default_scheduler(self) -> str:
         return _config.get("scheduler") or self.scheduler
 
+    def submit_stream(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+        options: TaskOptions,
+    ) -> FutureStream[Any]:
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
+        return self.streams.submit(fn, args, kwargs, options)
+
+    def stream_taken(self, state: StreamState) -> None:
+        self.streams.taken(state)
+
+    def stop_stream(self, state: StreamState) -> None:
+        self.streams.stop(state)
+
     def _submit_process(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-        options: TaskOptions, name: str,
+        options: TaskOptions, name: str, stream: StreamState | None = None,
     ) -> Future[Any]:
         if self._pool is None:
             self._start_processes()
@@ -547,8 +572,9 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         resources = task_resources(options)
         event = TaskSubmitted(
             key, tuple(deps), resources, options.max_retries, options.retry_exceptions,
-            TaskSpec(fn_key, args_ref, name), short=fn_key in self._short_functions,
-            env=env,
+            TaskSpec(fn_key, args_ref, name,
+                     stream=None if stream is None else stream.backpressure),
+            short=fn_key in self._short_functions, env=env,
         )
         self._lock.acquire()
         try:
@@ -557,6 +583,8 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
                 raise RuntimeError("this runtime has been shut down")
             self._hold_function(key, fn_key, fn_bytes, name)
             self._futures[key] = future
+            if stream is not None:  # before a worker can answer: its items find it
+                self.streams.register(key, stream)
             if type(args_ref) is StoredObject:
                 self._args_refs[key] = args_ref
             if deps:
@@ -737,10 +765,6 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
                     events.append(WithdrawRequested(key))  # its worker says if it had started
             self._handle(events)
         self._settle_futures()
-
-    def new_key(self) -> int:
-        """A key no task or object of this runtime has."""
-        return self._next_key()
 
     def wait_idle(self) -> None:
         """Return once no Future this runtime settles is pending (more may come meanwhile)."""

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from sharedcompute._runtime._actors_driver import ActorManager
     from sharedcompute._runtime._other_nodes import NodeHost
     from sharedcompute._runtime._pool import ProcessPool
+    from sharedcompute._runtime._stream_host import StreamHost
     from sharedcompute._runtime._timeline import Timeline
     from sharedcompute._scheduler import SchedulerCore
     from sharedcompute._store import ObjectRef, OwnerStore
@@ -124,6 +125,7 @@ class WorkerMessages:
         _args_refs: dict[int, ObjectRef]
         _waiters: defaultdict[int, set[int]]
         _remote_workers: dict[int, WorkerSlot]
+        streams: StreamHost
 
         @property
         def store(self) -> OwnerStore: ...
@@ -275,6 +277,8 @@ class WorkerMessages:
                 key, dep_keys, UNIT, retries if retries >= 0 else 1 << 30, False,
                 ActorCallSpec(method, args_ref, f"{class_name}.{method}"), actor=actor_id,
             ))
+        elif kind == Msg.YIELD:
+            self.streams.on_yield(worker, message, events)
         elif kind == Msg.PUT:
             ref = ref_from_wire(message[2])
             self.store.adopt(ref)

@@ -169,6 +169,11 @@ class SchedulerCore(ActorScheduling):
     def __contains__(self, key: TaskKey) -> bool:
         return key in self._tasks
 
+    def worker_of(self, key: TaskKey) -> WorkerId | None:
+        """The worker a task was sent to (running, or queued there), if any."""
+        task = self._tasks.get(key)
+        return task.worker if task is not None and task.state is TaskState.RUNNING else None
+
     @property
     def total(self) -> dict[str, float]:
         """Resources of all live nodes together."""

@@ -19,6 +19,7 @@ the driver dies, however it dies, the read returns and the worker exits at once.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import pickle
@@ -48,6 +49,7 @@ from sharedcompute._serialization import deserialize, serialize
 from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
 from sharedcompute._worker._heap import IDLE_TRIM_SECONDS, Heap
 from sharedcompute._worker._running import RunningSlot
+from sharedcompute._worker._streaming import StreamControl, stream_out
 from sharedcompute.errors import (
     DeserializationError,
     RuntimeEnvError,
@@ -169,6 +171,7 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
         self._waiting_threads: dict[int, int] = {}
         self._waiting_lock = threading.Lock()  # counts and sends BLOCKED/UNBLOCKED, in order
         self.heap = Heap()
+        self.streams = StreamControl()  # what the driver said of the streams running here
 
     # -- the loop -------------------------------------------------------------------
 
@@ -272,6 +275,18 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
             if self._running[1] == self._drops_read:
                 return
 
+    def read_arrived(self) -> None:
+        """Dispatch what the driver has sent, without waiting (a streaming task looks for
+        its STREAM_ACK / STREAM_STOP between items)."""
+        if not self._reader.acquire(blocking=False):
+            return  # another thread of this task reads: it dispatches them
+        try:
+            messages = self._receive(block=False)
+        finally:
+            self._reader.release()
+        for message in messages:
+            self._dispatch(message)
+
     def _read(self, timeout: float | None) -> None:
         self._flush()
         with self._reader:
@@ -319,6 +334,13 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
                     future.set_exception(payload)
             with self._progress:
                 self._progress.notify_all()
+        elif kind == Msg.STREAM_ACK or kind == Msg.STREAM_STOP:
+            if kind == Msg.STREAM_ACK:
+                self.streams.ack(message[1], message[2])
+            else:
+                self.streams.stop(message[1])
+            with self._progress:
+                self._progress.notify_all()
         elif kind == Msg.DROP:
             self._drops_read += 1
             self._drop(message[1])
@@ -363,7 +385,7 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
     # -- running a task --------------------------------------------------------------
 
     def _run(self, message: tuple[Any, ...], *, on_main: bool = True) -> None:
-        _, key, fn_key, fn_bytes, args_wire, dep_refs, name, _parent = message
+        _, key, fn_key, fn_bytes, args_wire, dep_refs, name, _parent, stream = message
         if dep_refs and any(wire is None for _, wire in dep_refs):
             local = tuple((k, self._recent.get(k) if w is None else w) for k, w in dep_refs)
             if any(wire is None for _, wire in local):
@@ -372,12 +394,12 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
                 return
             dep_refs = local
         self._execute(key, lambda: self._function(fn_key, fn_bytes), args_wire, dep_refs, name,
-                      fn_key, on_main=on_main)
+                      fn_key, on_main=on_main, stream=stream)
 
     def _execute(
         self, key: int, target: Callable[[], Callable[..., Any]], args_wire: tuple[Any, ...],
         dep_refs: tuple[tuple[int, Any], ...], name: str, batch_key: bytes | str,
-        *, on_main: bool = True,
+        *, on_main: bool = True, stream: int | None = None,
     ) -> None:
         """Run one task or actor call and report it (``on_main``: this is the main thread)."""
         send = self._send if on_main else self.conn.send
@@ -397,6 +419,10 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
                 where = f"Task {name or key} failed in worker {self.worker_id} (pid {os.getpid()})"
                 send((Msg.FAILED, key, pack_error(self._named_missing_module(exc), where)))
                 return
+            if stream is not None and inspect.isgenerator(result):
+                result = stream_out(self, key, result, stream, name, send)
+                if result is None:
+                    return  # it failed, and said so
             self._report(key, result, name, started, batch_key, send, on_main, fn)
         finally:
             if on_main:
@@ -587,6 +613,11 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
                 return True
             return done == len(futures)
 
+        self.wait_until(satisfied, deadline)
+
+    def wait_until(self, satisfied: Callable[[], bool], deadline: float | None) -> None:
+        """Read and run what the driver sends until ``satisfied()`` (or the deadline), the
+        waiting task counted as blocked meanwhile."""
         # Any thread of a task that waits blocks the task (its CPU goes back, as in Ray),
         # and runs the task's children meanwhile: a task waiting from its own threads on a
         # one-worker pool must finish too. Actor calls off the main thread are not tasks.

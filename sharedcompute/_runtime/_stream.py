@@ -1,0 +1,202 @@
+"""Streaming tasks: a generator function's ``submit()`` returns a ``FutureStream``.
+
+::
+
+    worker:  for item in gen: store it ─▶ YIELD(key, index, ref) ─▶ ... ─▶ DONE(key, count)
+                 ▲ pauses while ``generator_backpressure`` items are unconsumed
+                 │ STREAM_ACK(key, taken) / STREAM_STOP(key)
+    runtime: YIELD ─▶ an item Future (its own key: a dependency anywhere) ─▶ StreamState
+    user:    for fut in stream: ...      (each ready as soon as its item was yielded)
+
+``StreamState`` is what the runtime feeds and the stream reads: the item Futures that
+arrived and were not yet taken (``items``), how many arrived in all (``arrived``: a
+rerun after a worker crash yields from 0 again, and items below it are dropped, so
+none is delivered twice), how many the user took (``taken``), and the end: None while
+the task runs, then ``_DONE`` or the error that ended it (an exception in the generator
+or a crash past its retries), which the stream hands out as one failed Future after
+the last good item before it stops. Every change is made under ``cond`` and wakes the
+readers.
+
+The runtime holds the state, the user holds the ``FutureStream`` (which holds the
+task's Future and the state). Dropping the stream (or ``close()``) tells the runtime
+(``stop_stream``): the generator is stopped at its next item, or the task cancelled if
+it has not started, and the items not taken are freed with the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from sharedcompute._runtime._future import Future
+
+if TYPE_CHECKING:
+    from sharedcompute._runtime._base import RuntimeBase
+
+T = TypeVar("T")
+
+_DONE = object()  # the end of a stream that ran to its end
+
+
+def is_streaming(fn: Any) -> bool:
+    """Whether ``fn`` is a generator function (partials of one included): a streaming task."""
+    return inspect.isgeneratorfunction(fn)
+
+
+class StreamState:
+    """The runtime's side of one stream (see the module docstring)."""
+
+    def __init__(self, key: int, name: str, backpressure: int) -> None:
+        self.key = key
+        self.name = name
+        self.backpressure = backpressure
+        self.cond = threading.Condition()
+        self.items: deque[Future[Any]] = deque()
+        self.arrived = 0
+        self.taken = 0
+        self.end: Any = None  # None: running; _DONE; or the error that ended it
+        self.worker: int | None = None  # where it last yielded from (for acks and stops)
+        self.stopped = False  # its stream was dropped or closed
+        # Set by a stream that pulls its own items (scheduler="sync"): called, lock not
+        # held, when the user wants an item and none has arrived.
+        self.pull: Callable[[], None] | None = None
+        self.wakers: list[Callable[[], None]] = []  # ``async for``s waiting for a change
+
+    def push(self, future: Future[Any]) -> None:
+        with self.cond:
+            self.items.append(future)
+            self.arrived += 1
+            self._changed()
+
+    def finish(self, error: BaseException | None) -> None:
+        with self.cond:
+            if self.end is None:
+                self.end = _DONE if error is None else error
+            self._changed()
+
+    def _changed(self) -> None:
+        self.cond.notify_all()
+        wakers, self.wakers = self.wakers, []
+        for wake in wakers:
+            wake()
+
+    def take(self, runtime: RuntimeBase, timeout: float | None) -> Future[Any]:
+        """The next item's Future (waiting up to ``timeout``); StopIteration at the end."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.cond:
+                if self.items:
+                    self.taken += 1
+                    return self.items.popleft()
+                end = self.end
+                if end is _DONE:
+                    raise StopIteration
+                if end is not None:
+                    self.end = _DONE  # the error goes out once, as the last Future
+                    failed: Future[Any] = Future(runtime, runtime.new_key(), self.name)
+                    failed.set_exception(end)
+                    return failed
+                if self.pull is None:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(
+                            f"no item of stream {self.name!r} came within {timeout} s"
+                        )
+                    self.cond.wait(remaining)
+                    continue
+            self.pull()
+
+
+class FutureStream(Generic[T]):
+    """The Futures of a generator task's items, in yield order, each ready as soon as
+    its item is yielded; iterate it (``for`` or ``async for``). An exception in the
+    generator fails the Future after the last good item, then the stream ends.
+
+    Dropping the stream (or ``close()``) stops the generator and frees the items not
+    taken yet."""
+
+    def __init__(self, runtime: RuntimeBase, task: Future[Any], state: StreamState) -> None:
+        self._runtime = runtime
+        self._task = task
+        self._state = state
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Future[T]]:
+        return self
+
+    def __next__(self) -> Future[T]:
+        return self.next()
+
+    def next(self, timeout: float | None = None) -> Future[T]:
+        """The next item's Future, waiting up to ``timeout`` seconds for it to be yielded
+        (``TimeoutError`` then); ``StopIteration`` once the stream has ended."""
+        state = self._state
+        future = state.take(self._runtime, timeout)
+        if state.backpressure and state.pull is None:
+            self._runtime.stream_taken(state)
+        return future
+
+    def __aiter__(self) -> AsyncIterator[Future[T]]:
+        return self
+
+    async def __anext__(self) -> Future[T]:
+        state = self._state
+        loop = asyncio.get_running_loop()
+        while True:
+            with state.cond:
+                ready = bool(state.items) or state.end is not None or state.pull is not None
+                if not ready:  # woken (from the runtime's thread) by the next change
+                    changed = loop.create_future()
+
+                    def wake(changed: asyncio.Future[None] = changed) -> None:
+                        try:
+                            loop.call_soon_threadsafe(_settle, changed)
+                        except RuntimeError:
+                            pass  # that loop has closed (its `async for` was cancelled)
+
+                    state.wakers.append(wake)
+            if ready:
+                try:
+                    return self.next()
+                except StopIteration:
+                    raise StopAsyncIteration from None
+            await changed  # (cancelled: nothing was taken)
+
+    @property
+    def task(self) -> Future[int]:
+        """The generator task's own Future: the number of items it yielded, once it ends."""
+        return self._task
+
+    def close(self) -> None:
+        """Stop the generator (at its next item) and free the items not taken; the
+        stream then ends (iterating it stops at once)."""
+        if not self._closed:
+            self._closed = True
+            state = self._state
+            with state.cond:
+                state.items.clear()
+                state.end = _DONE
+                state._changed()
+            self._runtime.stop_stream(state)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = self._state
+        where = "ended" if state.end is not None else "running"
+        return (f"<sharedcompute.FutureStream {state.name} {where}: {state.arrived} yielded, "
+                f"{state.taken} taken>")
+
+
+def _settle(changed: asyncio.Future[None]) -> None:
+    if not changed.done():
+        changed.set_result(None)

@@ -1,0 +1,221 @@
+"""A driver's streaming tasks: where each generator task's items go (see ``_stream``).
+
+State (``StreamHost``):
+
+- ``states``: task key -> ``StreamState`` for each generator task still running (it
+  leaves when the task's Future is settled, or when its stream is dropped).
+- ``_stops``: streams dropped by their user, queued by ``FutureStream.__del__`` (which
+  may run anywhere, so it never takes a lock) and carried out with the releases
+  (``flush``, the runtime's lock held): a running generator is sent ``STREAM_STOP``,
+  one not started yet is cancelled; the items not taken go with the state.
+
+With ``scheduler="processes"`` the task runs on a worker, which sends an item at a
+time (``YIELD``, handled in ``on_yield`` under the runtime's lock): each becomes a
+Future of its own key (``ObjectPut``, so it is a dependency anywhere and is freed
+when its Future is). A rerun after a worker crash yields from the first item again;
+items below ``arrived`` are freed, not delivered twice. With ``"threads"`` a pool
+thread runs the generator and settles each item's Future; with ``"sync"`` the
+generator runs a step at a time in the thread that asks for the next item.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from sharedcompute._protocol import Msg
+from sharedcompute._runtime._args import extract_dependencies, restore_dependencies
+from sharedcompute._runtime._base import TaskOptions, future_or_none
+from sharedcompute._runtime._future import Future, ValueRef, when_all_done
+from sharedcompute._runtime._local import dependency_values, run_inline
+from sharedcompute._runtime._stream import FutureStream, StreamState
+from sharedcompute._scheduler import CancelRequested, Event, ObjectPut, TaskState
+from sharedcompute._store import ref_from_wire
+
+if TYPE_CHECKING:
+    from sharedcompute._runtime._driver import Runtime
+    from sharedcompute._runtime._worker_messages import WorkerSlot
+
+
+class StreamHost:
+    """The streams of one driver runtime (see the module docstring)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+        self.states: dict[int, StreamState] = {}
+        self._stops: deque[StreamState] = deque()
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+               options: TaskOptions) -> FutureStream[Any]:
+        rt = self._rt
+        scheduler = options.scheduler or rt._default_scheduler()
+        name = options.name or getattr(fn, "__qualname__", "") or type(fn).__name__
+        state = StreamState(0, name, max(0, int(options.generator_backpressure)))
+        if scheduler == "processes":
+            task = rt._submit_process(fn, args, kwargs, options, name, stream=state)
+        else:
+            task = self._submit_here(fn, args, kwargs, scheduler, state)
+
+        def ended(future: concurrent.futures.Future[Any]) -> None:
+            self.states.pop(state.key, None)
+            if future.cancelled():
+                state.finish(concurrent.futures.CancelledError(f"stream {name!r} was cancelled"))
+            else:
+                state.finish(future.exception())
+
+        ended.inline = True  # type: ignore[attr-defined]  # the runtime's own: never deferred
+        task.add_done_callback(ended)
+        return FutureStream(rt, task, state)
+
+    def register(self, key: int, state: StreamState) -> None:
+        """A generator task was just submitted as ``key`` (runtime's lock held)."""
+        state.key = key
+        self.states[key] = state
+
+    # -- items from workers (runtime's lock held) ---------------------------------------
+
+    def on_yield(self, worker: WorkerSlot, message: tuple[Any, ...], events: list[Event]) -> None:
+        _, key, index, wire = message
+        rt = self._rt
+        ref = ref_from_wire(wire)
+        rt.store.adopt(ref)
+        state = self.states.get(key)
+        if state is None or index < state.arrived:  # a dropped stream's, or a rerun's repeat
+            rt._free([ref])
+            if state is not None and state.backpressure:
+                rt._send_to(worker, [(Msg.STREAM_ACK, key, state.taken)])
+            return
+        state.worker = worker.id
+        item_key = rt._next_key()
+        future: Future[Any] = Future(rt, item_key, state.name)
+        future.set_result(ValueRef(ref))
+        events.append(ObjectPut(item_key, ref))
+        state.push(future)
+
+    # -- from the user's side ----------------------------------------------------------------
+
+    def taken(self, state: StreamState) -> None:
+        rt = self._rt
+        with rt._lock:
+            if state.worker is None or state.key not in self.states:
+                return
+            worker = rt._worker(state.worker) if rt._pool is not None else None
+            if worker is not None:
+                rt._send_to(worker, [(Msg.STREAM_ACK, state.key, state.taken)])
+
+    def stop(self, state: StreamState) -> None:
+        """Called from ``FutureStream.__del__`` / ``close()``: queue, never block."""
+        state.stopped = True
+        with state.cond:
+            state.cond.notify_all()  # a thread producing it for "threads" looks again
+        self._stops.append(state)
+        self._rt._wake_releases()
+
+    def pending(self) -> bool:
+        return bool(self._stops)
+
+    def flush(self) -> None:
+        """Carry out the queued stops (runtime's lock held)."""
+        rt = self._rt
+        events: list[Event] = []
+        while self._stops:
+            state = self._stops.popleft()
+            if self.states.pop(state.key, None) is None:
+                continue  # ended already (or never a worker's)
+            with state.cond:
+                state.items.clear()  # frees the items not taken
+            task_state = rt.core.state_of(state.key)
+            if task_state is TaskState.WAITING or task_state is TaskState.READY:
+                events.append(CancelRequested(state.key))
+            elif task_state is TaskState.RUNNING:
+                worker_id = rt.core.worker_of(state.key)
+                worker = rt._worker(worker_id) if worker_id is not None else None
+                if worker is not None:
+                    rt._send_to(worker, [(Msg.STREAM_STOP, state.key)])
+        if events:
+            rt._handle(events)
+
+    # -- "sync" and "threads" ------------------------------------------------------------------
+
+    def _submit_here(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any], scheduler: str,
+                     state: StreamState) -> Future[Any]:
+        rt = self._rt
+        deps: dict[int, Future[Any]] = {}
+        packed = extract_dependencies((args, kwargs), future_or_none, deps)
+        task: Future[Any] = Future(rt, rt._next_key(), state.name)
+        state.key = task.key
+        if scheduler == "sync":
+            state.pull = _Puller(rt, task, fn, packed, deps, state)
+            return task
+
+        def produce(*args: Any, **kwargs: Any) -> int:
+            return _produce(rt, fn(*args, **kwargs), state)
+
+        pool = rt._thread_pool()
+        when_all_done(list(deps.values()), lambda: pool.submit(
+            lambda: run_inline(task, produce, packed, deps)
+        ))
+        return task
+
+
+def _produce(rt: Runtime, items: Iterator[Any], state: StreamState) -> int:
+    """Run a generator in this thread (``"threads"``): a settled Future per item."""
+    count = 0
+    for item in items:
+        future: Future[Any] = Future(rt, rt._next_key(), state.name)
+        future.set_result(item)
+        state.push(future)
+        count += 1
+        with state.cond:
+            while (state.backpressure and not state.stopped
+                   and state.arrived - state.taken >= state.backpressure):
+                state.cond.wait()
+        if state.stopped:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+            break
+    return count
+
+
+class _Puller:
+    """``"sync"``: the generator advances a step each time the user asks for an item."""
+
+    def __init__(self, rt: Runtime, task: Future[Any], fn: Callable[..., Any], packed: Any,
+                 deps: dict[int, Future[Any]], state: StreamState) -> None:
+        self._rt = rt
+        self._task = task
+        self._start: Callable[[], Iterator[Any]] | None = lambda: self._begin(fn, packed, deps)
+        self._items: Iterator[Any] | None = None
+        self._state = state
+        self._count = 0
+
+    def _begin(self, fn: Callable[..., Any], packed: Any,
+               deps: dict[int, Future[Any]]) -> Iterator[Any]:
+        if deps:
+            packed = restore_dependencies(packed, dependency_values(self._task.key, deps))
+        args, kwargs = packed
+        items: Iterator[Any] = fn(*args, **kwargs)
+        return items
+
+    def __call__(self) -> None:
+        task, state = self._task, self._state
+        try:
+            if self._items is None:
+                assert self._start is not None
+                self._items, self._start = self._start(), None
+                task.set_running_or_notify_cancel()
+            item = next(self._items)
+        except StopIteration:
+            task.set_result(self._count)
+            return
+        except BaseException as exc:
+            task.set_exception(exc)
+            return
+        future: Future[Any] = Future(self._rt, self._rt._next_key(), state.name)
+        future.set_result(item)
+        self._count += 1
+        state.push(future)
