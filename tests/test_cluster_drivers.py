@@ -86,6 +86,51 @@ def test_a_driver_process_submits_puts_and_reads_results_across_nodes(cluster: C
     assert cluster.head.runtime.store.stats()["num_objects"] == 0
 
 
+def test_a_driver_process_streams_a_generator_on_a_node(cluster: Cluster) -> None:
+    node = cluster.add_node(workers=1)
+    said = run_driver(cluster, f"""
+        import json
+        import numpy as np
+        import sharedcompute as sc
+
+        sc.init()  # SHAREDCOMPUTE_ADDRESS
+
+        @sc.remote
+        def filled(n):
+            for i in range(n):
+                yield np.full(1024 * 1024, i)  # 8 MiB each, on the node
+
+        @sc.remote
+        def endless():
+            i = 0
+            while True:
+                yield i
+                i += 1
+
+        @sc.remote
+        def total(a):
+            return float(a.sum())
+
+        stream = filled.options(node={node}, generator_backpressure=2).submit(4)
+        futures = list(stream)
+        firsts = [int(f.result(60)[0]) for f in futures]
+        summed = total.options(node=0).submit(futures[3]).result(60)
+        count = stream.task.result(60)
+        broken = []
+        for f in filled.options(node={node}).submit(-1):  # range(-1): none
+            broken.append(f.result(60))
+        forever = endless.options(node={node}).submit()
+        taken = [forever.next(timeout=60).result(60) for _ in range(3)]
+        task = forever.task
+        del forever
+        print(json.dumps({{"firsts": firsts, "summed": summed, "count": count,
+                          "none": broken, "taken": taken, "stopped": task.result(60) >= 3}}))
+    """)
+    assert said == {"firsts": [0, 1, 2, 3], "summed": 3.0 * MiB, "count": 4, "none": [],
+                    "taken": [0, 1, 2], "stopped": True}
+    wait_until(lambda: cluster.node(node)["store_used"] == 0, TIMEOUT, "the node frees it all")
+
+
 def test_two_drivers_keep_their_own_keys_and_one_leaving_frees_only_its_own(
     cluster: Cluster,
 ) -> None:

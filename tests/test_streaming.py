@@ -214,3 +214,27 @@ def test_options_are_checked() -> None:
         sc.remote(squares).options(generator_backpressure=-1)
     with pytest.raises(ValueError, match="num_returns"), sc.Runtime(num_workers=1):
         sc.remote(squares).options(num_returns=2).submit(3)
+
+
+def consume_inside(n: int, backpressure: int) -> list[int]:
+    """A task that streams another task's items (the head forwards each to it)."""
+    stream = sc.remote(squares).options(generator_backpressure=backpressure).submit(n)
+    return [future.result() for future in stream]
+
+
+def take_three_then_drop(log: str) -> tuple[list[int], bool]:
+    stream = sc.submit(counted, log)  # endless
+    taken = [int(stream.next(timeout=TIMEOUT).result()[0]) for _ in range(3)]
+    task = stream.task
+    del stream
+    return taken, task.result(timeout=TIMEOUT) >= 3
+
+
+def test_a_task_streams_a_generator_it_submits(runtime: sc.Runtime, tmp_path: Path) -> None:
+    assert sc.submit(consume_inside, 6, 0).result(timeout=TIMEOUT) == [0, 1, 4, 9, 16, 25]
+    assert sc.submit(consume_inside, 6, 2).result(timeout=TIMEOUT) == [0, 1, 4, 9, 16, 25]
+    log = str(tmp_path / "log")
+    assert sc.submit(take_three_then_drop, log).result(timeout=TIMEOUT) == ([0, 1, 2], True)
+    wait_until(lambda: Path(log + ".end").exists(), what="the inner generator closed")
+    store = runtime.store
+    wait_until(lambda: store.stats()["used_bytes"] == 0, what="its items freed")

@@ -65,6 +65,7 @@ from sharedcompute._runtime._base import (
 )
 from sharedcompute._runtime._future import Future, ValueRef, when_all_done
 from sharedcompute._runtime._local import ThreadPool
+from sharedcompute._runtime._stream import StreamClient, StreamState
 from sharedcompute._scheduler import public_resources
 from sharedcompute._serialization import serialize
 from sharedcompute._store import (
@@ -78,7 +79,7 @@ from sharedcompute._store import (
 from sharedcompute.errors import SharedComputeError
 
 
-class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
+class ClusterClient(StreamClient, QueuedActorHolds, DefaultScope, RuntimeBase):
     """The runtime of a driver connected to a cluster's head."""
 
     def __init__(self, address: str, token: str, *, store_capacity: int | None = None,
@@ -89,6 +90,7 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
         self._lock = threading.Lock()
         self._futures: dict[int, Future[Any]] = {}
         self._control: deque[tuple[Any, ...]] = deque()  # actor handle counts, to send
+        self._client_streams: dict[int, StreamState] = {}  # generator tasks' streams
         # Callers waiting for a task to finish again (its result was on a node that died).
         self._rewaits: dict[int, list[concurrent.futures.Future[ObjectRef]]] = {}
         self._closed = False
@@ -164,6 +166,8 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
                     for answer in message.messages:
                         if answer[0] == Msg.RESOLVED:
                             self._resolved(answer)
+                        elif answer[0] == Msg.STREAM_ITEM:
+                            self.stream_item(answer)
                 elif kind is ForgetCopies:
                     for node, object_id in message.names:
                         self.puller.forget(node, object_id)
@@ -259,7 +263,7 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
 
     def submit(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-        options: TaskOptions,
+        options: TaskOptions, stream: StreamState | None = None,
     ) -> Future[Any]:
         if options.scheduler not in (None, "processes"):
             raise ValueError(f"scheduler={options.scheduler!r} runs in this process; a "
@@ -272,9 +276,13 @@ class ClusterClient(QueuedActorHolds, DefaultScope, RuntimeBase):
         future: Future[Any] = Future(self, key, name)
         self._track(future)
         self._hold_for_head(args_ref)
+        if stream is not None:  # a generator: the head forwards its items (STREAM_ITEM)
+            stream.key = key
+            self._client_streams[key] = stream
         self._send([
             (Msg.SUBMIT, key, fn_key, fn_bytes, ref_to_wire(args_ref), tuple(deps),
-             options_to_wire(options, env, name), None),
+             options_to_wire(options, env, name), None,
+             None if stream is None else stream.backpressure),
             (Msg.WAIT, [key]),
         ])
         return future

@@ -75,13 +75,15 @@ class Msg(enum.IntEnum):
     YIELD = 30  # worker -> driver: a generator task's item (key, index, ref)
     STREAM_ACK = 31  # driver -> worker: items of a stream taken so far (key, count)
     STREAM_STOP = 32  # driver -> worker: nobody reads this stream: stop its generator
+    # head -> the client that submitted a generator task: an item (key, index, item key, ref)
+    STREAM_ITEM = 33
 
 
 # Where messages carry object references (as ``ref_to_wire`` tuples), for the code that
 # rewrites them on their way between nodes: single references, by position ...
 _REF_AT: dict[int, int] = {
     Msg.RUN: 4, Msg.CALL: 3, Msg.CREATE: 4, Msg.DONE: 2, Msg.SUBMIT: 4, Msg.PUT: 2,
-    Msg.SUBMIT_CALL: 5, Msg.CREATE_ACTOR: 5, Msg.YIELD: 3,
+    Msg.SUBMIT_CALL: 5, Msg.CREATE_ACTOR: 5, Msg.YIELD: 3, Msg.STREAM_ITEM: 4,
 }
 # ... and tuples of (key, reference or None) pairs.
 _DEPS_AT: dict[int, int] = {Msg.RUN: 5, Msg.CALL: 4, Msg.CREATE: 5}

@@ -185,6 +185,11 @@ class RuntimeBase:
             f"{type(self).__name__} cannot run generator functions as streaming tasks yet"
         )
 
+    def wait_until(self, satisfied: Callable[[], bool], deadline: float | None) -> None:
+        """Return once ``satisfied()`` (or at the deadline), reading what this runtime must
+        read meanwhile (a runtime with ``needs_pump`` reads only in the waiting thread)."""
+        raise NotImplementedError
+
     def stream_taken(self, state: StreamState) -> None:
         """The user took an item of a stream with backpressure (tell its generator)."""
 

@@ -334,7 +334,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
             pool.wake()
 
     def _releases_pending(self) -> bool:
-        return bool(self._released) or self.actors.pending_holds() or self.streams.pending()
+        return bool(self._released) or self.actors.pending_holds() or bool(self.streams.stops)
 
     def _flush_releases(self) -> None:
         """Turn queued Future and handle finalizations into events (lock held)."""
@@ -470,6 +470,8 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         future = self._futures.pop(key, None)
         if future is not None:
             self._settle.append((future, instruction))
+        if self.streams.forwards:
+            self.streams.concluded(key)
         waiting = self._waiters.pop(key, None)
         if waiting:
             if isinstance(instruction, Resolve):

@@ -26,6 +26,7 @@ it has not started, and the items not taken are freed with the state.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import threading
 import time
@@ -33,10 +34,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from sharedcompute._runtime._future import Future
+from sharedcompute._protocol import Msg
+from sharedcompute._runtime._future import Future, ValueRef
+from sharedcompute._store import ref_from_wire
 
 if TYPE_CHECKING:
-    from sharedcompute._runtime._base import RuntimeBase
+    from sharedcompute._runtime._base import RuntimeBase, TaskOptions
 
 T = TypeVar("T")
 
@@ -88,6 +91,8 @@ class StreamState:
     def take(self, runtime: RuntimeBase, timeout: float | None) -> Future[Any]:
         """The next item's Future (waiting up to ``timeout``); StopIteration at the end."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        # A worker's runtime reads its connection only in the thread that waits on it.
+        pumped = runtime.needs_pump
         while True:
             with self.cond:
                 if self.items:
@@ -107,9 +112,71 @@ class StreamState:
                         raise TimeoutError(
                             f"no item of stream {self.name!r} came within {timeout} s"
                         )
-                    self.cond.wait(remaining)
-                    continue
-            self.pull()
+                    if not pumped:
+                        self.cond.wait(remaining)
+                        continue
+            if self.pull is not None:
+                self.pull()
+            else:
+                runtime.wait_until(self._changed_since(self.arrived), deadline)
+
+    def _changed_since(self, arrived: int) -> Callable[[], bool]:
+        return lambda: self.arrived != arrived or self.end is not None
+
+
+class StreamClient:
+    """Streams of a runtime whose tasks the head runs: a worker's nested tasks, a driver
+    connected to a cluster. The head forwards each item (``STREAM_ITEM``: the key, the
+    index, the item's own key and reference); takes and stops go back to it as control
+    messages, flushed with the releases (``stop_stream`` may run in a finalizer)."""
+
+    _client_streams: dict[int, StreamState]
+
+    if TYPE_CHECKING:  # what the runtime it is mixed into provides
+        def submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any], options: TaskOptions,
+                   stream: StreamState | None = None) -> Future[Any]: ...
+        def _queue_control(self, message: tuple[Any, ...]) -> None: ...
+        def watch(self, future: Future[Any]) -> None: ...
+
+    def submit_stream(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                      kwargs: dict[str, Any], options: TaskOptions) -> FutureStream[Any]:
+        name = options.name or getattr(fn, "__qualname__", "") or type(fn).__name__
+        state = StreamState(0, name, max(0, int(options.generator_backpressure)))
+        if options.scheduler not in (None, "processes"):
+            raise ValueError(f"a streaming task submitted here runs on the cluster's workers, "
+                             f"not with scheduler={options.scheduler!r}")
+        task = self.submit(fn, args, kwargs, options, stream=state)
+        streams = self._client_streams
+
+        def ended(future: concurrent.futures.Future[Any]) -> None:
+            streams.pop(state.key, None)
+            if future.cancelled():
+                state.finish(concurrent.futures.CancelledError(f"stream {name!r} was cancelled"))
+            else:
+                state.finish(future.exception())
+
+        ended.inline = True  # type: ignore[attr-defined]
+        task.add_done_callback(ended)
+        self.watch(task)  # its end comes as the task's answer, after its items
+        return FutureStream(self, task, state)  # type: ignore[arg-type]
+
+    def stream_item(self, message: tuple[Any, ...]) -> None:
+        """The head forwards an item of a stream of ours."""
+        _, key, _index, item_key, wire = message
+        state = self._client_streams.get(key)
+        future: Future[Any] = Future(self, item_key, state.name if state else "")  # type: ignore[arg-type]
+        future.set_result(ValueRef(ref_from_wire(wire)))
+        if state is not None:
+            state.push(future)
+        # (else: dropped meanwhile; the Future's release frees the item)
+
+    def stream_taken(self, state: StreamState) -> None:
+        self._queue_control((Msg.STREAM_ACK, state.key, state.taken))
+
+    def stop_stream(self, state: StreamState) -> None:
+        if self._client_streams.pop(state.key, None) is not None:
+            self._queue_control((Msg.STREAM_STOP, state.key))
 
 
 class FutureStream(Generic[T]):
@@ -149,7 +216,9 @@ class FutureStream(Generic[T]):
         loop = asyncio.get_running_loop()
         while True:
             with state.cond:
-                ready = bool(state.items) or state.end is not None or state.pull is not None
+                # (in a task, only the waiting thread reads what brings items: it waits)
+                ready = (bool(state.items) or state.end is not None or state.pull is not None
+                         or self._runtime.needs_pump)
                 if not ready:  # woken (from the runtime's thread) by the next change
                     changed = loop.create_future()
 

@@ -4,10 +4,15 @@ State (``StreamHost``):
 
 - ``states``: task key -> ``StreamState`` for each generator task still running (it
   leaves when the task's Future is settled, or when its stream is dropped).
-- ``_stops``: streams dropped by their user, queued by ``FutureStream.__del__`` (which
+- ``stops``: streams dropped by their user, queued by ``FutureStream.__del__`` (which
   may run anywhere, so it never takes a lock) and carried out with the releases
   (``flush``, the runtime's lock held): a running generator is sent ``STREAM_STOP``,
   one not started yet is cancelled; the items not taken go with the state.
+
+- ``forwards``: generator tasks that a client submitted (a worker's task, a driver
+  connected to a head): each item goes on to it (``STREAM_ITEM``, the item's key then
+  held by it); its takes (``STREAM_ACK``) and its stop (``STREAM_STOP``) come back
+  here and go on to the worker running the generator.
 
 With ``scheduler="processes"`` the task runs on a worker, which sends an item at a
 time (``YIELD``, handled in ``on_yield`` under the runtime's lock): each becomes a
@@ -23,6 +28,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sharedcompute._protocol import Msg
@@ -32,11 +38,23 @@ from sharedcompute._runtime._future import Future, ValueRef, when_all_done
 from sharedcompute._runtime._local import dependency_values, run_inline
 from sharedcompute._runtime._stream import FutureStream, StreamState
 from sharedcompute._scheduler import CancelRequested, Event, ObjectPut, TaskState
-from sharedcompute._store import ref_from_wire
+from sharedcompute._store import ref_from_wire, ref_to_wire
 
 if TYPE_CHECKING:
     from sharedcompute._runtime._driver import Runtime
     from sharedcompute._runtime._worker_messages import WorkerSlot
+
+
+@dataclass
+class Forward:
+    """A generator task submitted by a client (a worker's task, a connected driver): its
+    items go on to that client, which holds them."""
+
+    client: int  # the worker slot (or connected driver) that submitted it
+    backpressure: int
+    arrived: int = 0
+    taken: int = 0  # as the client last said (STREAM_ACK)
+    worker: int | None = None  # where it last yielded from
 
 
 class StreamHost:
@@ -45,7 +63,8 @@ class StreamHost:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
         self.states: dict[int, StreamState] = {}
-        self._stops: deque[StreamState] = deque()
+        self.stops: deque[StreamState] = deque()
+        self.forwards: dict[int, Forward] = {}
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                options: TaskOptions) -> FutureStream[Any]:
@@ -81,6 +100,9 @@ class StreamHost:
         rt = self._rt
         ref = ref_from_wire(wire)
         rt.store.adopt(ref)
+        if key in self.forwards:
+            self._forward(worker, key, index, ref, events)
+            return
         state = self.states.get(key)
         if state is None or index < state.arrived:  # a dropped stream's, or a rerun's repeat
             rt._free([ref])
@@ -93,6 +115,44 @@ class StreamHost:
         future.set_result(ValueRef(ref))
         events.append(ObjectPut(item_key, ref))
         state.push(future)
+
+    def _forward(self, worker: WorkerSlot, key: int, index: int, ref: Any,
+                 events: list[Event]) -> None:
+        rt = self._rt
+        forward = self.forwards[key]
+        client = rt._worker(forward.client)
+        if index < forward.arrived or client is None:  # a rerun's repeat, or its reader left
+            rt._free([ref])
+            if forward.backpressure:
+                rt._send_to(worker, [(Msg.STREAM_ACK, key, forward.taken)])
+            return
+        forward.arrived += 1
+        forward.worker = worker.id
+        item_key = rt._next_key()
+        events.append(ObjectPut(item_key, ref))
+        client.held_keys.add(item_key)  # released as the client's Futures are
+        rt._send_to(client, [(Msg.STREAM_ITEM, key, index, item_key, ref_to_wire(ref))])
+
+    def submitted_by(self, client: WorkerSlot, key: int, backpressure: int) -> None:
+        """A client submitted generator task ``key`` (runtime's lock held)."""
+        self.forwards[key] = Forward(client.id, backpressure)
+
+    def client_ack(self, key: int, taken: int) -> None:
+        forward = self.forwards.get(key)
+        if forward is None or taken <= forward.taken:
+            return
+        forward.taken = taken
+        worker = self._rt._worker(forward.worker) if forward.worker is not None else None
+        if worker is not None:
+            self._rt._send_to(worker, [(Msg.STREAM_ACK, key, taken)])
+
+    def client_stop(self, key: int, events: list[Event]) -> None:
+        if self.forwards.pop(key, None) is not None:
+            self._stop_task(key, events)
+
+    def concluded(self, key: int) -> None:
+        """Task ``key`` ended for good (runtime's lock held)."""
+        self.forwards.pop(key, None)
 
     # -- from the user's side ----------------------------------------------------------------
 
@@ -110,32 +170,37 @@ class StreamHost:
         state.stopped = True
         with state.cond:
             state.cond.notify_all()  # a thread producing it for "threads" looks again
-        self._stops.append(state)
+        self.stops.append(state)
         self._rt._wake_releases()
 
     def pending(self) -> bool:
-        return bool(self._stops)
+        return bool(self.stops)
 
     def flush(self) -> None:
         """Carry out the queued stops (runtime's lock held)."""
         rt = self._rt
         events: list[Event] = []
-        while self._stops:
-            state = self._stops.popleft()
+        while self.stops:
+            state = self.stops.popleft()
             if self.states.pop(state.key, None) is None:
                 continue  # ended already (or never a worker's)
             with state.cond:
                 state.items.clear()  # frees the items not taken
-            task_state = rt.core.state_of(state.key)
-            if task_state is TaskState.WAITING or task_state is TaskState.READY:
-                events.append(CancelRequested(state.key))
-            elif task_state is TaskState.RUNNING:
-                worker_id = rt.core.worker_of(state.key)
-                worker = rt._worker(worker_id) if worker_id is not None else None
-                if worker is not None:
-                    rt._send_to(worker, [(Msg.STREAM_STOP, state.key)])
+            self._stop_task(state.key, events)
         if events:
             rt._handle(events)
+
+    def _stop_task(self, key: int, events: list[Event]) -> None:
+        """Nobody reads stream ``key``: cancel it unstarted, or stop its generator."""
+        rt = self._rt
+        task_state = rt.core.state_of(key)
+        if task_state is TaskState.WAITING or task_state is TaskState.READY:
+            events.append(CancelRequested(key))
+        elif task_state is TaskState.RUNNING:
+            worker_id = rt.core.worker_of(key)
+            worker = rt._worker(worker_id) if worker_id is not None else None
+            if worker is not None:
+                rt._send_to(worker, [(Msg.STREAM_STOP, key)])
 
     # -- "sync" and "threads" ------------------------------------------------------------------
 

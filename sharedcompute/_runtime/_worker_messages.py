@@ -248,7 +248,7 @@ class WorkerMessages:
         elif kind == Msg.ACTOR_LEASE:
             self.actors._worker_actor_hold(worker, message[1], +1)
         elif kind == Msg.SUBMIT:
-            _, key, fn_key, fn_bytes, args_wire, dep_keys, options_wire, parent = message
+            _, key, fn_key, fn_bytes, args_wire, dep_keys, options_wire, parent, stream = message
             args_ref = ref_from_wire(args_wire)
             options = options_from_wire(options_wire)
             self._hold_function(key, fn_key, fn_bytes, options.name or str(key))
@@ -256,11 +256,13 @@ class WorkerMessages:
             if isinstance(args_ref, (StoredObject, RemoteObject)):
                 self._args_refs[key] = args_ref
             worker.held_keys.add(key)
+            if stream is not None:  # a generator task: its items go on to this client
+                self.streams.submitted_by(worker, key, stream)
             events.append(TaskSubmitted(
                 key, dep_keys, task_resources(options),
                 options.max_retries, options.retry_exceptions,
-                TaskSpec(fn_key, args_ref, options.name or str(key), parent), parent=parent,
-                short=fn_key in self._short_functions, env=options.runtime_env,
+                TaskSpec(fn_key, args_ref, options.name or str(key), parent, stream),
+                parent=parent, short=fn_key in self._short_functions, env=options.runtime_env,
             ))
         elif kind == Msg.SUBMIT_CALL:
             _, key, actor_id, class_name, method, args_wire, dep_keys = message
@@ -279,6 +281,10 @@ class WorkerMessages:
             ))
         elif kind == Msg.YIELD:
             self.streams.on_yield(worker, message, events)
+        elif kind == Msg.STREAM_ACK:  # from a client reading a stream it submitted
+            self.streams.client_ack(message[1], message[2])
+        elif kind == Msg.STREAM_STOP:
+            self.streams.client_stop(message[1], events)
         elif kind == Msg.PUT:
             ref = ref_from_wire(message[2])
             self.store.adopt(ref)

@@ -45,6 +45,7 @@ from sharedcompute._runtime._base import (
     options_to_wire,
 )
 from sharedcompute._runtime._future import Future, ValueRef
+from sharedcompute._runtime._stream import StreamClient, StreamState
 from sharedcompute._serialization import deserialize, serialize
 from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
 from sharedcompute._worker._heap import IDLE_TRIM_SECONDS, Heap
@@ -125,7 +126,7 @@ def _safe_str(exc: BaseException) -> str:
         return f"<{type(exc).__qualname__} whose str() failed>"
 
 
-class WorkerRuntime(QueuedActorHolds, RuntimeBase):
+class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
     """The runtime that code running inside a task sees."""
 
     needs_pump = True
@@ -172,6 +173,7 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
         self._waiting_lock = threading.Lock()  # counts and sends BLOCKED/UNBLOCKED, in order
         self.heap = Heap()
         self.streams = StreamControl()  # what the driver said of the streams running here
+        self._client_streams: dict[int, StreamState] = {}  # streams this worker's tasks read
 
     # -- the loop -------------------------------------------------------------------
 
@@ -334,6 +336,8 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
                     future.set_exception(payload)
             with self._progress:
                 self._progress.notify_all()
+        elif kind == Msg.STREAM_ITEM:
+            self.stream_item(message)
         elif kind == Msg.STREAM_ACK or kind == Msg.STREAM_STOP:
             if kind == Msg.STREAM_ACK:
                 self.streams.ack(message[1], message[2])
@@ -505,7 +509,7 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
 
     def submit(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-        options: TaskOptions,
+        options: TaskOptions, stream: StreamState | None = None,
     ) -> Future[Any]:
         env = self.task_env(options)  # before anything is stored: it may raise
         args_ref, deps = self.prepare_args(args, kwargs)
@@ -514,11 +518,15 @@ class WorkerRuntime(QueuedActorHolds, RuntimeBase):
         name = options.name or getattr(fn, "__qualname__", "") or type(fn).__name__
         future: Future[Any] = Future(self, key, name)
         self._futures[key] = future
+        if stream is not None:  # a generator: the head forwards its items (STREAM_ITEM)
+            stream.key = key
+            self._client_streams[key] = stream
         # From any thread of the task: its children are what it may wait for.
         parent = self._stack[-1] if self._stack else None
         self._send((
             Msg.SUBMIT, key, fn_key, fn_bytes, ref_to_wire(args_ref),
             tuple(deps), options_to_wire(options, env, name), parent,
+            None if stream is None else stream.backpressure,
         ))
         return future
 
