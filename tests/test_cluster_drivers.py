@@ -123,11 +123,19 @@ def test_a_driver_process_streams_a_generator_on_a_node(cluster: Cluster) -> Non
         taken = [forever.next(timeout=60).result(60) for _ in range(3)]
         task = forever.task
         del forever
+        @sc.remote
+        class Counter:
+            def upto(self, n):
+                yield from range(n)
+
+        counter = Counter.options(node={node}).remote()
+        counted = [f.result(60) for f in counter.upto.remote(3)]
         print(json.dumps({{"firsts": firsts, "summed": summed, "count": count,
-                          "none": broken, "taken": taken, "stopped": task.result(60) >= 3}}))
+                          "none": broken, "taken": taken, "stopped": task.result(60) >= 3,
+                          "actor": counted}}))
     """)
     assert said == {"firsts": [0, 1, 2, 3], "summed": 3.0 * MiB, "count": 4, "none": [],
-                    "taken": [0, 1, 2], "stopped": True}
+                    "taken": [0, 1, 2], "stopped": True, "actor": [0, 1, 2]}
     wait_until(lambda: cluster.node(node)["store_used"] == 0, TIMEOUT, "the node frees it all")
 
 

@@ -238,3 +238,46 @@ def test_a_task_streams_a_generator_it_submits(runtime: sc.Runtime, tmp_path: Pa
     wait_until(lambda: Path(log + ".end").exists(), what="the inner generator closed")
     store = runtime.store
     wait_until(lambda: store.stats()["used_bytes"] == 0, what="its items freed")
+
+
+@sc.remote
+class Source:
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.calls = 0
+
+    def count(self, n: int) -> Any:
+        self.calls += 1
+        for i in range(n):
+            yield self.base + i
+        if n < 0:
+            raise ValueError("n < 0")
+
+    def broken(self) -> Any:
+        yield self.base
+        raise ValueError("the actor's generator broke")
+
+    def how_many_calls(self) -> int:
+        return self.calls
+
+
+def read_actor_stream(actor: Any, n: int) -> list[int]:
+    return [f.result() for f in actor.count.options(generator_backpressure=1).remote(n)]
+
+
+def test_an_actor_generator_method_streams(runtime: sc.Runtime) -> None:
+    actor = Source.remote(100)
+    stream = actor.count.remote(4)
+    assert isinstance(stream, sc.FutureStream)
+    assert [f.result(timeout=TIMEOUT) for f in stream] == [100, 101, 102, 103]
+    assert [f.result(timeout=TIMEOUT)
+            for f in actor.count.options(generator_backpressure=1).remote(3)] == [100, 101, 102]
+    futures = list(actor.broken.remote())
+    assert futures[0].result(timeout=TIMEOUT) == 100
+    with pytest.raises(ValueError, match="broke"):
+        futures[1].result(timeout=TIMEOUT)
+    # Calls still run in order, the actor's state kept; a task reads the actor's stream too.
+    assert sc.submit(read_actor_stream, actor, 3).result(timeout=TIMEOUT) == [100, 101, 102]
+    assert actor.how_many_calls.remote().result(timeout=TIMEOUT) == 3
+    with pytest.raises(ValueError, match="num_returns"):
+        actor.count.options(num_returns=2).remote(2)

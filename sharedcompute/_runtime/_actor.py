@@ -101,33 +101,55 @@ class ActorClass(Generic[T]):
         return f"<sharedcompute actor class {self.__qualname__}>"
 
 
-def public_methods(cls: type) -> dict[str, bool]:
-    """Callable public attributes of ``cls``, each mapped to whether it is a coroutine."""
+def public_methods(cls: type) -> dict[str, str]:
+    """Callable public attributes of ``cls``, each mapped to its kind: "coroutine",
+    "generator" (its calls stream their items) or "function"."""
     methods = {}
     for name, value in inspect.getmembers(cls):
         if name.startswith("__") or not callable(value):
             continue
-        methods[name] = inspect.iscoroutinefunction(value)
+        methods[name] = (
+            "coroutine" if inspect.iscoroutinefunction(value)
+            else "generator" if inspect.isgeneratorfunction(value) else "function"
+        )
     return methods
 
 
 class ActorMethod:
-    __slots__ = ("_handle", "_name", "_num_returns")
+    __slots__ = ("_backpressure", "_handle", "_name", "_num_returns")
 
-    def __init__(self, handle: ActorHandle, name: str, num_returns: int = 1) -> None:
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int = 1,
+                 generator_backpressure: int = 0) -> None:
         self._handle = handle
         self._name = name
         self._num_returns = num_returns
+        self._backpressure = generator_backpressure
 
-    def options(self, *, num_returns: int = 1) -> ActorMethod:
-        """This method with ``num_returns=N``: its calls give N Futures."""
+    def options(self, *, num_returns: int = 1, generator_backpressure: int = 0) -> ActorMethod:
+        """This method with ``num_returns=N`` (its calls give N Futures), or, for a
+        generator method, ``generator_backpressure=N`` (it pauses while N items of a
+        call are unconsumed)."""
         from sharedcompute._runtime._returns import check_num_returns
 
-        return ActorMethod(self._handle, self._name, check_num_returns(num_returns))
+        if (not isinstance(generator_backpressure, int) or isinstance(generator_backpressure, bool)
+                or generator_backpressure < 0):
+            raise ValueError("generator_backpressure must be an int >= 0 (0: no limit), "
+                             f"got {generator_backpressure!r}")
+        return ActorMethod(self._handle, self._name, check_num_returns(num_returns),
+                           generator_backpressure)
 
-    def remote(self, *args: Any, **kwargs: Any) -> Future[Any]:
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Call it in the actor: a Future (N of them with ``num_returns=N``); a generator
+        method streams (a ``FutureStream`` of its items' Futures)."""
         handle = self._handle
         runtime = handle._runtime()
+        if handle._methods.get(self._name) == "generator":
+            if self._num_returns != 1:
+                raise ValueError(f"{handle._class_name}.{self._name} is a generator method: it "
+                                 "streams its items (a FutureStream), so num_returns does not "
+                                 "apply")
+            return runtime.submit_actor_stream(handle._actor_id, handle._class_name,
+                                               self._name, args, kwargs, self._backpressure)
         future: Future[Any] = runtime.submit_actor_call(
             handle._actor_id, handle._class_name, self._name, args, kwargs
         )
@@ -135,7 +157,7 @@ class ActorMethod:
             return future
         from sharedcompute._runtime._returns import split
 
-        return split(runtime, future, self._num_returns,  # type: ignore[return-value]
+        return split(runtime, future, self._num_returns,
                      f"{handle._class_name}.{self._name}")
 
     submit = remote
@@ -150,7 +172,7 @@ class ActorHandle:
     """A reference to a running actor; attribute access gives its methods."""
 
     def __init__(
-        self, runtime: Any, actor_id: int, class_name: str, methods: dict[str, bool]
+        self, runtime: Any, actor_id: int, class_name: str, methods: dict[str, str]
     ) -> None:
         self._runtime_ref = runtime
         self._actor_id = actor_id
@@ -192,7 +214,7 @@ class ActorHandle:
         return hash(self._actor_id)
 
 
-def _rebuild_handle(actor_id: int, class_name: str, methods: dict[str, bool]) -> ActorHandle:
+def _rebuild_handle(actor_id: int, class_name: str, methods: dict[str, str]) -> ActorHandle:
     runtime: Any = _context.current()
     if runtime is None:
         raise RuntimeError("an actor handle can only be unpickled in a sharedcompute process")

@@ -45,6 +45,7 @@ from sharedcompute.errors import ActorDiedError
 if TYPE_CHECKING:
     from sharedcompute._runtime._driver import Runtime
     from sharedcompute._runtime._pool import WorkerSlot
+    from sharedcompute._runtime._stream import StreamState
 
 
 @dataclass(eq=False)
@@ -56,7 +57,7 @@ class ActorRecord:
     cls_bytes: bytes
     args_ref: ObjectRef
     dep_keys: tuple[int, ...]
-    methods: dict[str, bool]
+    methods: dict[str, str]
     restarts_left: int
     # The constructor's Future arguments, held so their values outlive the caller's
     # Futures: every (re)start of the actor needs them.
@@ -88,6 +89,7 @@ class ActorCallSpec:
     method: str
     args_ref: ObjectRef
     name: str
+    stream: int | None = None  # a generator method's backpressure; None: not one
 
 
 class ActorManager:
@@ -157,7 +159,7 @@ class ActorManager:
     def create_for_client(
         self, client: WorkerSlot, actor_id: int, cls_key: bytes, cls_bytes: bytes,
         args_ref: ObjectRef, dep_keys: tuple[int, ...], options: ActorOptions, class_name: str,
-        methods: dict[str, bool],
+        methods: dict[str, str],
     ) -> None:
         """``create_actor`` for a driver connected to this head (lock held).
 
@@ -187,7 +189,7 @@ class ActorManager:
 
     def describe_for_client(
         self, client: WorkerSlot, name: str
-    ) -> tuple[int, str, dict[str, bool]]:
+    ) -> tuple[int, str, dict[str, str]]:
         """``get_actor`` for a driver connected to this head: the handle's parts (lock held)."""
         actor_id = self._actor_names.get(name)
         record = self._actor_records.get(actor_id) if actor_id is not None else None
@@ -281,7 +283,7 @@ class ActorManager:
 
     def submit_actor_call(
         self, actor_id: int, class_name: str, method: str,
-        args: tuple[Any, ...], kwargs: dict[str, Any],
+        args: tuple[Any, ...], kwargs: dict[str, Any], stream: StreamState | None = None,
     ) -> Future[Any]:
         record = self._actor_records.get(actor_id)
         args_ref, deps = self.rt.prepare_args(args, kwargs)
@@ -291,10 +293,13 @@ class ActorManager:
         retries = record.options.max_task_retries if record is not None else 0
         event = TaskSubmitted(
             key, tuple(deps), UNIT, retries if retries >= 0 else 1 << 30, False,
-            ActorCallSpec(method, args_ref, name), actor=actor_id,
+            ActorCallSpec(method, args_ref, name,
+                          None if stream is None else stream.backpressure), actor=actor_id,
         )
         with self.rt._lock:
             self.rt._futures[key] = future
+            if stream is not None:  # before the actor can answer: its items find it
+                self.rt.streams.register(key, stream)
             if type(args_ref) is StoredObject:
                 self.rt._args_refs[key] = args_ref
             events: list[Event] = self.rt._register_dependencies(deps) if deps else []

@@ -190,6 +190,14 @@ class RuntimeBase:
         read meanwhile (a runtime with ``needs_pump`` reads only in the waiting thread)."""
         raise NotImplementedError
 
+    def submit_actor_stream(self, actor_id: int, class_name: str, method: str,
+                            args: tuple[Any, ...], kwargs: dict[str, Any],
+                            backpressure: int) -> FutureStream[Any]:
+        """Call an actor's generator method: a stream of its items (``_stream``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot call generator methods of actors as streams yet"
+        )
+
     def stream_taken(self, state: StreamState) -> None:
         """The user took an item of a stream with backpressure (tell its generator)."""
 

@@ -436,6 +436,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         if type(spec) is ActorCallSpec:
             outbox[instruction.worker].append((
                 Msg.CALL, instruction.key, spec.method, ref_to_wire(spec.args_ref), deps, spec.name,
+                spec.stream,
             ))
             return
         known, forget = worker.functions.use(spec.fn_key)
@@ -787,6 +788,13 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], options: ActorOptions
     ) -> ActorHandle:
         return self.actors.create_actor(cls, args, kwargs, options)
+
+    def submit_actor_stream(
+        self, actor_id: int, class_name: str, method: str, args: tuple[Any, ...],
+        kwargs: dict[str, Any], backpressure: int,
+    ) -> FutureStream[Any]:
+        return self.streams.submit_actor(actor_id, class_name, method, args, kwargs,
+                                         backpressure)
 
     def submit_actor_call(
         self, actor_id: int, class_name: str, method: str, args: tuple[Any, ...],

@@ -124,6 +124,24 @@ class StreamState:
         return lambda: self.arrived != arrived or self.end is not None
 
 
+def open_stream(runtime: RuntimeBase, task: Future[Any], state: StreamState,
+                registry: dict[int, StreamState]) -> FutureStream[Any]:
+    """The stream of a generator task just submitted as ``task``: it ends when the task
+    does (with its error, if any), and leaves ``registry`` (where its items are routed)."""
+
+    def ended(future: concurrent.futures.Future[Any]) -> None:
+        registry.pop(state.key, None)
+        if future.cancelled():
+            state.finish(concurrent.futures.CancelledError(f"stream {state.name!r} was cancelled"))
+        else:
+            state.finish(future.exception())
+
+    ended.inline = True  # type: ignore[attr-defined]  # the runtime's own: never deferred
+    task.add_done_callback(ended)
+    runtime.watch(task)  # its end comes as the task's answer, after its items
+    return FutureStream(runtime, task, state)
+
+
 class StreamClient:
     """Streams of a runtime whose tasks the head runs: a worker's nested tasks, a driver
     connected to a cluster. The head forwards each item (``STREAM_ITEM``: the key, the
@@ -136,6 +154,9 @@ class StreamClient:
         def submit(self, fn: Callable[..., Any], args: tuple[Any, ...],
                    kwargs: dict[str, Any], options: TaskOptions,
                    stream: StreamState | None = None) -> Future[Any]: ...
+        def submit_actor_call(self, actor_id: int, class_name: str, method: str,
+                              args: tuple[Any, ...], kwargs: dict[str, Any],
+                              stream: StreamState | None = None) -> Future[Any]: ...
         def _queue_control(self, message: tuple[Any, ...]) -> None: ...
         def watch(self, future: Future[Any]) -> None: ...
 
@@ -147,19 +168,14 @@ class StreamClient:
             raise ValueError(f"a streaming task submitted here runs on the cluster's workers, "
                              f"not with scheduler={options.scheduler!r}")
         task = self.submit(fn, args, kwargs, options, stream=state)
-        streams = self._client_streams
+        return open_stream(self, task, state, self._client_streams)  # type: ignore[arg-type]
 
-        def ended(future: concurrent.futures.Future[Any]) -> None:
-            streams.pop(state.key, None)
-            if future.cancelled():
-                state.finish(concurrent.futures.CancelledError(f"stream {name!r} was cancelled"))
-            else:
-                state.finish(future.exception())
-
-        ended.inline = True  # type: ignore[attr-defined]
-        task.add_done_callback(ended)
-        self.watch(task)  # its end comes as the task's answer, after its items
-        return FutureStream(self, task, state)  # type: ignore[arg-type]
+    def submit_actor_stream(self, actor_id: int, class_name: str, method: str,
+                            args: tuple[Any, ...], kwargs: dict[str, Any],
+                            backpressure: int) -> FutureStream[Any]:
+        state = StreamState(0, f"{class_name}.{method}", backpressure)
+        task = self.submit_actor_call(actor_id, class_name, method, args, kwargs, stream=state)
+        return open_stream(self, task, state, self._client_streams)  # type: ignore[arg-type]
 
     def stream_item(self, message: tuple[Any, ...]) -> None:
         """The head forwards an item of a stream of ours."""

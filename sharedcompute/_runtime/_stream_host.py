@@ -25,7 +25,6 @@ generator runs a step at a time in the thread that asks for the next item.
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from sharedcompute._runtime._args import extract_dependencies, restore_dependenc
 from sharedcompute._runtime._base import TaskOptions, future_or_none
 from sharedcompute._runtime._future import Future, ValueRef, when_all_done
 from sharedcompute._runtime._local import dependency_values, run_inline
-from sharedcompute._runtime._stream import FutureStream, StreamState
+from sharedcompute._runtime._stream import FutureStream, StreamState, open_stream
 from sharedcompute._scheduler import CancelRequested, Event, ObjectPut, TaskState
 from sharedcompute._store import ref_from_wire, ref_to_wire
 
@@ -76,17 +75,15 @@ class StreamHost:
             task = rt._submit_process(fn, args, kwargs, options, name, stream=state)
         else:
             task = self._submit_here(fn, args, kwargs, scheduler, state)
+        return open_stream(rt, task, state, self.states)
 
-        def ended(future: concurrent.futures.Future[Any]) -> None:
-            self.states.pop(state.key, None)
-            if future.cancelled():
-                state.finish(concurrent.futures.CancelledError(f"stream {name!r} was cancelled"))
-            else:
-                state.finish(future.exception())
-
-        ended.inline = True  # type: ignore[attr-defined]  # the runtime's own: never deferred
-        task.add_done_callback(ended)
-        return FutureStream(rt, task, state)
+    def submit_actor(self, actor_id: int, class_name: str, method: str,
+                     args: tuple[Any, ...], kwargs: dict[str, Any],
+                     backpressure: int) -> FutureStream[Any]:
+        state = StreamState(0, f"{class_name}.{method}", backpressure)
+        task = self._rt.actors.submit_actor_call(actor_id, class_name, method, args, kwargs,
+                                                 stream=state)
+        return open_stream(self._rt, task, state, self.states)
 
     def register(self, key: int, state: StreamState) -> None:
         """A generator task was just submitted as ``key`` (runtime's lock held)."""

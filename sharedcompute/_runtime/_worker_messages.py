@@ -265,7 +265,7 @@ class WorkerMessages:
                 parent=parent, short=fn_key in self._short_functions, env=options.runtime_env,
             ))
         elif kind == Msg.SUBMIT_CALL:
-            _, key, actor_id, class_name, method, args_wire, dep_keys = message
+            _, key, actor_id, class_name, method, args_wire, dep_keys, stream = message
             args_ref = ref_from_wire(args_wire)
             self.store.adopt(args_ref)
             if isinstance(args_ref, (StoredObject, RemoteObject)):
@@ -275,9 +275,12 @@ class WorkerMessages:
             retries = record.options.max_task_retries if record is not None else 0
             if record is None:
                 events.append(ActorFailed(actor_id, ActorDiedError(f"actor {actor_id} is unknown")))
+            if stream is not None:  # a generator method: its items go on to this client
+                self.streams.submitted_by(worker, key, stream)
             events.append(TaskSubmitted(
                 key, dep_keys, UNIT, retries if retries >= 0 else 1 << 30, False,
-                ActorCallSpec(method, args_ref, f"{class_name}.{method}"), actor=actor_id,
+                ActorCallSpec(method, args_ref, f"{class_name}.{method}", stream),
+                actor=actor_id,
             ))
         elif kind == Msg.YIELD:
             self.streams.on_yield(worker, message, events)

@@ -76,10 +76,10 @@ class ActorHost:
             self._call(message, True)
 
     def _call(self, message: tuple[Any, ...], on_main: bool) -> None:
-        _, key, method, args_wire, dep_refs, name = message
+        _, key, method, args_wire, dep_refs, name, stream = message
         self.runtime._execute(
             key, lambda: getattr(self.instance, method), args_wire, dep_refs, name, method,
-            on_main=on_main,
+            on_main=on_main, stream=stream,
         )
 
     # -- coroutine methods ----------------------------------------------------------------
@@ -112,7 +112,7 @@ class ActorHost:
     async def _call_async(self, message: tuple[Any, ...]) -> None:
         from sharedcompute._worker._main import pack_error
 
-        _, key, method, args_wire, dep_refs, name = message
+        _, key, method, args_wire, dep_refs, name, _ = message
         runtime = self.runtime
         assert self._limit is not None
         async with self._limit:

@@ -540,14 +540,18 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
 
     def submit_actor_call(
         self, actor_id: int, class_name: str, method: str, args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        kwargs: dict[str, Any], stream: StreamState | None = None,
     ) -> Future[Any]:
         args_ref, deps = self.prepare_args(args, kwargs)
         key = self._next_key()
         future: Future[Any] = Future(self, key, f"{class_name}.{method}")
         self._futures[key] = future
+        if stream is not None:  # a generator method: the head forwards its items
+            stream.key = key
+            self._client_streams[key] = stream
         self._send((
             Msg.SUBMIT_CALL, key, actor_id, class_name, method, ref_to_wire(args_ref), tuple(deps),
+            None if stream is None else stream.backpressure,
         ))
         return future
 
