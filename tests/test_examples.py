@@ -29,6 +29,14 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             "caught: ValueError(",
         ],
     ),
+    "streaming.py": (
+        [],
+        [
+            "(the reader is still running: True)",
+            "8 blocks of 32 MB streamed and summarised in",
+            "standard deviation of every block within 0.01 of 1: True",
+        ],
+    ),
     "numpy_pipeline.py": (
         [],
         [
