@@ -11,7 +11,10 @@ runs it):
 - ``submit`` never raises for a value that cannot be pickled: the Future carries
   the error, as the stdlib's does; it raises ``RuntimeError`` after ``shutdown``
   or once the interpreter is exiting, and the executor's error once it is broken;
-- ``map(chunksize=)`` sends items in chunks of that size, one task each;
+- ``map(chunksize=)`` sends items in chunks of that size, one task each; without
+  one, tiny calls are batched as ``sc.map`` batches them (learnt as they go; each
+  item keeps its Future, error and order), unless ``max_tasks_per_child`` counts
+  tasks (a batch would count as one);
 - ``shutdown(wait, cancel_futures)``: ``cancel_futures`` cancels every task not
   started yet, those already queued on a worker included; ``wait=False`` returns
   at once and the runtime closes when its work is done;
@@ -29,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
@@ -82,6 +86,7 @@ class Executor(concurrent.futures.Executor):
                 num_workers=max_workers, initializer=initializer, initargs=initargs,
                 max_tasks_per_child=max_tasks_per_child, **runtime_options,
             )
+        self._max_tasks_per_child = max_tasks_per_child
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         # Dropped without shutdown(): close when its work is done, as the stdlib's does.
@@ -118,12 +123,32 @@ class Executor(concurrent.futures.Executor):
         """Like ``ProcessPoolExecutor.map``: ``chunksize`` items go to a worker per task."""
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        runtime = self._runtime
+        if (chunksize == 1 and isinstance(runtime, Runtime) and self._max_tasks_per_child is None
+                and runtime._default_scheduler() == "processes"):
+            return self._batched_map(runtime, fn, list(zip(*iterables, strict=False)), timeout)
         if chunksize == 1:
             return super().map(fn, *iterables, timeout=timeout)
         chunks = super().map(
             _ChunkRunner(fn), _chunks(zip(*iterables, strict=False), chunksize), timeout=timeout
         )
         return itertools.chain.from_iterable(chunks)
+
+    def _batched_map(self, runtime: Runtime, fn: Callable[..., R], items: list[tuple[Any, ...]],
+                     timeout: float | None) -> Iterator[R]:
+        """``map`` as the stdlib's (every item submitted now, results in order, what is left
+        cancelled when the iterator is dropped), its tiny calls in batches."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._shutdown_lock:
+            if _exiting:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            try:
+                futures = runtime.batched_map(fn, items, _DEFAULT_OPTIONS)
+            except SerializationError:  # one at a time: each Future carries its own error
+                futures = [self.submit(fn, *args) for args in items]
+        return _results(futures, end)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
@@ -135,6 +160,21 @@ class Executor(concurrent.futures.Executor):
             _close_when_idle(self._runtime)
         else:
             _close_later(self._runtime)
+
+
+def _results(futures: list[Future[R]], end: float | None) -> Iterator[R]:
+    """Each result in order, as ``Executor.map``'s iterator yields them (CPython's
+    ``result_iterator``): the rest cancelled if it is closed or a result raises."""
+    futures.reverse()  # popped from the end: a result is not held once yielded
+    try:
+        while futures:
+            if end is None:
+                yield futures.pop().result()
+            else:
+                yield futures.pop().result(end - time.monotonic())
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 class _ChunkRunner:

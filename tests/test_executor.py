@@ -146,3 +146,71 @@ def test_tasks_queued_behind_large_ones_are_still_withdrawn() -> None:
     assert head.result(timeout=0) == 0
     ran = [f for f in queued if not f.cancelled()]
     assert len(ran) <= 2, f"{len(ran)} of 15 queued tasks ran after their withdrawal"
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def picky(x: int) -> int:
+    if x == 1234:
+        raise KeyError(x)
+    return x
+
+
+def test_map_batches_tiny_calls_yet_keeps_each_result_and_error() -> None:
+    with sc.Executor(2) as executor:
+        runtime = executor.runtime
+        submitted: list[Any] = []
+        submit = runtime.submit
+
+        def counted(fn: Any, *rest: Any) -> Any:
+            submitted.append(fn)
+            return submit(fn, *rest)
+
+        runtime.submit = counted  # type: ignore[method-assign]
+        assert list(executor.map(inc, range(2000), timeout=TIMEOUT)) == list(range(1, 2001))
+        assert len(submitted) < 100  # batches, not a task an item
+        results = executor.map(picky, range(2000), timeout=TIMEOUT)
+        assert [next(results) for _ in range(1234)] == list(range(1234))
+        with pytest.raises(KeyError):  # as the stdlib's: the failing item raises, in order
+            next(results)
+        # An explicit chunksize is honoured as before.
+        assert list(executor.map(inc, range(100), chunksize=7)) == list(range(1, 101))
+
+
+def test_shutdown_right_after_a_batched_map_finishes_every_item() -> None:
+    executor = sc.Executor(2)
+    executor.map(inc, range(300))  # warm: the function's speed is known
+    results = executor.map(slow_square, [b"ab"] * 40, [0.01] * 40)  # 0.4 s of work
+    executor.shutdown(wait=True)
+    assert list(results) == [2] * 40
+
+
+def test_shutdown_with_cancel_futures_cancels_the_items_not_sent() -> None:
+    executor = sc.Executor(1)
+    assert list(executor.map(slow_square, [b"a"] * 3, [0.0] * 3)) == [1] * 3
+    futures_seen: list[Any] = []
+    batched = executor.runtime.batched_map
+
+    def keep(*args: Any) -> Any:
+        futures = batched(*args)
+        futures_seen.extend(futures)
+        return futures
+
+    executor.runtime.batched_map = keep  # type: ignore[method-assign]
+    executor.map(slow_square, [b"a"] * 200, [0.01] * 200)
+    time.sleep(0.1)
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert len(futures_seen) == 200 and all(f.done() for f in futures_seen)
+    assert sum(f.cancelled() for f in futures_seen) > 100  # most never ran
+
+
+def test_map_with_max_tasks_per_child_runs_a_task_an_item() -> None:
+    with sc.Executor(1, max_tasks_per_child=2) as executor:
+        pids = list(executor.map(getpid_of, range(6), timeout=TIMEOUT))
+    assert len(set(pids)) == 3  # a worker per 2 tasks: each item was a task
+
+
+def getpid_of(_: int) -> int:
+    return os.getpid()

@@ -71,12 +71,27 @@ def test_a_result_of_the_wrong_length_fails_every_part_saying_so() -> None:
             assert "tuple of 3 values" in message
 
 
-def test_a_failed_task_fails_every_part_with_its_error_as_cause() -> None:
+def test_a_failed_task_fails_every_part_with_its_own_error() -> None:
+    """As each of Ray's refs raises the task's error: its type, its remote traceback."""
     with sc.Runtime(num_workers=1):
-        for part in broken.submit():
-            with pytest.raises(DependencyFailedError) as raised:
+        parts = broken.submit()
+        for part in parts:
+            with pytest.raises(KeyError) as raised:
                 part.result(timeout=TIMEOUT)
-            assert isinstance(raised.value.__cause__, KeyError)
+            assert "broken" in str(raised.value.__cause__)  # the remote traceback
+        # A task that takes a part still sees a dependency that failed.
+        with pytest.raises(DependencyFailedError) as raised:
+            sc.submit(str, parts[0]).result(timeout=TIMEOUT)
+        assert isinstance(raised.value.__cause__, KeyError)
+
+
+def test_a_failed_task_fails_every_part_from_inside_a_task_too() -> None:
+    with sc.Runtime(num_workers=2):
+        assert sc.submit(part_errors).result(timeout=TIMEOUT) == ["KeyError", "KeyError"]
+
+
+def part_errors() -> list[str]:
+    return [type(part.exception()).__name__ for part in broken.submit()]
 
 
 def test_actor_methods_take_num_returns_too() -> None:

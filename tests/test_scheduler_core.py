@@ -409,6 +409,17 @@ SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[Any, list[tuple[Any, ...]]]]
             (TaskReturned(0, 2), []),  # the worker skipped it: nothing left to do
         ],
     ),
+    "pass_errors: a failed dependency fails it with that error itself (num_returns parts)": (
+        {"cpus": 1, "workers": 1},
+        [
+            (submit(1), [dispatch(0, 1)]),
+            (submit(2, 1, pass_errors=True), []),
+            (submit(3, 1), []),
+            (TaskFailed(1, 0, KeyError("x")), [reject(1, KeyError),
+                                               reject(3, DependencyFailedError),
+                                               reject(2, KeyError)]),
+        ],
+    ),
     "chain: a dependency retried after an exception; the queued task waits for it again": (
         {"cpus": 2, "workers": 2},
         [

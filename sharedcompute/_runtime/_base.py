@@ -52,13 +52,15 @@ class TaskOptions:
     num_returns: int = 1  # >1: the result is split into that many Futures (_returns)
     # A generator task pauses while this many of its items are unconsumed (0: never).
     generator_backpressure: int = 0
+    pass_errors: bool = False  # a failed dependency fails it with its own error (_returns)
 
 
 def options_to_wire(options: TaskOptions, env: Env | None, name: str = "") -> tuple[Any, ...]:
     """The options as a SUBMIT carries them: ``env`` resolved, ``name`` the task's."""
     return (
         options.num_cpus, options.resources, options.max_retries, options.retry_exceptions,
-        options.scheduler, name or options.name, options.node, env,
+        options.scheduler, name or options.name, options.node, env, options.num_returns,
+        options.generator_backpressure, options.pass_errors,
     )
 
 

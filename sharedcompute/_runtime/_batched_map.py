@@ -20,6 +20,11 @@ from submit to done: an upper bound) and from every batch after, per function, s
 An item cancelled before its batch finishes stays cancelled (its call may still run, as an
 item in ``ProcessPoolExecutor``'s call queue does); a batch that fails as a whole (its worker
 crashed past its retries, the runtime shut down) fails or cancels each of its items.
+
+The items of every ``map`` not settled yet are kept (``_maps``: one list of Futures a map,
+dropped once all are done): the scheduler knows only the batches sent, so the runtime's
+``wait_idle`` asks here what else is pending (``pending``), and its ``cancel_pending``
+cancels the items not sent yet (``cancel_unsent``), as ``Executor.shutdown`` needs.
 """
 
 from __future__ import annotations
@@ -72,6 +77,23 @@ class BatchedMap:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
         self._seconds: dict[Any, float] = {}  # fn -> seconds a call took (most recent)
+        self._maps: list[list[Future[Any]]] = []  # each map's items, while any is pending
+        self._feeds: list[_Feed] = []  # each map's items not sent yet
+        self._lock = threading.Lock()
+
+    def pending(self) -> list[Future[Any]]:
+        """The items not settled yet, of every map (the maps all done are forgotten)."""
+        with self._lock:
+            self._maps = [items for items in self._maps if not all(f.done() for f in items)]
+            self._feeds = [feed for feed in self._feeds if not feed.sent_all()]
+            return [f for items in self._maps for f in items if not f.done()]
+
+    def cancel_unsent(self) -> None:
+        """Cancel the items no batch has taken yet (``shutdown(cancel_futures=True)``)."""
+        with self._lock:
+            feeds = list(self._feeds)
+        for feed in feeds:
+            feed.cancel_rest()
 
     def map(self, fn: Callable[..., Any], items: list[tuple[Any, ...]],
             options: TaskOptions) -> list[Future[Any]]:
@@ -84,6 +106,8 @@ class BatchedMap:
         if seconds is None:  # probes: the first items alone, their time tells the rest
             probes = [rt.submit(fn, args, {}, options) for args in items[:workers]]
             waiting = self._externals(len(items) - workers, name)
+            with self._lock:
+                self._maps.append(waiting)
             remaining = items[workers:]
             left = [len(probes)]
 
@@ -97,6 +121,8 @@ class BatchedMap:
                 probe.add_done_callback(probed)
             return probes + waiting
         waiting = self._externals(len(items), name)
+        with self._lock:
+            self._maps.append(waiting)
         self._dispatch(fn, items, waiting, options)
         return waiting
 
@@ -106,7 +132,10 @@ class BatchedMap:
 
     def _dispatch(self, fn: Callable[..., Any], items: list[tuple[Any, ...]],
                   futures: list[Future[Any]], options: TaskOptions) -> None:
-        _Feed(self, fn, items, futures, options).pump()
+        feed = _Feed(self, fn, items, futures, options)
+        with self._lock:
+            self._feeds.append(feed)
+        feed.pump()
 
     def _learn(self, fn: Any, seconds: list[float], calls: int) -> None:
         """Remember a call's time: the longest of these runs, over the calls each made."""
@@ -175,6 +204,15 @@ class _Feed:
         self._in_flight = 0
         self._lock = threading.Lock()
 
+    def sent_all(self) -> bool:
+        return self._next >= len(self._items)
+
+    def cancel_rest(self) -> None:
+        with self._lock:
+            rest, self._next = self._futures[self._next:], len(self._items)
+        for future in rest:
+            future._cancel_now()
+
     def pump(self) -> None:
         rt = self._mapper._rt
         workers = max(rt.num_workers, 1)
@@ -211,9 +249,6 @@ class _Feed:
             if not batch.cancelled():
                 self.pump()
             else:  # the runtime is going: what was not sent is cancelled with it
-                with self._lock:
-                    rest, self._next = self._futures[self._next:], len(self._items)
-                for future in rest:
-                    future._cancel_now()
+                self.cancel_rest()
 
         return finished

@@ -577,7 +577,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
             key, tuple(deps), resources, options.max_retries, options.retry_exceptions,
             TaskSpec(fn_key, args_ref, name,
                      stream=None if stream is None else stream.backpressure),
-            short=fn_key in self._short_functions, env=env,
+            short=fn_key in self._short_functions, env=env, pass_errors=options.pass_errors,
         )
         self._lock.acquire()
         try:
@@ -758,6 +758,8 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
 
     def cancel_pending(self) -> None:
         """Cancel every task not started yet, those queued on workers included."""
+        if self._batched is not None:
+            self._batched.cancel_unsent()
         with self._lock:
             events: list[Event] = []
             for key in list(self._futures):
@@ -774,6 +776,8 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         while True:
             with self._lock:
                 pending = list(self._futures.values())
+            if self._batched is not None:  # sc.map's items that no batch has settled yet
+                pending += self._batched.pending()
             if not pending:
                 return
             concurrent.futures.wait(pending)

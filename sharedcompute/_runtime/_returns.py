@@ -5,8 +5,9 @@ The task runs as any other; then N small tasks each take one part of its result
 Future is a dependency like any other, on one machine or a cluster (a pick is short and
 follows its task onto the same worker: the core queues it right behind). A result that
 is not a sequence of N values fails every pick with an error naming the function, N and
-what came back; if the task fails, every part fails with it (``DependencyFailedError``,
-whose cause is the task's own error), as each of Ray's refs raises the task's error.
+what came back; if the task fails, every part fails with the task's own error (its type,
+its remote traceback: the picks pass their dependency's error on), as each of Ray's refs
+raises the task's error.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from sharedcompute._runtime._base import RuntimeBase, TaskOptions
 from sharedcompute._runtime._future import Future
 
-_PICK = TaskOptions(max_retries=0)
+_PICK = TaskOptions(max_retries=0, pass_errors=True)
 
 
 def pick(result: Any, index: int, count: int, function: str) -> Any:

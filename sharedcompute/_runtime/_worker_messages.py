@@ -263,6 +263,7 @@ class WorkerMessages:
                 options.max_retries, options.retry_exceptions,
                 TaskSpec(fn_key, args_ref, options.name or str(key), parent, stream),
                 parent=parent, short=fn_key in self._short_functions, env=options.runtime_env,
+                pass_errors=options.pass_errors,
             ))
         elif kind == Msg.SUBMIT_CALL:
             _, key, actor_id, class_name, method, args_wire, dep_keys, stream = message

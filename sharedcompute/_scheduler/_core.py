@@ -235,6 +235,7 @@ class SchedulerCore(ActorScheduling):
             short=event.short,
             env=event.env,
             name=getattr(event.payload, "name", ""),
+            pass_errors=event.pass_errors,
         )
         self._tasks[event.key] = task
         if event.env is not None:
@@ -654,8 +655,10 @@ class SchedulerCore(ActorScheduling):
         self._fail(task, self._dependency_error(task, failed))
 
     @staticmethod
-    def _dependency_error(task: Task, failed: Task) -> DependencyFailedError:
+    def _dependency_error(task: Task, failed: Task) -> BaseException:
         cause = failed.error
+        if task.pass_errors and cause is not None:
+            return cause
         # Name the root failure, not the whole chain of "did not run" messages before it.
         reason = getattr(cause, "reason", None) or f"{type(cause).__name__}: {cause}"
         verb = "was cancelled" if failed.state is TaskState.CANCELLED else "failed"

@@ -105,6 +105,9 @@ class TaskSubmitted:
     parent: TaskKey | None = None  # the task that submitted this one from inside a worker
     short: bool = False  # its function has run for under a millisecond before
     env: Any = None  # its runtime_env (hashable; None: none): runs only on a worker of that env
+    # A failed dependency fails it with that dependency's own error, not a
+    # DependencyFailedError (a num_returns part: Ray's refs all raise the task's error).
+    pass_errors: bool = False
 
 
 @dataclass(slots=True)

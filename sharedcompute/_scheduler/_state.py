@@ -40,6 +40,7 @@ class Task:
     withdrawing: bool = False  # asked to be dropped unrun from its worker's queue
     env: Any = None  # its runtime_env: it runs only on a worker started in the same one
     name: str | None = ""  # for reports (the payload goes once it ran); None: a value put
+    pass_errors: bool = False  # a dependency's error fails it as it is (TaskSubmitted)
 
 
 @dataclass(slots=True)
