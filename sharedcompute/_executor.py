@@ -165,7 +165,7 @@ class Executor(concurrent.futures.Executor):
 def _results(futures: list[Future[R]], end: float | None) -> Iterator[R]:
     """Each result in order, as ``Executor.map``'s iterator yields them (CPython's
     ``result_iterator``): the rest cancelled if it is closed or a result raises."""
-    futures.reverse()  # popped from the end: a result is not held once yielded
+    futures = futures[::-1]  # popped from the end: a result is not held once yielded
     try:
         while futures:
             if end is None:

@@ -124,7 +124,7 @@ class BatchedMap:
         with self._lock:
             self._maps.append(waiting)
         self._dispatch(fn, items, waiting, options)
-        return waiting
+        return list(waiting)  # the caller's to change; the feed keeps its own
 
     def _externals(self, count: int, name: str) -> list[Future[Any]]:
         rt = self._rt
