@@ -89,6 +89,29 @@ def test_an_item_is_a_dependency_like_any_future() -> None:
         assert sc.submit(_add, futures[10], futures[20]).result(timeout=TIMEOUT) == 32
 
 
+def test_items_leave_nothing_behind_in_the_scheduler() -> None:
+    """A map's items cost the scheduler nothing unless passed to a task, and then are
+    released like any Future once dropped."""
+    import gc
+
+    with sc.Runtime(num_workers=2) as rt:
+        futures = sc.map(_inc, range(1000))
+        passed = [sc.submit(_add, futures[i], 1) for i in range(0, 1000, 100)]
+        assert sc.gather(passed, timeout=TIMEOUT) == [i + 2 for i in range(0, 1000, 100)]
+        assert sc.gather(futures, timeout=TIMEOUT)[-1] == 1000
+        del futures, passed
+        gc.collect()
+
+        def empty() -> bool:
+            with rt._lock:
+                return not rt.core._tasks and not rt._registered_local
+
+        deadline = time.monotonic() + TIMEOUT
+        while not empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert empty(), (rt.core.counts(), len(rt._registered_local))
+
+
 def test_long_calls_still_run_one_a_task_on_every_worker() -> None:
     with sc.Runtime(num_workers=2) as rt:
         assert sc.gather(sc.map(_nap, range(12)), timeout=TIMEOUT) == list(range(12))

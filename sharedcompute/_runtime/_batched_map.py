@@ -21,10 +21,12 @@ An item cancelled before its batch finishes stays cancelled (its call may still 
 item in ``ProcessPoolExecutor``'s call queue does); a batch that fails as a whole (its worker
 crashed past its retries, the runtime shut down) fails or cancels each of its items.
 
-The items of every ``map`` not settled yet are kept (``_maps``: one list of Futures a map,
-dropped once all are done): the scheduler knows only the batches sent, so the runtime's
-``wait_idle`` asks here what else is pending (``pending``), and its ``cancel_pending``
-cancels the items not sent yet (``cancel_unsent``), as ``Executor.shutdown`` needs.
+The maps under way are kept: the items of a map whose probes run (``_probing``), and
+each map's ``_Feed`` until its last batch is settled (``_feeds``; then it is forgotten,
+and its items live only as long as their holders keep them). The scheduler knows only
+the batches sent, so the runtime's ``wait_idle`` asks here what else is pending
+(``pending``), and its ``cancel_pending`` cancels the items not sent yet
+(``cancel_unsent``), as ``Executor.shutdown`` needs.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sharedcompute._runtime._future import Future
+from sharedcompute._runtime._future import Future, pending_futures, settle_results
 from sharedcompute._runtime._timeline import BATCH_SUFFIX
 
 if TYPE_CHECKING:
@@ -49,6 +51,18 @@ LONG_S = 0.05  # a call this long runs alone
 SPREAD = 4  # at least this many batches per worker
 IN_FLIGHT = 2  # batches sent and not back yet, per worker
 _SEEN = 4096  # functions whose speed is remembered
+
+
+# Argument types that never stand for a dependency (a Future, a stored view): a batch of
+# calls with only these needs no walk through its arguments when it is submitted.
+_PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
+
+class _Calls(list):
+    """A batch's argument tuples, known to hold no dependency: a list of its own type, so
+    submitting it does not walk every argument looking for Futures (``_args``)."""
+
+    __slots__ = ()
 
 
 def _run_batch(fn: Callable[..., Any],
@@ -77,16 +91,19 @@ class BatchedMap:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
         self._seconds: dict[Any, float] = {}  # fn -> seconds a call took (most recent)
-        self._maps: list[list[Future[Any]]] = []  # each map's items, while any is pending
-        self._feeds: list[_Feed] = []  # each map's items not sent yet
+        self._probing: list[list[Future[Any]]] = []  # the items of maps that probe
+        self._feeds: set[_Feed] = set()  # the maps whose batches go out or run
         self._lock = threading.Lock()
 
     def pending(self) -> list[Future[Any]]:
-        """The items not settled yet, of every map (the maps all done are forgotten)."""
+        """The items not settled yet, of every map under way."""
         with self._lock:
-            self._maps = [items for items in self._maps if not all(f.done() for f in items)]
-            self._feeds = [feed for feed in self._feeds if not feed.sent_all()]
-            return [f for items in self._maps for f in items if not f.done()]
+            lists = [*self._probing, *(feed._futures for feed in self._feeds)]
+        return [f for items in lists for f in items if not f.done()]
+
+    def _forget(self, feed: _Feed) -> None:
+        with self._lock:
+            self._feeds.discard(feed)
 
     def cancel_unsent(self) -> None:
         """Cancel the items no batch has taken yet (``shutdown(cancel_futures=True)``)."""
@@ -107,7 +124,7 @@ class BatchedMap:
             probes = [rt.submit(fn, args, {}, options) for args in items[:workers]]
             waiting = self._externals(len(items) - workers, name)
             with self._lock:
-                self._maps.append(waiting)
+                self._probing.append(waiting)
             remaining = items[workers:]
             left = [len(probes)]
 
@@ -121,20 +138,18 @@ class BatchedMap:
                 probe.add_done_callback(probed)
             return probes + waiting
         waiting = self._externals(len(items), name)
-        with self._lock:
-            self._maps.append(waiting)
         self._dispatch(fn, items, waiting, options)
         return list(waiting)  # the caller's to change; the feed keeps its own
 
     def _externals(self, count: int, name: str) -> list[Future[Any]]:
-        rt = self._rt
-        return [Future(rt, rt._next_key(), name) for _ in range(count)]
+        return pending_futures(self._rt, count, name)
 
     def _dispatch(self, fn: Callable[..., Any], items: list[tuple[Any, ...]],
                   futures: list[Future[Any]], options: TaskOptions) -> None:
         feed = _Feed(self, fn, items, futures, options)
         with self._lock:
-            self._feeds.append(feed)
+            self._feeds.add(feed)
+            self._probing = [items for items in self._probing if items is not futures]
         feed.pump()
 
     def _learn(self, fn: Any, seconds: list[float], calls: int) -> None:
@@ -168,6 +183,9 @@ class BatchedMap:
                 (future.key, seconds, ok)
                 for future, (ok, _, seconds) in zip(owners, outcomes, strict=False)
             ])
+        if error is None and all(ok for ok, _, _ in outcomes):  # the common case, in bulk
+            settle_results(owners, [value for _, value, _ in outcomes])
+            return outcomes
         for index, future in enumerate(owners):
             if future.done():
                 continue  # cancelled meanwhile
@@ -200,18 +218,24 @@ class _Feed:
         self._futures = futures
         name = getattr(fn, "__qualname__", "") or type(fn).__name__
         self._options = dataclasses.replace(options, name=name + BATCH_SUFFIX)
+        self._plain = all(type(value) in _PLAIN for args in items for value in args)
         self._next = 0
         self._in_flight = 0
         self._lock = threading.Lock()
-
-    def sent_all(self) -> bool:
-        return self._next >= len(self._items)
 
     def cancel_rest(self) -> None:
         with self._lock:
             rest, self._next = self._futures[self._next:], len(self._items)
         for future in rest:
             future._cancel_now()
+        self._check_done()
+
+    def _check_done(self) -> None:
+        """Once every batch is back and none is left to send, the map is done here."""
+        with self._lock:
+            done = self._in_flight == 0 and self._next >= len(self._items)
+        if done:
+            self._mapper._forget(self)
 
     def pump(self) -> None:
         rt = self._mapper._rt
@@ -228,6 +252,8 @@ class _Feed:
                 start, self._next = self._next, self._next + size
                 self._in_flight += 1
             chunk = self._items[start:start + size]
+            if self._plain:
+                chunk = _Calls(chunk)
             owners = self._futures[start:start + size]
             try:
                 batch = rt.submit(_run_batch, (self._fn, chunk), {}, self._options)
@@ -235,6 +261,7 @@ class _Feed:
                 self._mapper._resolve(owners, None, error)
                 with self._lock:
                     self._in_flight -= 1
+                self._check_done()
                 continue
             batch.add_done_callback(self._finished(owners, len(chunk)))
 
@@ -248,6 +275,7 @@ class _Feed:
                 self._in_flight -= 1
             if not batch.cancelled():
                 self.pump()
+                self._check_done()
             else:  # the runtime is going: what was not sent is cancelled with it
                 self.cancel_rest()
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _UNSET: Any = object()
+_PENDING = concurrent.futures._base.PENDING
 _FINISHED = concurrent.futures._base.FINISHED
 _DONE_STATES = frozenset(
     (_FINISHED, concurrent.futures._base.CANCELLED, concurrent.futures._base.CANCELLED_AND_NOTIFIED)
@@ -47,6 +48,10 @@ class ValueRef:
 
 class Future(concurrent.futures.Future, Generic[T]):
     """The result of a task, ``put`` or actor call; also awaitable in asyncio."""
+
+    # A map's item (``pending_futures``): the scheduler knows its key only once it is
+    # passed to a task (``_registered_local``), so only then is there a key to release.
+    _unheld = False
 
     def __init__(self, runtime: RuntimeBase, key: int, name: str = "") -> None:
         super().__init__()
@@ -148,10 +153,57 @@ class Future(concurrent.futures.Future, Generic[T]):
     def __del__(self) -> None:
         runtime = getattr(self, "_runtime", None)
         if runtime is not None:
+            if self._unheld and self.key not in getattr(runtime, "_registered_local", ()):
+                return
             try:
                 runtime.release_key(self.key)
             except Exception:
                 pass
+
+
+def pending_futures(runtime: RuntimeBase, count: int, name: str) -> list[Future[Any]]:
+    """``count`` new pending Futures of ``runtime`` (a map's items), made in bulk.
+
+    They share one Condition: making one per Future is most of a Future's cost, and
+    none is ever waited on here (``result()`` and ``exception()`` wait through the
+    runtime, then ask the stdlib with timeout 0; ``concurrent.futures.wait`` and
+    ``as_completed`` install waiters), so it only guards their state changes."""
+    condition = threading.Condition()
+    next_key = runtime._next_key
+    make = Future.__new__
+    futures: list[Future[Any]] = []
+    for _ in range(count):
+        future: Future[Any] = make(Future)
+        future.__dict__.update(
+            _condition=condition, _state=_PENDING, _result=None, _exception=None,
+            _waiters=[], _done_callbacks=[], _runtime=runtime, key=next_key(), name=name,
+            _value=_UNSET, _unheld=True,
+        )
+        futures.append(future)
+    return futures
+
+
+def settle_results(futures: list[Future[Any]], values: list[Any]) -> None:
+    """Give each pending Future its value: ``set_result`` for each, in one pass under
+    their shared Condition (see ``pending_futures``) for those that nobody waits on
+    or called back; the others (and cancelled ones) as usual."""
+    if not futures:
+        return
+    condition = futures[0]._condition
+    slow = []
+    with condition:
+        for future, value in zip(futures, values, strict=True):
+            if (future._condition is not condition
+                    or future._waiters or future._done_callbacks):  # type: ignore[attr-defined]
+                slow.append((future, value))
+            elif future._state is _PENDING:
+                future._result = value
+                future._state = _FINISHED
+    for future, value in slow:
+        try:
+            future.set_result(value)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled meanwhile
 
 
 def _call_each(future: Future[Any], callbacks: list[Callable[[Any], object]]) -> None:

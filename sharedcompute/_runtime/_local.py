@@ -107,6 +107,7 @@ class ThreadPool:
                     return
                 job = self._queue.popleft()
             job()
+            del job  # not kept (with all it holds) while this thread waits for the next
 
     def close(self, timeout: float = 10.0) -> None:
         with self._cond:
