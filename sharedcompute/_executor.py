@@ -41,6 +41,7 @@ from sharedcompute._cluster import ClusterClient, connect
 from sharedcompute._runtime._base import TaskOptions
 from sharedcompute._runtime._driver import Runtime
 from sharedcompute._runtime._future import Future
+from sharedcompute._runtime._shared_args import store_shared
 from sharedcompute.errors import SerializationError
 
 P = ParamSpec("P")
@@ -124,14 +125,14 @@ class Executor(concurrent.futures.Executor):
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         runtime = self._runtime
+        # A large value in many calls goes into the store once, not once a call.
+        items = store_shared(runtime.put, list(zip(*iterables, strict=False)))
         if (chunksize == 1 and isinstance(runtime, Runtime) and self._max_tasks_per_child is None
                 and runtime._default_scheduler() == "processes"):
-            return self._batched_map(runtime, fn, list(zip(*iterables, strict=False)), timeout)
+            return self._batched_map(runtime, fn, items, timeout)
         if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
-        chunks = super().map(
-            _ChunkRunner(fn), _chunks(zip(*iterables, strict=False), chunksize), timeout=timeout
-        )
+            return super().map(fn, *zip(*items, strict=False), timeout=timeout)
+        chunks = super().map(_ChunkRunner(fn), _chunks(iter(items), chunksize), timeout=timeout)
         return itertools.chain.from_iterable(chunks)
 
     def _batched_map(self, runtime: Runtime, fn: Callable[..., R], items: list[tuple[Any, ...]],

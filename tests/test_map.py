@@ -146,3 +146,10 @@ def test_a_large_argument_in_every_call_is_stored_once() -> None:
         assert pool.starmap(_first, [(big, i) for i in range(50)], chunksize=1) == [
             1.0 + i for i in range(50)]
         assert pool._runtime.store._table._next_id - made < 5
+    with sc.Executor(2) as executor:
+        store = executor.runtime.store
+        for chunksize in (1, 10):
+            made = store._table._next_id
+            assert list(executor.map(_first, [big] * 50, range(50), chunksize=chunksize)) == [
+                1.0 + i for i in range(50)]
+            assert store._table._next_id - made < 8, (chunksize, store._table._next_id - made)
