@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import heapq
 import io
 import json
@@ -436,14 +437,26 @@ class ProcessPool:
             self._backlogged.append(conn)
         self._wake()
 
-    def _wake(self) -> None:
+    def _wake(self, *, stopping: bool = False) -> None:
         """Make the polling thread run ``_drain_wake`` (never blocks: finalizers call it).
 
         Whoever queued work did so before calling; a byte already in the pipe is
         read by a ``_drain_wake`` that then clears the flag and only then looks at
         the queues, so it sees that work too. If another thread holds the lock, it
         is writing a byte now, or closing the pool.
+
+        ``stopping`` (``close``, never a finalizer): always write, waiting for the lock.
+        A writer that holds it may have had its byte read already, before the polling
+        thread could see ``_stopping``; skipped, this wake-up would be lost and the
+        polling thread would sleep on.
         """
+        if stopping:
+            with self._wake_lock:
+                if self._wake_w >= 0:
+                    self._wake_sent = True
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(self._wake_w, b"x")
+            return
         if self._wake_sent or not self._wake_lock.acquire(blocking=False):
             return
         try:
@@ -761,7 +774,7 @@ class ProcessPool:
         self._stopping = True
         with self._handoff:
             self._handoff.notify_all()
-        self._wake()
+        self._wake(stopping=True)
         self._thread.join(timeout)
         with self._token:  # a leading thread has noticed, and stopped reading
             pass

@@ -72,6 +72,9 @@ _REFILL_AT = 4
 # behind its dependency (a chain) without waiting for the result to reach it.
 _RECENT_RESULTS = 64
 _POLL_SECONDS = 100e-6  # how long a worker looks for its next task before sleeping
+# How long a worker waits for a DROP the driver has counted as sent before it starts
+# the next queued task anyway (a DROP normally arrives within microseconds).
+_DROP_WAIT_SECONDS = 1.0
 
 
 def pack_error(exc: BaseException, where: str) -> bytes:
@@ -264,18 +267,33 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
     def _read_urgent(self) -> None:
         """The driver sent DROPs this worker has not read: read what has arrived, now.
 
-        Called before each queued task while the counts differ (a DROP may still be on
-        its way), so a withdrawn task is dropped as soon as its DROP can be read.
+        Called before each queued task while the counts differ, so a withdrawn task is
+        dropped before it can start. The count goes up once a DROP is sent, so one that has
+        not arrived is on its way (behind RUNs that filled the socket, say): wait for it,
+        briefly, rather than start the task it withdraws.
         """
+        deadline = time.monotonic() + _DROP_WAIT_SECONDS
         while True:  # all that has arrived: a DROP comes after the RUNs sent before it
             with self._reader:
                 messages = self._receive(block=False)
-            if not messages:
-                return
+                if not messages:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not self._wait_readable(remaining):
+                        return
+                    continue
             for message in messages:
                 self._dispatch(message)
             if self._running[1] == self._drops_read:
                 return
+
+    def _wait_readable(self, timeout: float) -> bool:
+        """Whether the connection has something to read within ``timeout`` (``_reader`` held)."""
+        import select
+
+        if self.conn.pending():
+            return True
+        ready, _, _ = select.select([self.conn.sock], [], [], timeout)
+        return bool(ready)
 
     def read_arrived(self) -> None:
         """Dispatch what the driver has sent, without waiting (a streaming task looks for
