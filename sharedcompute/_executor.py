@@ -103,12 +103,16 @@ class Executor(concurrent.futures.Executor):
         """The error that broke the executor, or False (as ``ProcessPoolExecutor._broken``)."""
         return self._runtime.broken or False
 
+    def _check_open(self) -> None:
+        """The stdlib's refusals of new work (``_shutdown_lock`` held)."""
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         with self._shutdown_lock:
-            if _exiting:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._check_open()
             try:
                 return self._runtime.submit(fn, args, kwargs, _DEFAULT_OPTIONS)
             except SerializationError as error:
@@ -141,10 +145,7 @@ class Executor(concurrent.futures.Executor):
         cancelled when the iterator is dropped), its tiny calls in batches."""
         end = None if timeout is None else time.monotonic() + timeout
         with self._shutdown_lock:
-            if _exiting:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._check_open()
             try:
                 futures = runtime.batched_map(fn, items, _DEFAULT_OPTIONS)
             except SerializationError:  # one at a time: each Future carries its own error

@@ -370,6 +370,22 @@ def _headless_chromium() -> Any:
     return webdriver.Chrome(options=options, service=service)
 
 
+def _open_live(browser: Any, url: str) -> tuple[Any, Callable[[str], str]]:
+    """Load the page and wait until its WebSocket is live: (a wait, the text of an id)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.set_page_load_timeout(TIMEOUT)
+    browser.get(url)
+    wait = WebDriverWait(browser, TIMEOUT, poll_frequency=0.1)
+
+    def text(element_id: str) -> str:
+        return str(browser.find_element(By.ID, element_id).text)
+
+    wait.until(lambda _: text("connection") == "live")
+    return wait, text
+
+
 def test_a_browser_sees_tasks_counts_and_a_traceback(tmp_path: Any) -> None:
     """The page itself, in headless Chromium: the stream fills, counts grow, the error's
     traceback shows. SHAREDCOMPUTE_DASHBOARD_SCREENSHOT=path keeps a screenshot there."""
@@ -377,19 +393,11 @@ def test_a_browser_sees_tasks_counts_and_a_traceback(tmp_path: Any) -> None:
     import shutil
 
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     browser = _headless_chromium()
     try:
         with sc.Runtime(num_workers=2) as rt, Dashboard(rt) as dashboard:
-            browser.set_page_load_timeout(TIMEOUT)
-            browser.get(dashboard.url)
-            wait = WebDriverWait(browser, TIMEOUT, poll_frequency=0.1)
-
-            def text(element_id: str) -> str:
-                return str(browser.find_element(By.ID, element_id).text)
-
-            wait.until(lambda _: text("connection") == "live")
+            wait, text = _open_live(browser, dashboard.url)
             assert text("totals-finished") == "0"
             futures = [sc.submit(napping_square, i) for i in range(40)]
             futures.append(sc.submit(explode, 5))
@@ -419,19 +427,11 @@ def test_a_browser_watching_10000_tasks_shows_all_of_them() -> None:
     function table and its task pages hold all of them (the stream draws what its window
     keeps). tools/bench/dashboard.py measures what watching costs."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     browser = _headless_chromium()
     try:
         with sc.Runtime(num_workers=2) as rt, Dashboard(rt) as dashboard:
-            browser.set_page_load_timeout(TIMEOUT)
-            browser.get(dashboard.url)
-            wait = WebDriverWait(browser, TIMEOUT, poll_frequency=0.2)
-
-            def text(element_id: str) -> str:
-                return str(browser.find_element(By.ID, element_id).text)
-
-            wait.until(lambda _: text("connection") == "live")
+            wait, text = _open_live(browser, dashboard.url)
             futures = [sc.submit(square, i) for i in range(10_000)]
             assert sc.gather(futures, timeout=TIMEOUT)[-1] == 9999 * 9999
             wait.until(lambda _: text("totals-finished") == "10000")
