@@ -21,7 +21,7 @@ from sharedcompute._runtime._driver import Runtime
 from sharedcompute._runtime._future import Future
 from sharedcompute._runtime._returns import check_num_returns, split
 from sharedcompute._runtime._shared_args import store_shared
-from sharedcompute._runtime._stream import FutureStream, is_streaming
+from sharedcompute._runtime._stream import FutureStream, check_backpressure, is_streaming
 from sharedcompute._scheduler import public_resources
 
 P = ParamSpec("P")
@@ -296,10 +296,7 @@ def _make_options(base: TaskOptions, **changes: Any) -> TaskOptions:
     }
     values.update(changes)
     values["num_returns"] = check_num_returns(values["num_returns"])
-    backpressure = values["generator_backpressure"]
-    if not isinstance(backpressure, int) or isinstance(backpressure, bool) or backpressure < 0:
-        raise ValueError("generator_backpressure must be an int >= 0 (0: no limit), "
-                         f"got {backpressure!r}")
+    values["generator_backpressure"] = check_backpressure(values["generator_backpressure"])
     if "runtime_env" in changes and changes["runtime_env"] is not None:
         values["runtime_env"] = check_runtime_env(changes["runtime_env"])
     resources = values["resources"]

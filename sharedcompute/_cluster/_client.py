@@ -62,6 +62,7 @@ from sharedcompute._runtime._base import (
     RuntimeBase,
     TaskOptions,
     options_to_wire,
+    task_name,
 )
 from sharedcompute._runtime._future import Future, ValueRef, when_all_done
 from sharedcompute._runtime._local import ThreadPool
@@ -272,7 +273,7 @@ class ClusterClient(StreamClient, QueuedActorHolds, DefaultScope, RuntimeBase):
         args_ref, deps = self.prepare_args(args, kwargs)
         fn_key, fn_bytes = self.functions.encode(fn)
         key = self._next_key()
-        name = options.name or getattr(fn, "__qualname__", "") or type(fn).__name__
+        name = task_name(fn, options)
         future: Future[Any] = Future(self, key, name)
         self._track(future)
         self._hold_for_head(args_ref)

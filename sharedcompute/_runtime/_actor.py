@@ -130,13 +130,10 @@ class ActorMethod:
         generator method, ``generator_backpressure=N`` (it pauses while N items of a
         call are unconsumed)."""
         from sharedcompute._runtime._returns import check_num_returns
+        from sharedcompute._runtime._stream import check_backpressure
 
-        if (not isinstance(generator_backpressure, int) or isinstance(generator_backpressure, bool)
-                or generator_backpressure < 0):
-            raise ValueError("generator_backpressure must be an int >= 0 (0: no limit), "
-                             f"got {generator_backpressure!r}")
         return ActorMethod(self._handle, self._name, check_num_returns(num_returns),
-                           generator_backpressure)
+                           check_backpressure(generator_backpressure))
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Call it in the actor: a Future (N of them with ``num_returns=N``); a generator

@@ -55,6 +55,12 @@ class TaskOptions:
     pass_errors: bool = False  # a failed dependency fails it with its own error (_returns)
 
 
+def task_name(fn: Any, options: TaskOptions | None = None) -> str:
+    """What a task of ``fn`` is called (its Future's name, the timeline's, the dashboard's)."""
+    return ((options.name if options is not None else "")
+            or getattr(fn, "__qualname__", "") or type(fn).__name__)
+
+
 def options_to_wire(options: TaskOptions, env: Env | None, name: str = "") -> tuple[Any, ...]:
     """The options as a SUBMIT carries them: ``env`` resolved, ``name`` the task's."""
     return (
@@ -126,7 +132,7 @@ class RuntimeBase:
                 cls = type(arg)
                 if cls is Future:
                     futures += 1
-                elif cls not in _SCALARS:
+                elif cls not in SCALARS:
                     break
             else:
                 markers: dict[int, Future[Any]] = {} if futures else _NO_DEPS
@@ -289,7 +295,8 @@ class QueuedActorHolds:
         self._release_lock.try_drain()
 
 
-_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+# Argument types that never stand for a dependency (a Future, a stored view).
+SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
 _NO_DEPS: dict[int, Any] = {}
 _NO_ARGUMENTS = InlineObject(PICKLE_HEADER, pickle.dumps(((), {}), 5))
 

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sharedcompute._runtime._base import SCALARS, task_name
 from sharedcompute._runtime._future import Future, pending_futures, settle_results
 from sharedcompute._runtime._timeline import BATCH_SUFFIX
 
@@ -51,11 +52,6 @@ LONG_S = 0.05  # a call this long runs alone
 SPREAD = 4  # at least this many batches per worker
 IN_FLIGHT = 2  # batches sent and not back yet, per worker
 _SEEN = 4096  # functions whose speed is remembered
-
-
-# Argument types that never stand for a dependency (a Future, a stored view): a batch of
-# calls with only these needs no walk through its arguments when it is submitted.
-_PLAIN = frozenset({int, float, complex, bool, str, bytes, type(None)})
 
 
 class _Calls(list):
@@ -118,7 +114,7 @@ class BatchedMap:
         workers = max(rt.num_workers, 1)
         if len(items) <= 2 * workers:
             return [rt.submit(fn, args, {}, options) for args in items]
-        name = getattr(fn, "__qualname__", "") or type(fn).__name__
+        name = task_name(fn)
         seconds = self._seconds.get(fn)
         if seconds is None:  # probes: the first items alone, their time tells the rest
             probes = [rt.submit(fn, args, {}, options) for args in items[:workers]]
@@ -216,9 +212,10 @@ class _Feed:
         self._fn = fn
         self._items = items
         self._futures = futures
-        name = getattr(fn, "__qualname__", "") or type(fn).__name__
+        name = task_name(fn)
         self._options = dataclasses.replace(options, name=name + BATCH_SUFFIX)
-        self._plain = all(type(value) in _PLAIN for args in items for value in args)
+        # Only scalars: a batch needs no walk through its arguments when it is submitted.
+        self._plain = all(type(value) in SCALARS for args in items for value in args)
         self._next = 0
         self._in_flight = 0
         self._lock = threading.Lock()

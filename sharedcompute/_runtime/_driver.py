@@ -40,6 +40,7 @@ from sharedcompute._runtime._base import (
     TaskOptions,
     TaskSpec,
     future_or_none,
+    task_name,
 )
 from sharedcompute._runtime._future import Future, ValueRef, is_done, when_all_done
 from sharedcompute._runtime._local import ThreadPool, run_inline
@@ -535,7 +536,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}")
         scheduler = options.scheduler or self._default_scheduler()
-        name = options.name or getattr(fn, "__qualname__", "") or type(fn).__name__
+        name = task_name(fn, options)
         if scheduler == "processes":
             return self._submit_process(fn, args, kwargs, options, name)
         if scheduler not in SCHEDULERS:

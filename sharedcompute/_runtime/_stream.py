@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sharedcompute._protocol import Msg
+from sharedcompute._runtime._base import task_name
 from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._store import ref_from_wire
 
@@ -44,6 +45,12 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _DONE = object()  # the end of a stream that ran to its end
+
+
+def check_backpressure(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"generator_backpressure must be an int >= 0 (0: no limit), got {value!r}")
+    return value
 
 
 def is_streaming(fn: Any) -> bool:
@@ -162,7 +169,7 @@ class StreamClient:
 
     def submit_stream(self, fn: Callable[..., Any], args: tuple[Any, ...],
                       kwargs: dict[str, Any], options: TaskOptions) -> FutureStream[Any]:
-        name = options.name or getattr(fn, "__qualname__", "") or type(fn).__name__
+        name = task_name(fn, options)
         state = StreamState(0, name, max(0, int(options.generator_backpressure)))
         if options.scheduler not in (None, "processes"):
             raise ValueError(f"a streaming task submitted here runs on the cluster's workers, "

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from sharedcompute._protocol import Msg
 from sharedcompute._runtime._args import extract_dependencies, restore_dependencies
-from sharedcompute._runtime._base import TaskOptions, future_or_none
+from sharedcompute._runtime._base import TaskOptions, future_or_none, task_name
 from sharedcompute._runtime._future import Future, ValueRef, when_all_done
 from sharedcompute._runtime._local import dependency_values, run_inline
 from sharedcompute._runtime._stream import FutureStream, StreamState, open_stream
@@ -69,7 +69,7 @@ class StreamHost:
                options: TaskOptions) -> FutureStream[Any]:
         rt = self._rt
         scheduler = options.scheduler or rt._default_scheduler()
-        name = options.name or getattr(fn, "__qualname__", "") or type(fn).__name__
+        name = task_name(fn, options)
         state = StreamState(0, name, max(0, int(options.generator_backpressure)))
         if scheduler == "processes":
             task = rt._submit_process(fn, args, kwargs, options, name, stream=state)

@@ -43,6 +43,7 @@ from sharedcompute._runtime._base import (
     RuntimeBase,
     TaskOptions,
     options_to_wire,
+    task_name,
 )
 from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._runtime._stream import StreamClient, StreamState
@@ -533,7 +534,7 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
         args_ref, deps = self.prepare_args(args, kwargs)
         fn_key, fn_bytes = self.functions.encode(fn)
         key = self._next_key()
-        name = options.name or getattr(fn, "__qualname__", "") or type(fn).__name__
+        name = task_name(fn, options)
         future: Future[Any] = Future(self, key, name)
         self._futures[key] = future
         if stream is not None:  # a generator: the head forwards its items (STREAM_ITEM)
