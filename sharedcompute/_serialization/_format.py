@@ -83,6 +83,69 @@ def copy_bytes(dest: memoryview, source: Any) -> None:
         helper.join()
 
 
+SLICED_BYTES = 32 * 1024 * 1024
+"""Chunks this large are written a slice at a time when the destination's pages are reserved
+as they are written, or the source's pages are given back as they are copied
+(``write_into``): a sixteenth of the chunk, 16 to 64 MiB, is the most a copy holds twice."""
+
+
+def _slice_bytes(size: int) -> int:
+    return min(64 << 20, max(16 << 20, (size // 16) & -4096))
+
+
+# Where each page's bytes have been copied out, madvise(MADV_DONTNEED) returns the page.
+_MADV_DONTNEED = 4
+
+
+def _page_releaser(source: memoryview) -> Callable[[int, int], None] | None:
+    """A function that gives the pages of ``source[lo:hi]`` back to the system, or None.
+
+    Only for a buffer nothing will read again (a worker's result that nothing else
+    holds): its pages read as zeros afterwards. Whole pages only; the first and last
+    partial pages stay (the allocator's own bytes may share them).
+    """
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    advice = getattr(mmap, "MADV_DONTNEED", _MADV_DONTNEED)
+    page = mmap.PAGESIZE
+    address = int(np.frombuffer(source, dtype=np.uint8).ctypes.data)
+    first = (address + page - 1) & -page
+
+    def release(lo: int, hi: int) -> None:
+        start = first if lo == 0 else (address + lo) & -page
+        stop = (address + hi) & -page
+        if stop > start:
+            madvise(start, stop - start, advice)
+
+    return release
+
+
+def _copy_sliced(
+    view: memoryview, offset: int, chunk: bytes | memoryview,
+    prepare: Callable[[int, int], None] | None, consume: bool,
+) -> None:
+    source = byte_view(chunk)
+    release = _page_releaser(source) if consume else None
+    size = len(source)
+    step = _slice_bytes(size)
+    for lo in range(0, size, step):
+        hi = min(lo + step, size)
+        if prepare is not None:
+            prepare(offset + lo, offset + hi)
+        copy_bytes(view[offset + lo : offset + hi], source[lo:hi])
+        if release is not None:
+            release(lo, hi)
+
+
 def byte_view(buffer: object) -> memoryview:
     """A flat unsigned-byte view of any C-contiguous buffer, without copying it.
 
@@ -121,16 +184,34 @@ class Serialized:
         self._chunks = chunks
         self._writer = writer
 
-    def write_into(self, dest: memoryview) -> None:
-        """Fill ``dest[:nbytes]``; padding between buffers is left as it was."""
+    def write_into(
+        self, dest: memoryview, *, prepare: Callable[[int, int], None] | None = None,
+        consume: bool = False,
+    ) -> None:
+        """Fill ``dest[:nbytes]``; padding between buffers is left as it was.
+
+        ``prepare(lo, hi)`` is called before ``dest[lo:hi]`` is written (the store reserves
+        fresh shared-memory pages there); with ``consume`` the source's whole pages are given
+        back as they are copied: the caller promises that nothing reads the value again.
+        Large chunks go a slice at a time with either (see ``SLICED_BYTES``), so the copy
+        holds at most one slice twice.
+        """
         view = byte_view(dest)
         if view.readonly:
             raise ValueError("write_into needs a writable destination")
         if len(view) < self.nbytes:
             raise ValueError(f"destination holds {len(view)} bytes, value needs {self.nbytes}")
         for offset, chunk in self._chunks:
-            copy_bytes(view[offset : offset + len(chunk)], chunk)
+            size = len(chunk)
+            if size >= SLICED_BYTES and (prepare is not None or consume):
+                _copy_sliced(view, offset, chunk, prepare, consume)
+                continue
+            if prepare is not None:
+                prepare(offset, offset + size)
+            copy_bytes(view[offset : offset + size], chunk)
         if self._writer is not None:
+            if prepare is not None:
+                prepare(0, self.nbytes)
             self._writer(view[: self.nbytes])
 
     def to_bytes(self) -> bytes:

@@ -13,6 +13,13 @@ writes to them, so a full filesystem surfaces as ENOSPC here (turned into
 ``ObjectStoreFullError``) rather than as SIGBUS on a page fault later. Reserved
 pages are never given back while the store lives: they stay warm and mapped, so
 the next put into them costs a memcpy, not a page-zeroing fault storm.
+
+The owner keeps the ranges reserved so far. A new block with ``SLICED_BYTES`` or
+more not yet reserved is left to its writer, which reserves it slice by slice as it
+copies (``Serialized.write_into``'s ``prepare``): a worker handing over a 1 GiB
+result gives its own pages back as the store's are taken, so the two never add up
+to two copies. The owner counts such a block reserved once it is sealed (its writer
+may fail half way: then the next block there reserves it again).
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ import mmap
 import os
 import secrets
 import warnings
+from collections.abc import Callable
 
+from sharedcompute._serialization._format import SLICED_BYTES
 from sharedcompute.errors import ObjectStoreFullError
 
 DEFAULT_SHM_DIR = "/dev/shm"
@@ -73,6 +82,50 @@ def create_memory_file(directory: str, capacity: int) -> int:
     return fd
 
 
+class _Spans:
+    """Disjoint, sorted ``[start, stop)`` ranges of the file known to be reserved.
+
+    Blocks are reserved where they are first used and never given back, so the ranges
+    merge as the store warms up: a handful at most, soon one.
+    """
+
+    __slots__ = ("_ranges",)
+
+    def __init__(self) -> None:
+        self._ranges: list[tuple[int, int]] = []
+
+    def total(self) -> int:
+        return sum(hi - lo for lo, hi in self._ranges)
+
+    def missing(self, start: int, stop: int) -> list[tuple[int, int]]:
+        gaps = []
+        at = start
+        for lo, hi in self._ranges:
+            if hi <= at:
+                continue
+            if lo >= stop:
+                break
+            if lo > at:
+                gaps.append((at, lo))
+            at = max(at, hi)
+            if at >= stop:
+                break
+        if at < stop:
+            gaps.append((at, stop))
+        return gaps
+
+    def add(self, start: int, stop: int) -> None:
+        merged = []
+        for lo, hi in self._ranges:
+            if hi < start or lo > stop:
+                merged.append((lo, hi))
+            else:
+                start, stop = min(lo, start), max(hi, stop)
+        merged.append((start, stop))
+        merged.sort()
+        self._ranges = merged
+
+
 class MappedSegment:
     """A whole-file shared mapping of the store's memory in this process."""
 
@@ -85,17 +138,52 @@ class MappedSegment:
         self._anchor = ctypes.c_char.from_buffer(self.map)
         self.address = ctypes.addressof(self._anchor)
         self._view = memoryview(self.map)
-        self.reserved = 0
+        self._spans = _Spans()
 
     def writable(self, offset: int, size: int) -> memoryview:
         return self._view[offset : offset + size]
 
-    def reserve(self, end: int, *, requested: int) -> None:
-        """Make sure every page below ``end`` is allocated in the backing file."""
-        if end <= self.reserved:
-            return
+    @property
+    def reserved(self) -> int:
+        """Bytes of the file known to be reserved."""
+        return self._spans.total()
+
+    def reserve_block(self, offset: int, end: int, *, requested: int) -> int:
+        """Reserve a new block ``[offset, end)``, or leave a large fresh part to its writer.
+
+        Returns where the writer must reserve from (``end`` when nothing is left to it);
+        when it has, ``written`` records that those pages are reserved now.
+        """
+        missing = self._spans.missing(offset, end)
+        if not missing:
+            return end
+        if sum(stop - start for start, stop in missing) >= SLICED_BYTES:
+            return missing[0][0]
+        for start, stop in missing:
+            self._allocate(start, stop, requested)
+            self._spans.add(start, stop)
+        return end
+
+    def written(self, fresh: int, end: int) -> None:
+        """A writer reserved ``[fresh, end)`` as it wrote (the object is sealed)."""
+        self._spans.add(fresh, end)
+
+    def preparer(self, offset: int, fresh: int, requested: int) -> Callable[[int, int], None]:
+        """``prepare`` for writing an object at ``offset`` whose pages from ``fresh`` on are
+        not all reserved: each call reserves what the next write reaches."""
+        done = [fresh]
+
+        def prepare(lo: int, hi: int) -> None:
+            stop = offset + hi
+            if stop > done[0]:
+                self._allocate(done[0], stop, requested)
+                done[0] = stop
+
+        return prepare
+
+    def _allocate(self, start: int, stop: int, requested: int) -> None:
         try:
-            os.posix_fallocate(self.fd, self.reserved, end - self.reserved)
+            os.posix_fallocate(self.fd, start, stop - start)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
                 raise ObjectStoreFullError(
@@ -104,7 +192,6 @@ class MappedSegment:
                     f"store capacity is {self.capacity:,} bytes"
                 ) from exc
             raise
-        self.reserved = end
 
     def close(self, *, unmap: bool) -> None:
         """Close the descriptor; unmap only when no view into the mapping can be alive."""

@@ -113,10 +113,10 @@ class StoreServer:
                 return self._owner._create_for(OWNER, args[0], courier=client, wait=False)
             return self._owner._create_for(client, args[0], wait=False)
         if op == "abort":
-            table.abort(OWNER, args[0])
+            self._owner._abort(args[0])
             return None
         if op == "seal":
-            return table.seal(args[0], args[1])
+            return self._owner._sealed(args[0], args[1])
         if op == "incref":
             self._owner.move_out_before_read(args[0])
             return table.incref(client, args[0])

@@ -180,19 +180,32 @@ class ObjectStore:
         """Store ``value``; return a reference that any process of this store can read."""
         return self.put_serialized(serialize(value))
 
-    def put_serialized(self, serialized: Serialized, *, for_owner: bool = False) -> ObjectRef:
+    def put_serialized(
+        self, serialized: Serialized, *, for_owner: bool = False, consume: bool = False,
+    ) -> ObjectRef:
         """Store a serialized value.
 
         With ``for_owner`` the reference goes to the store's owner process
         instead of this one (the owner takes it with ``adopt``): how a worker
-        hands a result to the driver without a second round trip.
+        hands a result to the driver without a second round trip. ``consume``
+        promises that nothing reads the value afterwards: its pages are given
+        back as they are copied (see ``Serialized.write_into``).
         """
-        if serialized.nbytes < INLINE_THRESHOLD:
+        nbytes = serialized.nbytes
+        if nbytes < INLINE_THRESHOLD:
             return InlineObject(serialized.header, serialized.to_bytes())
         hand_over = for_owner and not isinstance(self, OwnerStore)
-        object_id, offset = self._create_waiting(serialized.nbytes, hand_over)
+        object_id, offset, fresh = self._create_waiting(nbytes, hand_over)
         try:
-            serialized.write_into(self.segment.writable(offset, serialized.nbytes))
+            dest = self.segment.writable(offset, nbytes)
+            if fresh < offset + nbytes:
+                # This process reserves the pages as it writes, and a value nothing reads
+                # again gives its own back as they are copied: one copy at a time, not two.
+                prepare = self.segment.preparer(offset, fresh, nbytes)
+                serialized.write_into(dest, prepare=prepare, consume=consume)
+                prepare(0, nbytes)
+            else:  # warm pages: giving the value's back early would save nothing
+                serialized.write_into(dest)
             with self._lock:
                 return self._seal(object_id, serialized.header)
         except BaseException:
@@ -245,15 +258,16 @@ class ObjectStore:
     def _spill_file(self, object_id: int) -> str:
         raise NotImplementedError
 
-    def _create_waiting(self, nbytes: int, hand_over: bool) -> tuple[int, int]:
+    def _create_waiting(self, nbytes: int, hand_over: bool) -> tuple[int, int, int]:
         """Make room for an object (held here unless ``hand_over``), retrying while the
-        store is full for as long as its owner says."""
+        store is full for as long as its owner says: its id, offset, and where the
+        writer must reserve pages from (see ``MappedSegment.reserve_block``)."""
         deadline = None
         pause = 0.002
         while True:
             with self._lock:
                 try:
-                    object_id, offset = self._create(nbytes, for_owner=hand_over)
+                    object_id, offset, fresh = self._create(nbytes, for_owner=hand_over)
                 except NoRoom as full:
                     if deadline is None:
                         deadline = time.monotonic() + full.wait_s
@@ -262,7 +276,7 @@ class ObjectStore:
                 else:
                     if not hand_over:
                         self._local[object_id] += 1
-                    return object_id, offset
+                    return object_id, offset, fresh
             time.sleep(pause)  # without the lock: this process's releases may make room
             pause = min(pause * 2, 0.05)
 
@@ -326,7 +340,7 @@ class ObjectStore:
 
     # -- transport hooks ----------------------------------------------------
 
-    def _create(self, nbytes: int, *, for_owner: bool = False) -> tuple[int, int]:
+    def _create(self, nbytes: int, *, for_owner: bool = False) -> tuple[int, int, int]:
         raise NotImplementedError
 
     def _abort(self, object_id: int) -> None:
@@ -374,14 +388,17 @@ class OwnerStore(ObjectStore):
         self._pending_views: collections.deque[int] = collections.deque()
         self._lock = DrainingLock(self._drain, lambda: self._pending or self._pending_views)
         self.segment = MappedSegment(create_memory_file(directory, capacity), capacity)
+        # Blocks whose writers reserve their pages: id -> the range, counted once sealed.
+        self._writers: dict[int, tuple[int, int]] = {}
         self._spiller = Spiller(self, SpillFiles(spill_dir), spill_threshold, wait_s)
         self.address = f"sharedcompute-{os.getpid()}-{secrets.token_hex(8)}"
         self._server = StoreServer(self)
 
-    def _create(self, nbytes: int, *, for_owner: bool = False) -> tuple[int, int]:
+    def _create(self, nbytes: int, *, for_owner: bool = False) -> tuple[int, int, int]:
         return self._create_for(OWNER, nbytes)
 
     def _abort(self, object_id: int) -> None:
+        self._writers.pop(object_id, None)
         self._table.abort(OWNER, object_id)
 
     def allocate_incoming(self, nbytes: int) -> tuple[int, memoryview]:
@@ -391,8 +408,17 @@ class OwnerStore(ObjectStore):
         ``delete_incoming`` if the transfer fails; this process holds it as a ``put``.
         """
         with self._lock:
-            object_id, offset = self._create(nbytes)
+            object_id, offset, fresh = self._create(nbytes)
             self._local[object_id] += 1
+            if fresh < offset + nbytes:  # written as it arrives: reserve it all now
+                try:
+                    self.segment.preparer(offset, fresh, nbytes)(0, nbytes)
+                except BaseException:
+                    self._local[object_id] -= 1
+                    self._table.abort(OWNER, object_id)
+                    raise
+                self._writers.pop(object_id, None)
+                self.segment.written(fresh, offset + nbytes)
         return object_id, self.segment.writable(offset, nbytes)
 
     def seal_incoming(self, object_id: int, header: bytes) -> StoredObject:
@@ -420,9 +446,10 @@ class OwnerStore(ObjectStore):
 
     def _create_for(
         self, client: int, nbytes: int, *, courier: int | None = None, wait: bool = True
-    ) -> tuple[int, int]:
-        """Allocate (lock held). No room: ``wait`` for the spiller or for releases (the
-        lock let go meanwhile), else raise ``NoRoom`` for the client to retry."""
+    ) -> tuple[int, int, int]:
+        """Allocate (lock held): id, offset, and where its writer reserves pages from. No
+        room: ``wait`` for the spiller or for releases (the lock let go meanwhile), else
+        raise ``NoRoom`` for the client to retry."""
         try:
             object_id, offset = self._table.create(client, nbytes, courier=courier)
         except NoRoom:
@@ -437,11 +464,25 @@ class OwnerStore(ObjectStore):
         self._spiller.check(self._table.allocator.used_bytes)
         try:
             end = offset + self._table.allocator.block_size(offset)
-            self.segment.reserve(end, requested=nbytes)
+            fresh = self.segment.reserve_block(offset, end, requested=nbytes)
         except BaseException:
             self._table.abort(client, object_id)
             raise
-        return object_id, offset
+        if fresh < end:
+            writers = self._writers
+            if len(writers) >= 16:  # forget writers that died before sealing
+                for gone in [i for i in writers if i not in self._table]:
+                    del writers[gone]
+            writers[object_id] = (fresh, offset + nbytes)
+        return object_id, offset, fresh
+
+    def _sealed(self, object_id: int, header: bytes) -> StoredObject:
+        """Seal (lock held); pages its writer reserved count as reserved from now on."""
+        ref = self._table.seal(object_id, header)
+        reserved = self._writers.pop(object_id, None)
+        if reserved is not None:
+            self.segment.written(*reserved)
+        return ref
 
     def _wait_for_room(self, client: int, nbytes: int,
                        courier: int | None) -> tuple[int, int]:
@@ -549,7 +590,7 @@ class OwnerStore(ObjectStore):
         return self._spiller.files.file(object_id)
 
     def _seal(self, object_id: int, header: bytes) -> StoredObject:
-        return self._table.seal(object_id, header)
+        return self._sealed(object_id, header)
 
     def _incref(self, object_id: int) -> StoredObject:
         return self._table.incref(OWNER, object_id)
@@ -634,8 +675,8 @@ class ClientStore(ObjectStore):
             raise value
         return value
 
-    def _create(self, nbytes: int, *, for_owner: bool = False) -> tuple[int, int]:
-        result: tuple[int, int] = self._request("create", nbytes, for_owner)
+    def _create(self, nbytes: int, *, for_owner: bool = False) -> tuple[int, int, int]:
+        result: tuple[int, int, int] = self._request("create", nbytes, for_owner)
         return result
 
     def _abort(self, object_id: int) -> None:

@@ -93,6 +93,9 @@ class ObjectTable:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, object_id: int) -> bool:
+        return object_id in self._entries
+
     def create(self, client: int, nbytes: int, *, courier: int | None = None) -> tuple[int, int]:
         """Allocate an unsealed object held once by ``client``; return (id, offset).
 

@@ -48,6 +48,7 @@ from sharedcompute._runtime._base import (
 from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._runtime._stream import StreamClient, StreamState
 from sharedcompute._serialization import deserialize, serialize
+from sharedcompute._serialization._format import SLICED_BYTES
 from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
 from sharedcompute._worker._heap import IDLE_TRIM_SECONDS, Heap
 from sharedcompute._worker._running import RunningSlot
@@ -76,6 +77,30 @@ _POLL_SECONDS = 100e-6  # how long a worker looks for its next task before sleep
 # How long a worker waits for a DROP the driver has counted as sent before it starts
 # the next queued task anyway (a DROP normally arrives within microseconds).
 _DROP_WAIT_SECONDS = 1.0
+
+
+def _count_in_callee(value: object) -> int:
+    return sys.getrefcount(value)
+
+
+def _count_held_once() -> int:
+    value = object()  # one local, passed on: the shape of _execute calling _report
+    return _count_in_callee(value)
+
+
+# What ``sys.getrefcount`` says in ``_report`` of a result that nothing but the task's
+# own frames holds (measured, as interpreters count differently).
+_HELD_ONCE = _count_held_once()
+
+
+def _disposable(result: Any, count: int) -> bool:
+    """Whether storing ``result`` may give its pages back as it copies them: a large numpy
+    array that owns its memory and that nothing else (no global, no actor, no view) holds."""
+    if count != _HELD_ONCE:
+        return False
+    np = sys.modules.get("numpy")
+    return (np is not None and type(result) is np.ndarray
+            and result.nbytes >= SLICED_BYTES and bool(result.flags.owndata))
 
 
 def pack_error(exc: BaseException, where: str) -> bytes:
@@ -488,8 +513,11 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
         self, key: int, result: Any, name: str, started: float, batch_key: bytes | str,
         send: Callable[[tuple[Any, ...]], None], on_main: bool, fn: Any = None,
     ) -> None:
+        count = sys.getrefcount(result)  # first: before anything else holds it
+        consume = _disposable(result, count)
         try:
-            ref = self.store.put_serialized(serialize(result, "result"), for_owner=True)
+            ref = self.store.put_serialized(serialize(result, "result"), for_owner=True,
+                                            consume=consume)
         except BaseException as exc:
             where = f"Task {name or key} returned a value that could not be stored"
             function = callable_name(fn) if fn is not None else name or str(key)

@@ -18,10 +18,14 @@ In one run, on this machine:
   back (mapped, each copied once into a buffer), next to a plain sequential write and read
   of as many bytes in the same directory (``write`` of 64 MiB blocks, then ``readinto``;
   best of two).
+- **a large result**: one task returns a ``--result-mib`` MiB array (1024) to the driver,
+  first into a cold store (pages never used), then five times into the warm one: the most
+  extra memory (anonymous memory of the driver and its worker plus resident shared
+  memory, sampled every millisecond) and the time from submit to the value.
 
 Targets of the issue (printed PASS / FAIL, never asserted): the out-of-core workload >= 2x
 faster than Ray with peak shared memory <= the store; spill and restore >= 80% of plain
-write and read.
+write and read; a large result costs at most 1.1x its size in extra memory.
 """
 
 from __future__ import annotations
@@ -142,6 +146,81 @@ def _dask(array_mib: int, store_mib: int) -> dict[str, Any]:
         shutil.rmtree(spill, ignore_errors=True)
 
 
+def _memory_now(pids: list[int]) -> int:
+    """Anonymous memory of ``pids`` plus all resident shared memory (``Shmem``), in bytes."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                for line in status:
+                    if line.startswith("RssAnon:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("Shmem:"):
+                total += int(line.split()[1]) * 1024
+                break
+    return total
+
+
+def _peak_during(pids: list[int], work: Any) -> tuple[int, float, Any]:
+    """Run ``work()``, sampling memory every millisecond: the most above the start, the
+    seconds it took, and its value."""
+    import threading
+
+    base = _memory_now(pids)
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _memory_now(pids))
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        value = work()
+        took = time.perf_counter() - started
+    finally:
+        stop.set()
+        sampler.join()
+    return peak[0] - base, took, value
+
+
+def _result_peak(result_mib: int, warm_turns: int = 5) -> dict[str, float]:
+    """The extra memory (peak over the start) and the time of one task returning a
+    ``result_mib`` MiB array to the driver: in a cold store (its pages never used), then
+    ``warm_turns`` times in the warm one (the most memory, the median time)."""
+    import statistics
+
+    import psutil
+
+    import sharedcompute as sc
+
+    size = result_mib * MiB // 8
+    peaks: dict[str, list[float]] = {"cold": [], "warm": []}
+    times: dict[str, list[float]] = {"cold": [], "warm": []}
+    with sc.Runtime(num_workers=1, store_capacity=(2 * result_mib + 64) * MiB):
+        sc.get(sc.submit(full, 1, 0), timeout=60)  # the worker is up
+        pids = [os.getpid()] + [p.pid for p in psutil.Process().children(recursive=True)]
+        for turn in ["cold"] + ["warm"] * warm_turns:
+            time.sleep(0.5)  # the last turn's arrays are given back
+            extra, took, value = _peak_during(
+                pids, lambda: sc.submit(full, size, 7).result(timeout=300))
+            assert int(value[-1]) == 7
+            del value
+            peaks[turn].append(extra / GiB)
+            times[turn].append(took)
+    return {"cold_peak_gib": peaks["cold"][0], "cold_seconds": times["cold"][0],
+            "warm_peak_gib": max(peaks["warm"]),
+            "warm_seconds": statistics.median(times["warm"])}
+
+
 def _spill_throughput(store_mib: int, total_mib: int) -> dict[str, float]:
     """Plain write/read and spill/restore of ``store_mib`` MiB in 64 MiB blocks, taking
     turns twice (who goes first alternates), each after ``sync`` (no dirty pages left to
@@ -226,14 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="32 MiB arrays, a 64 MiB store")
     parser.add_argument("--array-mib", type=int, default=256)
     parser.add_argument("--store-mib", type=int, default=512)
+    parser.add_argument("--result-mib", type=int, default=1024)
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds a system may take for the workload (past it: failed)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
-        args.array_mib, args.store_mib = 32, 64
-    results: dict[str, Any] = {"array_mib": args.array_mib, "store_mib": args.store_mib}
+        args.array_mib, args.store_mib, args.result_mib = 32, 64, 128
+    results: dict[str, Any] = {"array_mib": args.array_mib, "store_mib": args.store_mib,
+                               "result_mib": args.result_mib}
     # Through the module (not __main__), so the children can import what they run.
     from tools.bench import memory as bench
 
@@ -252,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = outcome
     results["spill"] = run_in_subprocess(bench._spill_throughput, args.store_mib,
                                          args.store_mib, timeout=1800)
+    results["result"] = run_in_subprocess(bench._result_peak, args.result_mib, timeout=600)
     print(json.dumps(results, indent=2) if args.json else table(results))
     return 0
 
@@ -285,6 +367,14 @@ def table(r: dict[str, Any]) -> str:
         f"{s['restore_gbs']:.2f} GiB/s vs plain read {s['plain_read_gbs']:.2f} GiB/s "
         f"({s['restore_gbs'] / s['plain_read_gbs']:.0%})",
     ]
+    g = r["result"]
+    rows += [
+        "",
+        f"one task returning {r['result_mib']} MiB: extra memory at most "
+        f"{g['cold_peak_gib'] * GiB / MiB:.0f} MiB in a cold store ({g['cold_seconds']:.2f} s), "
+        f"{g['warm_peak_gib'] * GiB / MiB:.0f} MiB in a warm one "
+        f"(median {g['warm_seconds']:.2f} s)",
+    ]
     peak_ok = r["sharedcompute"].get("peak_shm", 1 << 62) <= r["store_mib"] * MiB
     ray_s = r.get("ray", {}).get("seconds")
     if ours and ray_s:
@@ -293,6 +383,9 @@ def table(r: dict[str, Any]) -> str:
     rows.append("target: spill and restore >= 80% of plain: " + (
         "PASS" if s["spill_gbs"] >= 0.8 * s["plain_write_gbs"]
         and s["restore_gbs"] >= 0.8 * s["plain_read_gbs"] else "FAIL"))
+    most = max(g["cold_peak_gib"], g["warm_peak_gib"]) * GiB / MiB
+    rows.append("target: a result costs <= 1.1x its size: " + (
+        "PASS" if most <= 1.1 * r["result_mib"] else "FAIL"))
     return "\n".join(rows)
 
 
