@@ -838,3 +838,59 @@ def test_large_copies_split_between_two_threads_copy_every_byte(extra: int) -> N
     region = bytearray(serialized.nbytes)
     serialized.write_into(memoryview(region))
     assert np.array_equal(deserialize(serialized.header, region), value)
+
+
+# -- the C pickler first, cloudpickle where it must ------------------------------------------
+
+
+class _ReduceCounter:
+    calls = 0
+
+    def __reduce__(self) -> Any:
+        type(self).calls += 1
+        raise ValueError("this value refuses to be stored")
+
+
+def test_plain_values_take_the_c_pickler_and_round_trip() -> None:
+    from sharedcompute._serialization._pickled import _dumps_c
+
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"a": np.arange(1000), "b": np.linspace(0, 1, 1000),
+                          "when": pd.date_range("2026-01-01", periods=1000, freq="s")})
+    value = {"frame": frame, "strided": np.arange(100.0)[::3], "n": 3}
+    assert _dumps_c(value) is not None
+    back = roundtrip(value)[0]
+    pd.testing.assert_frame_equal(back["frame"], frame)
+    np.testing.assert_array_equal(back["strided"], np.arange(100.0)[::3])
+
+
+def test_what_the_c_pickler_cannot_do_goes_to_cloudpickle() -> None:
+    import __main__
+    from sharedcompute._serialization._pickled import _dumps_c
+
+    def local() -> int:
+        return 7
+
+    class InMain:
+        pass
+
+    InMain.__module__, InMain.__qualname__ = "__main__", "_SerializationTestInMain"
+    __main__._SerializationTestInMain = InMain  # type: ignore[attr-defined]
+    try:
+        for value in ({"f": lambda: 7}, [local], local.__code__, InMain()):
+            assert _dumps_c(value) is None
+        back = roundtrip({"f": lambda: 7, "g": local})[0]
+        assert back["f"]() == 7 and back["g"]() == 7
+    finally:
+        del __main__._SerializationTestInMain  # type: ignore[attr-defined]
+
+
+def test_a_failing_reduction_is_not_tried_again_by_cloudpickle() -> None:
+    from sharedcompute._serialization._pickled import _dumps_c
+
+    _ReduceCounter.calls = 0
+    with pytest.raises(ValueError, match="refuses to be stored"):
+        _dumps_c({"x": _ReduceCounter()})
+    assert _ReduceCounter.calls == 1
+    with pytest.raises(SerializationError, match="refuses to be stored"):
+        serialize({"x": _ReduceCounter()})

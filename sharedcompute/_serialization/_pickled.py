@@ -1,4 +1,11 @@
-"""The generic codec: cloudpickle protocol 5 with every out-of-band buffer laid out aligned.
+"""The generic codec: pickle protocol 5 with every out-of-band buffer laid out aligned.
+
+A value is pickled by the C pickler first (numpy arrays reduced as below, nothing else
+looked at in Python), and by cloudpickle only where that fails or would be wrong: code, a
+lambda or a local class (the C pickler raises), anything of ``__main__`` (named in the
+stream: the worker's ``__main__`` is another module), or when modules were registered to be
+pickled by value. The C pickler is 1.5-2.5x faster on pandas frames and dicts of them,
+whose many small objects each cost cloudpickle a Python call (``reducer_override``).
 
 Region layout for ``Kind.PICKLE_OOB`` (``Kind.PICKLE`` is the first part alone)::
 
@@ -13,6 +20,7 @@ small arrays would otherwise make a multi-megabyte header).
 
 from __future__ import annotations
 
+import copyreg
 import io
 import pickle
 import struct
@@ -65,15 +73,67 @@ class _Pickler(cloudpickle.Pickler):
         if type(obj) is CodeType:  # a lambda in an argument, say: its source goes along
             return reduce_code(obj, self._spans)
         if type(obj) is self._ndarray and _needs_own_reducer(obj):
-            if obj.flags.c_contiguous:
-                order, flat = "C", obj.reshape(-1)
-            elif obj.flags.f_contiguous:
-                order, flat = "F", obj.T.reshape(-1)
-            else:
-                order, flat = "C", obj.copy(order="C").reshape(-1)
-            raw = pickle.PickleBuffer(flat.view("u1"))
-            return rebuild_ndarray, (raw, obj.dtype, obj.shape, order)
+            return _reduce_ndarray(obj)
         return super().reducer_override(obj)
+
+
+def _reduce_ndarray(array: Any) -> Any:
+    """The C pickler's reduction of an ndarray: numpy's own, or ``_Pickler``'s for the arrays
+    numpy would pickle in-band."""
+    if _needs_own_reducer(array):
+        if array.flags.c_contiguous:
+            order, flat = "C", array.reshape(-1)
+        elif array.flags.f_contiguous:
+            order, flat = "F", array.T.reshape(-1)
+        else:
+            order, flat = "C", array.copy(order="C").reshape(-1)
+        return rebuild_ndarray, (pickle.PickleBuffer(flat.view("u1")), array.dtype, array.shape,
+                                 order)
+    return array.__reduce_ex__(5)
+
+
+class _CPickler(pickle.Pickler):
+    """The C pickler, with ndarrays reduced as ``_Pickler`` reduces them (looked up by type in
+    the dispatch table, so no other object costs a Python call)."""
+
+    def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], None],
+                 table: dict[Any, Any]) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffer_callback)
+        self.dispatch_table = table
+
+
+_tables: dict[Any, dict[Any, Any]] = {}
+
+
+def _dispatch_table(ndarray: Any) -> dict[Any, Any]:
+    table = _tables.get(ndarray)
+    if table is None:
+        table = _tables[ndarray] = copyreg.dispatch_table.copy()
+        table[ndarray] = _reduce_ndarray
+    return table
+
+
+def _dumps_c(value: object) -> tuple[bytes, list[pickle.PickleBuffer]] | None:
+    """The C pickler's stream and buffers, or None where cloudpickle must do it."""
+    if cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES:
+        return None  # modules registered to go by value: only cloudpickle knows them
+    numpy = sys.modules.get("numpy")
+    table = (_dispatch_table(numpy.ndarray) if numpy is not None
+             else copyreg.dispatch_table)
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        with io.BytesIO() as file:
+            _CPickler(file, buffers.append, table).dump(value)
+            data = file.getvalue()
+    except pickle.PicklingError:  # a lambda, a function or class pickled by value...
+        return None
+    except (AttributeError, TypeError) as error:  # a local object, code, a module...
+        if "pickle" in str(error):
+            return None
+        raise  # raised by the value's own reduction: not run a second time
+    if b"__main__" in data:  # by reference to the driver's __main__: by value instead
+        return None
+    return data, buffers
 
 
 def _needs_own_reducer(array: Any) -> bool:
@@ -94,10 +154,14 @@ def rebuild_ndarray(
 
 
 def serialize_pickled(value: object) -> Serialized:
-    buffers: list[pickle.PickleBuffer] = []
-    with io.BytesIO() as file:
-        _Pickler(file, buffers.append).dump(value)
-        data = file.getvalue()
+    pickled = _dumps_c(value)
+    if pickled is not None:
+        data, buffers = pickled
+    else:
+        buffers = []
+        with io.BytesIO() as file:
+            _Pickler(file, buffers.append).dump(value)
+            data = file.getvalue()
     if not buffers:
         return Serialized(PICKLE_HEADER, len(data), ((0, data),))
     # raw() is a zero-copy byte view; it refuses non-contiguous buffers, which numpy never
