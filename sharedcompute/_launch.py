@@ -53,6 +53,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -215,7 +216,13 @@ class Launcher:
                  say: Callable[[str], None] = print) -> None:
         self.cluster = cluster
         self.dry_run = dry_run
-        self.say = say
+        lock = threading.Lock()
+
+        def say_whole(line: str) -> None:  # the hosts' steps run at once: a line at a time
+            with lock:
+                say(line)
+
+        self.say = say_whole
 
     def ssh(self, host: HostSpec, command: str, *, stdin: str | None = None,
             timeout: float = CHECK_TIMEOUT) -> subprocess.CompletedProcess[str]:
