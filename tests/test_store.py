@@ -490,3 +490,31 @@ def test_a_client_reserves_the_fresh_pages_it_writes(store):
     del value
     store.delete(ref)
     assert store.stats()["num_objects"] == 0
+
+
+def test_a_handed_over_object_is_sealed_by_whichever_comes_first(store):
+    """A client's object for the owner is sealed by its one-way ``deliver`` or by the owner's
+    ``adopt``, in either order; the client's own read right after its delivery is in order."""
+    from sharedcompute._serialization import serialize
+
+    client = ClientStore(store.address)
+    try:
+        # adopt first: the owner seals it from the reference; the late deliver changes nothing
+        value = serialize(np.arange(MiB, dtype=np.int64))
+        object_id, offset, _ = client._create(value.nbytes, for_owner=True)
+        value.write_into(client.segment.writable(offset, value.nbytes))
+        early = StoredObject(object_id, offset, value.nbytes, value.header)
+        store.adopt(early)
+        assert store.get(early)[-1] == MiB - 1
+        client._deliver(object_id, offset, value.nbytes, value.header)
+        assert client.stats()["num_objects"] == 1  # the same connection: after the deliver
+        # deliver first, then the client reads it at once, then the owner adopts it
+        late = client.put_serialized(serialize(np.ones(MiB)), for_owner=True)
+        assert float(client.get(late).sum()) == MiB
+        store.adopt(late)
+        assert float(store.get(late).sum()) == MiB
+        store.delete(early)
+        store.delete(late)
+        assert client.stats()["num_objects"] == 0
+    finally:
+        client.close()

@@ -29,6 +29,9 @@ MAX_MESSAGE = 1 << 20
 OWNER = 0  # the owner process's own client id
 
 
+# Requests that get no reply.
+_ONE_WAY = frozenset({"decref", "deliver"})
+
 class StoreServer:
     """Owner-side thread answering clients; one selector loop over every socket."""
 
@@ -98,12 +101,12 @@ class StoreServer:
             with self._owner._lock:
                 result = self._dispatch(client, op, args)
         except Exception as exc:
-            if op == "decref":  # the client waits for no reply: one would desync it
+            if op in _ONE_WAY:  # the client waits for no reply: one would desync it
                 traceback.print_exc()
             else:
                 self._reply(conn, ("err", exc))
             return
-        if op != "decref":
+        if op not in _ONE_WAY:
             self._reply(conn, ("ok", result))
 
     def _dispatch(self, client: int, op: str, args: list[Any]) -> Any:
@@ -117,6 +120,9 @@ class StoreServer:
             return None
         if op == "seal":
             return self._owner._sealed(args[0], args[1])
+        if op == "deliver":  # sealed here, or by adopt if that came first
+            self._owner.seal_delivered(args[0], args[1])
+            return None
         if op == "incref":
             self._owner.move_out_before_read(args[0])
             return table.incref(client, args[0])

@@ -187,7 +187,9 @@ class ObjectStore:
 
         With ``for_owner`` the reference goes to the store's owner process
         instead of this one (the owner takes it with ``adopt``): how a worker
-        hands a result to the driver without a second round trip. ``consume``
+        hands a result to the driver without a second round trip. Such an
+        object is sealed by a one-way message or by ``adopt``, whichever the
+        owner reads first: one round trip to the owner, not two. ``consume``
         promises that nothing reads the value afterwards: its pages are given
         back as they are copied (see ``Serialized.write_into``).
         """
@@ -207,6 +209,8 @@ class ObjectStore:
             else:  # warm pages: giving the value's back early would save nothing
                 serialized.write_into(dest)
             with self._lock:
+                if hand_over:
+                    return self._deliver(object_id, offset, nbytes, serialized.header)
                 return self._seal(object_id, serialized.header)
         except BaseException:
             if hand_over:
@@ -349,6 +353,9 @@ class ObjectStore:
     def _seal(self, object_id: int, header: bytes) -> StoredObject:
         raise NotImplementedError
 
+    def _deliver(self, object_id: int, offset: int, nbytes: int, header: bytes) -> StoredObject:
+        raise NotImplementedError
+
     def _incref(self, object_id: int) -> StoredObject:
         raise NotImplementedError
 
@@ -432,8 +439,15 @@ class OwnerStore(ObjectStore):
         """Take the reference a client handed over with ``put_serialized(for_owner=True)``."""
         if isinstance(ref, StoredObject):
             with self._lock:
+                self.seal_delivered(ref.object_id, ref.header)
                 self._local[ref.object_id] += 1
                 self._table.delivered(ref.object_id)
+
+    def seal_delivered(self, object_id: int, header: bytes) -> None:
+        """Seal an object a client made for this process, unless sealed already (lock held):
+        its one-way ``deliver`` and ``adopt`` both do, whichever comes first."""
+        if self._table.unsealed(object_id):
+            self._sealed(object_id, header)
 
     def drop_deliveries(self, client: int) -> int:
         """Free the objects ``client`` made for this process that it never handed over.
@@ -685,6 +699,15 @@ class ClientStore(ObjectStore):
     def _seal(self, object_id: int, header: bytes) -> StoredObject:
         result: StoredObject = self._request("seal", object_id, header)
         return result
+
+    def _deliver(self, object_id: int, offset: int, nbytes: int, header: bytes) -> StoredObject:
+        # No reply: this connection's later requests (a read of it) come after it in order,
+        # and everyone else learns of the object from the owner, which seals it on adopt.
+        try:
+            self._sock.send(pickle.dumps(("deliver", object_id, header), protocol=5))
+        except OSError as exc:
+            raise SharedComputeError(f"lost the connection to the object store: {exc}") from exc
+        return StoredObject(object_id, offset, nbytes, header)
 
     def _incref(self, object_id: int) -> StoredObject:
         result: StoredObject = self._request("incref", object_id)

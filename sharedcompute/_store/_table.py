@@ -96,6 +96,10 @@ class ObjectTable:
     def __contains__(self, object_id: int) -> bool:
         return object_id in self._entries
 
+    def unsealed(self, object_id: int) -> bool:
+        entry = self._entries.get(object_id)
+        return entry is not None and entry.header is None
+
     def create(self, client: int, nbytes: int, *, courier: int | None = None) -> tuple[int, int]:
         """Allocate an unsealed object held once by ``client``; return (id, offset).
 
