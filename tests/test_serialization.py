@@ -894,3 +894,46 @@ def test_a_failing_reduction_is_not_tried_again_by_cloudpickle() -> None:
     assert _ReduceCounter.calls == 1
     with pytest.raises(SerializationError, match="refuses to be stored"):
         serialize({"x": _ReduceCounter()})
+
+
+class _Registered:
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def _rebuild_registered(value: int) -> _Registered:
+    return _Registered(value * 10)
+
+
+def test_a_reducer_registered_with_copyreg_later_is_used() -> None:
+    import copyreg
+
+    serialize({"warm": np.arange(3)})  # the C pickler's table made before the registration
+    copyreg.pickle(_Registered, lambda obj: (_rebuild_registered, (obj.value,)))
+    try:
+        assert roundtrip({"x": _Registered(4)})[0]["x"].value == 40
+    finally:
+        del copyreg.dispatch_table[_Registered]
+
+
+def test_a_module_registered_by_value_goes_through_cloudpickle(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    import cloudpickle
+
+    from sharedcompute._serialization._pickled import _dumps_c
+
+    (tmp_path / "sc_by_value_module.py").write_text("def triple(x):\n    return 3 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sc_by_value_module  # type: ignore[import-not-found]
+
+    cloudpickle.register_pickle_by_value(sc_by_value_module)
+    try:
+        assert _dumps_c({"f": sc_by_value_module.triple}) is None
+        assert _dumps_c({"a": np.arange(10)}) is not None  # the rest still takes the C pickler
+        serialized = serialize({"f": sc_by_value_module.triple})
+        sys.path.remove(str(tmp_path))  # a process that cannot import it still runs it
+        del sys.modules["sc_by_value_module"]
+        assert deserialize(serialized.header, serialized.to_bytes())["f"](2) == 6
+    finally:
+        cloudpickle.unregister_pickle_by_value(sc_by_value_module)
+        sys.modules.pop("sc_by_value_module", None)

@@ -3,9 +3,10 @@
 A value is pickled by the C pickler first (numpy arrays reduced as below, nothing else
 looked at in Python), and by cloudpickle only where that fails or would be wrong: code, a
 lambda or a local class (the C pickler raises), anything of ``__main__`` (named in the
-stream: the worker's ``__main__`` is another module), or when modules were registered to be
-pickled by value. The C pickler is 1.5-2.5x faster on pandas frames and dicts of them,
-whose many small objects each cost cloudpickle a Python call (``reducer_override``).
+stream: the worker's ``__main__`` is another module), or a module registered to be pickled
+by value (``cloudpickle.register_pickle_by_value``) named in the stream. The C pickler is
+1.5-2.5x faster on pandas frames and dicts of them, whose many small objects each cost
+cloudpickle a Python call (``reducer_override``).
 
 Region layout for ``Kind.PICKLE_OOB`` (``Kind.PICKLE`` is the first part alone)::
 
@@ -102,21 +103,22 @@ class _CPickler(pickle.Pickler):
         self.dispatch_table = table
 
 
-_tables: dict[Any, dict[Any, Any]] = {}
+_tables: dict[tuple[Any, int], dict[Any, Any]] = {}
 
 
 def _dispatch_table(ndarray: Any) -> dict[Any, Any]:
-    table = _tables.get(ndarray)
+    """copyreg's table plus ndarray (made again when a reducer is registered with copyreg)."""
+    key = (ndarray, len(copyreg.dispatch_table))
+    table = _tables.get(key)
     if table is None:
-        table = _tables[ndarray] = copyreg.dispatch_table.copy()
+        _tables.clear()
+        table = _tables[key] = copyreg.dispatch_table.copy()
         table[ndarray] = _reduce_ndarray
     return table
 
 
 def _dumps_c(value: object) -> tuple[bytes, list[pickle.PickleBuffer]] | None:
     """The C pickler's stream and buffers, or None where cloudpickle must do it."""
-    if cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES:
-        return None  # modules registered to go by value: only cloudpickle knows them
     numpy = sys.modules.get("numpy")
     table = (_dispatch_table(numpy.ndarray) if numpy is not None
              else copyreg.dispatch_table)
@@ -133,6 +135,9 @@ def _dumps_c(value: object) -> tuple[bytes, list[pickle.PickleBuffer]] | None:
         raise  # raised by the value's own reduction: not run a second time
     if b"__main__" in data:  # by reference to the driver's __main__: by value instead
         return None
+    for name in cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES:
+        if name.encode() in data:  # named in the stream: cloudpickle sends it by value
+            return None
     return data, buffers
 
 
