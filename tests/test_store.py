@@ -518,3 +518,17 @@ def test_a_handed_over_object_is_sealed_by_whichever_comes_first(store):
         assert client.stats()["num_objects"] == 0
     finally:
         client.close()
+
+
+def test_an_incoming_object_in_fresh_pages_is_reserved_before_it_arrives():
+    from sharedcompute._serialization import serialize
+
+    with OwnerStore(capacity=256 * MiB) as owner:
+        value = serialize(np.arange(8 * MiB, dtype=np.int64))  # 64 MiB: past the writer's share
+        object_id, memory = owner.allocate_incoming(value.nbytes)
+        assert owner.stats()["reserved_bytes"] >= value.nbytes  # the bytes arrive in any order
+        value.write_into(memory)
+        del memory
+        ref = owner.seal_incoming(object_id, value.header)
+        assert owner.get(ref)[-1] == 8 * MiB - 1
+        owner.delete(ref)

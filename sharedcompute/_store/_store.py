@@ -416,16 +416,15 @@ class OwnerStore(ObjectStore):
         """
         with self._lock:
             object_id, offset, fresh = self._create(nbytes)
-            self._local[object_id] += 1
             if fresh < offset + nbytes:  # written as it arrives: reserve it all now
                 try:
                     self.segment.preparer(offset, fresh, nbytes)(0, nbytes)
                 except BaseException:
-                    self._local[object_id] -= 1
-                    self._table.abort(OWNER, object_id)
+                    self._abort(object_id)
                     raise
                 self._writers.pop(object_id, None)
                 self.segment.written(fresh, offset + nbytes)
+            self._local[object_id] += 1
         return object_id, self.segment.writable(offset, nbytes)
 
     def seal_incoming(self, object_id: int, header: bytes) -> StoredObject:
