@@ -71,6 +71,7 @@ import heapq
 import itertools
 import os
 import pickle
+import shutil
 import sys
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
@@ -161,6 +162,32 @@ def _pickled_node(node: Any) -> Any:
     return data
 
 
+def _shuffle_scratch(node: Any) -> tuple[Any, str] | None:
+    """A disk shuffle's partd, made here, and its directory; None for any other node.
+
+    Dask's disk shuffle starts with a task that makes a partd (a directory of files that
+    the shuffle's tasks append to and read from). partd removes that directory at the
+    exit of the process that made it, and workers leave without running exit handlers, so
+    run in a worker it would stay for good. Made here instead, unbuffered as a worker
+    would make it, its directory goes when the graph ends (``_GraphRun.run``).
+    """
+    shuffle = sys.modules.get("dask.dataframe.shuffle")
+    maker = getattr(shuffle, "maybe_buffered_partd", None)
+    func = getattr(node, "func", None)
+    if maker is None or type(func) is not maker or node.dependencies:
+        return None
+    reduced: Any = func.__reduce__()  # what a worker unpickles: not buffered in memory
+    rebuild, args = reduced
+    made = rebuild(*args)()
+    inner = made
+    while not hasattr(inner, "path") and hasattr(inner, "partd"):
+        inner = inner.partd
+    path = getattr(inner, "path", None)
+    if not isinstance(path, str):
+        return None
+    return made, path
+
+
 @dataclass(frozen=True, slots=True)
 class _Inline:
     """A DataNode's value small enough to travel inside its readers' arguments."""
@@ -220,6 +247,7 @@ class _GraphRun:
         self.in_flight: dict[sc.Future[Any], Key] = {}
         self.outputs = {plan.resolve(key) for key in plan.outputs}
         self.unsubmitted = len(plan.tasks)
+        self.scratch: list[str] = []  # disk shuffles' directories: removed when it ends
 
     def run(self) -> dict[Key, Any]:
         failed = True
@@ -235,6 +263,8 @@ class _GraphRun:
             return results
         finally:
             self._abandon()
+            for path in self.scratch:
+                shutil.rmtree(path, ignore_errors=True)
             if self.hooks is not None:
                 self.hooks.finished(failed)
 
@@ -269,9 +299,18 @@ class _GraphRun:
         while self.ready and len(self.in_flight) < self.window:
             key = heapq.heappop(self.ready)[2]
             node = self.plan.tasks[key]
-            values = {dep: self._argument(dep) for dep in node.dependencies}
             if self.hooks is not None:
                 self.hooks.running(key)
+            scratch = _shuffle_scratch(node)
+            if scratch is not None:  # made here: its directory is this run's to remove
+                self.scratch.append(scratch[1])
+                self.unsubmitted -= 1
+                self.handles[key] = _Inline(scratch[0])
+                if self.hooks is not None:
+                    self.hooks.done(key)
+                self._published(key)
+                continue
+            values = {dep: self._argument(dep) for dep in node.dependencies}
             future = self.backend.submit(key, node, values)
             self.unsubmitted -= 1
             self.handles[key] = future

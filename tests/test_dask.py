@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -117,6 +118,32 @@ def test_dataframe_merge(runtime: sc.Runtime) -> None:
         return frame.sort_values("id").reset_index(drop=True)
 
     pd.testing.assert_frame_equal(canonical(ours(merged)), canonical(sync(merged)))
+
+
+def test_a_disk_shuffle_leaves_no_directory_behind(runtime: sc.Runtime, tmp_path: Path) -> None:
+    """partd removes a disk shuffle's directory only at the exit of the process that made it,
+    and workers skip exit handlers: the directory is made by the driver and removed when
+    the graph ends, whether it succeeds or fails."""
+    left = dd.from_map(make_frame, range(4))
+    right = dd.from_map(make_frame, range(2, 6))[["id", "value"]].rename(
+        columns={"value": "other"})
+    merged = left.merge(right, on="id")
+    with dask.config.set({"temporary_directory": str(tmp_path),
+                          "dataframe.shuffle.method": "disk"}):
+        expected = sync(merged).sort_values("id").reset_index(drop=True)
+        for leftover in tmp_path.glob("*.partd"):  # sync's own: removed at exit
+            shutil.rmtree(leftover)
+        got = ours(merged).sort_values("id").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, expected)
+        assert list(tmp_path.glob("*.partd")) == []
+
+        def fail(frame: Any) -> Any:
+            raise ValueError("a shuffle that fails")
+
+        broken = merged.map_partitions(fail, meta=merged._meta)
+        with pytest.raises(ValueError, match="a shuffle that fails"):
+            ours(broken)
+        assert list(tmp_path.glob("*.partd")) == []
 
 
 def test_bag_json_frequencies(runtime: sc.Runtime, tmp_path: Path) -> None:
