@@ -272,8 +272,21 @@ class _GraphRun:
         from dask.sizeof import sizeof
 
         for key, producers in self.plan.producers.items():
-            if not producers:
+            if producers:
+                continue
+            scratch = _shuffle_scratch(self.plan.tasks[key])
+            if scratch is None:
                 self._make_ready(key)
+                continue
+            # A disk shuffle's partd, made here: its directory is this run's to remove.
+            self.scratch.append(scratch[1])
+            self.unsubmitted -= 1
+            self.handles[key] = _Inline(scratch[0])
+            if self.hooks is not None:
+                self.hooks.move(key, "waiting", "ready")
+                self.hooks.running(key)
+                self.hooks.done(key)
+            self._published(key)
         for key, value in self.plan.data.items():
             if not self.plan.readers[key]:
                 continue  # an output only: returned from the plan as it is
@@ -299,18 +312,9 @@ class _GraphRun:
         while self.ready and len(self.in_flight) < self.window:
             key = heapq.heappop(self.ready)[2]
             node = self.plan.tasks[key]
+            values = {dep: self._argument(dep) for dep in node.dependencies}
             if self.hooks is not None:
                 self.hooks.running(key)
-            scratch = _shuffle_scratch(node)
-            if scratch is not None:  # made here: its directory is this run's to remove
-                self.scratch.append(scratch[1])
-                self.unsubmitted -= 1
-                self.handles[key] = _Inline(scratch[0])
-                if self.hooks is not None:
-                    self.hooks.done(key)
-                self._published(key)
-                continue
-            values = {dep: self._argument(dep) for dep in node.dependencies}
             future = self.backend.submit(key, node, values)
             self.unsubmitted -= 1
             self.handles[key] = future

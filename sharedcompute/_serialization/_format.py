@@ -10,6 +10,7 @@ more load numpy, to run outside the GIL).
 from __future__ import annotations
 
 import enum
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -97,6 +98,19 @@ def _slice_bytes(size: int) -> int:
 _MADV_DONTNEED = 4
 
 
+@functools.cache
+def _madvise() -> Any:
+    """libc's madvise, typed (None where there is none)."""
+    import ctypes
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
+
+
 def _page_releaser(source: memoryview) -> Callable[[int, int], None] | None:
     """A function that gives the pages of ``source[lo:hi]`` back to the system, or None.
 
@@ -104,17 +118,13 @@ def _page_releaser(source: memoryview) -> Callable[[int, int], None] | None:
     holds): its pages read as zeros afterwards. Whole pages only; the first and last
     partial pages stay (the allocator's own bytes may share them).
     """
-    import ctypes
     import mmap
 
     import numpy as np
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
+    madvise = _madvise()
+    if madvise is None:
         return None
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     advice = getattr(mmap, "MADV_DONTNEED", _MADV_DONTNEED)
     page = mmap.PAGESIZE
     address = int(np.frombuffer(source, dtype=np.uint8).ctypes.data)

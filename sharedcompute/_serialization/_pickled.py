@@ -93,27 +93,18 @@ def _reduce_ndarray(array: Any) -> Any:
     return array.__reduce_ex__(5)
 
 
-class _CPickler(pickle.Pickler):
-    """The C pickler, with ndarrays reduced as ``_Pickler`` reduces them (looked up by type in
-    the dispatch table, so no other object costs a Python call)."""
-
-    def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], None],
-                 table: dict[Any, Any]) -> None:
-        super().__init__(file, protocol=5, buffer_callback=buffer_callback)
-        self.dispatch_table = table
-
-
-_tables: dict[tuple[Any, int], dict[Any, Any]] = {}
+# copyreg's table plus ndarray, for the C pickler (looked up by type, so no other object
+# costs a Python call); made again when a reducer is registered with copyreg.
+_table: tuple[int, dict[Any, Any]] = (-1, {})
 
 
 def _dispatch_table(ndarray: Any) -> dict[Any, Any]:
-    """copyreg's table plus ndarray (made again when a reducer is registered with copyreg)."""
-    key = (ndarray, len(copyreg.dispatch_table))
-    table = _tables.get(key)
-    if table is None:
-        _tables.clear()
-        table = _tables[key] = copyreg.dispatch_table.copy()
+    global _table
+    size, table = _table
+    if size != len(copyreg.dispatch_table) or ndarray not in table:
+        table = copyreg.dispatch_table.copy()
         table[ndarray] = _reduce_ndarray
+        _table = (len(copyreg.dispatch_table), table)
     return table
 
 
@@ -125,7 +116,9 @@ def _dumps_c(value: object) -> tuple[bytes, list[pickle.PickleBuffer]] | None:
     buffers: list[pickle.PickleBuffer] = []
     try:
         with io.BytesIO() as file:
-            _CPickler(file, buffers.append, table).dump(value)
+            pickler = pickle.Pickler(file, 5, buffer_callback=buffers.append)
+            pickler.dispatch_table = table
+            pickler.dump(value)
             data = file.getvalue()
     except pickle.PicklingError:  # a lambda, a function or class pickled by value...
         return None
