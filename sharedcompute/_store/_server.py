@@ -115,6 +115,8 @@ class StoreServer:
             if args[1]:  # for the owner: in transit from this client until adopted
                 return self._owner._create_for(OWNER, args[0], courier=client, wait=False)
             return self._owner._create_for(client, args[0], wait=False)
+        if op == "lease":  # None: past the spill threshold, or no room now
+            return self._owner.lease_for(client, args[0])
         if op == "abort":
             self._owner._abort(args[0])
             return None

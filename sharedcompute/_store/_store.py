@@ -220,6 +220,33 @@ class ObjectStore:
                 self._queue_release(object_id)
             raise
 
+    def lease(self, nbytes: int) -> tuple[int, int] | None:
+        """A block of ``nbytes`` to fill in place, its pages reserved: (object id, offset).
+
+        Made for the owner and held here; ``seal_leased`` hands it to the owner as a
+        ``put_serialized(for_owner=True)`` would, and releasing it unsealed (``delete`` of
+        a ``StoredObject`` with its id, or this process's exit) discards it. None, never a
+        wait: the store is past its spill threshold, or its lock is held (this thread may
+        hold it: numpy may allocate anywhere), or this process cannot lease.
+        """
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            leased = self._lease(nbytes)
+            if leased is not None:
+                self._local[leased[0]] += 1
+            return leased
+        finally:
+            self._lock.release()
+
+    def seal_leased(self, object_id: int, offset: int, header: bytes,
+                    nbytes: int) -> StoredObject:
+        """Seal a leased block holding a value of ``nbytes`` (``header`` from its
+        ``Serialized``) for the owner, which takes it with ``adopt``; this process's
+        hold stays until it releases the block."""
+        with self._lock:
+            return self._deliver(object_id, offset, nbytes, header)
+
     def get(self, ref: ObjectRef) -> Any:
         """Return the value; arrays and Arrow data are read-only views of the store."""
         if isinstance(ref, InlineObject):
@@ -350,6 +377,9 @@ class ObjectStore:
     def _abort(self, object_id: int) -> None:
         raise NotImplementedError
 
+    def _lease(self, nbytes: int) -> tuple[int, int] | None:
+        return None  # the owner fills its own objects by put
+
     def _seal(self, object_id: int, header: bytes) -> StoredObject:
         raise NotImplementedError
 
@@ -416,14 +446,11 @@ class OwnerStore(ObjectStore):
         """
         with self._lock:
             object_id, offset, fresh = self._create(nbytes)
-            if fresh < offset + nbytes:  # written as it arrives: reserve it all now
-                try:
-                    self.segment.preparer(offset, fresh, nbytes)(0, nbytes)
-                except BaseException:
-                    self._abort(object_id)
-                    raise
-                self._writers.pop(object_id, None)
-                self.segment.written(fresh, offset + nbytes)
+            try:
+                self._reserve_all(object_id, offset, fresh, nbytes)
+            except BaseException:
+                self._abort(object_id)
+                raise
             self._local[object_id] += 1
         return object_id, self.segment.writable(offset, nbytes)
 
@@ -488,6 +515,34 @@ class OwnerStore(ObjectStore):
                     del writers[gone]
             writers[object_id] = (fresh, offset + nbytes)
         return object_id, offset, fresh
+
+    def lease_for(self, client: int, nbytes: int) -> tuple[int, int] | None:
+        """A block ``client`` fills in place for this process, its pages reserved (lock
+        held; see ``lease``): only below the spill threshold, so a lease neither waits nor
+        makes room by spilling. None: no lease, or a full shared-memory filesystem."""
+        spiller = self._spiller
+        if spiller.disk_error or self._table.allocator.used_bytes + nbytes > spiller.limit:
+            return None
+        try:
+            object_id, offset, fresh = self._create_for(OWNER, nbytes, courier=client,
+                                                        wait=False)
+        except (NoRoom, ObjectLostError):
+            return None
+        try:
+            self._reserve_all(object_id, offset, fresh, nbytes)
+        except ObjectStoreFullError:
+            self._abort(object_id)
+            return None
+        self._table.lease(object_id, client, OWNER)
+        return object_id, offset
+
+    def _reserve_all(self, object_id: int, offset: int, fresh: int, nbytes: int) -> None:
+        """Reserve a new block's pages now, for a writer that does not reserve them as it
+        writes (lock held): numpy, or a transfer from another node."""
+        if fresh < offset + nbytes:
+            self.segment.preparer(offset, fresh, nbytes)(0, nbytes)
+            self._writers.pop(object_id, None)
+            self.segment.written(fresh, offset + nbytes)
 
     def _sealed(self, object_id: int, header: bytes) -> StoredObject:
         """Seal (lock held); pages its writer reserved count as reserved from now on."""
@@ -694,6 +749,10 @@ class ClientStore(ObjectStore):
 
     def _abort(self, object_id: int) -> None:
         self._request("abort", object_id)
+
+    def _lease(self, nbytes: int) -> tuple[int, int] | None:
+        result: tuple[int, int] | None = self._request("lease", nbytes)
+        return result
 
     def _seal(self, object_id: int, header: bytes) -> StoredObject:
         result: StoredObject = self._request("seal", object_id, header)

@@ -15,6 +15,11 @@ the object is in transit from that client. If the client dies first, its
 message naming the object never arrives, so the owner drops what that client
 had in transit once it has read everything the client said (``drop_deliveries``).
 
+A client may also *lease* a block to fill in place (a worker's numpy array that may become
+its task's result): it is created for the owner, in transit from that client, and held by
+the client too while the array lives. Sealed, it is an ordinary delivery; if the client
+lets go of it unsealed (the array was a temporary) or disconnects, it is discarded.
+
 Spilling: an object may move out of the arena into a file (``_spill``) while only
 the owner holds it and no view of it is alive in the owner (the caller says
 which objects have views): a client that holds an object may read it by offset at
@@ -80,6 +85,7 @@ class ObjectTable:
         # Clients whose deliveries were dropped (they died): a create for the owner that
         # reaches the table after that, from one of them, is refused.
         self._gone: set[int] = set()
+        self._leases: dict[int, tuple[int, int]] = {}  # unsealed leased object -> (client, owner)
         self._next_id = 1
         self._clock = itertools.count(1)
         self.spilled_bytes = 0
@@ -130,6 +136,19 @@ class ObjectTable:
             self._courier[object_id] = courier
         return object_id, offset
 
+    def lease(self, object_id: int, client: int, owner: int) -> None:
+        """``client`` fills the object ``owner`` holds in transit from it, and holds it too."""
+        self._entries[object_id].refs += 1
+        self._holders.setdefault(client, Counter())[object_id] += 1
+        self._leases[object_id] = (client, owner)
+
+    def _let_go_unsealed(self, object_id: int, client: int) -> None:
+        """Its leaseholder holds a leased object no more: unsealed, it goes."""
+        lease = self._leases.get(object_id)
+        if lease is not None and lease[0] == client:
+            del self._leases[object_id]
+            self.abort(lease[1], object_id)
+
     def abort(self, client: int, object_id: int) -> None:
         """Forget an object whose creator failed before sealing it."""
         self.delivered(object_id)
@@ -160,6 +179,7 @@ class ObjectTable:
     def seal(self, object_id: int, header: bytes) -> StoredObject:
         entry = self._entries[object_id]
         entry.header = header
+        self._leases.pop(object_id, None)
         return StoredObject(object_id, entry.offset, entry.nbytes, header)
 
     def incref(self, client: int, object_id: int) -> StoredObject:
@@ -245,6 +265,9 @@ class ObjectTable:
         held[object_id] -= count
         if not held[object_id]:
             del held[object_id]
+            self._release(object_id, count)
+            self._let_go_unsealed(object_id, client)
+            return
         self._release(object_id, count)
 
     def drop_client(self, client: int) -> int:
@@ -252,6 +275,7 @@ class ObjectTable:
         held = self._holders.pop(client, Counter())
         for object_id, count in held.items():
             self._release(object_id, count)
+            self._let_go_unsealed(object_id, client)
         return len(held)
 
     def _release(self, object_id: int, count: int) -> None:
@@ -259,6 +283,7 @@ class ObjectTable:
         entry.refs -= count
         if entry.refs <= 0:
             del self._entries[object_id]
+            self._leases.pop(object_id, None)
             if entry.offset == SPILLED:
                 self.spilled_bytes -= entry.nbytes
                 self.spilled_objects -= 1

@@ -49,7 +49,8 @@ from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._runtime._stream import StreamClient, StreamState
 from sharedcompute._serialization import deserialize, serialize
 from sharedcompute._serialization._format import SLICED_BYTES
-from sharedcompute._store import ClientStore, ref_from_wire, ref_to_wire
+from sharedcompute._store import ClientStore, ObjectRef, ref_from_wire, ref_to_wire
+from sharedcompute._worker._arena import Arena
 from sharedcompute._worker._heap import IDLE_TRIM_SECONDS, Heap
 from sharedcompute._worker._running import RunningSlot
 from sharedcompute._worker._streaming import StreamControl, stream_out
@@ -201,6 +202,9 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
         self._waiting_threads: dict[int, int] = {}
         self._waiting_lock = threading.Lock()  # counts and sends BLOCKED/UNBLOCKED, in order
         self.heap = Heap()
+        # numpy's large arrays are made in the store once numpy is imported (see _arena).
+        self.arena: Arena | None = None
+        self._arena_wanted = True
         self.streams = StreamControl()  # what the driver said of the streams running here
         self._client_streams: dict[int, StreamState] = {}  # streams this worker's tasks read
 
@@ -236,6 +240,9 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
         elif kind == Msg.CREATE:
             from sharedcompute._worker._actor_host import ActorHost  # only actors pay for it
 
+            self._arena_wanted = False  # an actor's arrays would pin the store
+            if self.arena is not None:
+                self.arena.stop()
             self._actor = ActorHost(self, message)
 
     def _send(self, message: tuple[Any, ...]) -> None:
@@ -462,6 +469,9 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
                     raise RuntimeEnvError(self.env_error)
                 fn = target()
                 args, kwargs = self._arguments(args_wire, dep_refs)
+                if self._arena_wanted and on_main and "numpy" in sys.modules:
+                    self._arena_wanted = False
+                    self.arena = Arena.install(self.store)
                 result = fn(*args, **kwargs)
             except BaseException as exc:
                 where = f"Task {name or key} failed in worker {self.worker_id} (pid {os.getpid()})"
@@ -514,10 +524,13 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
         send: Callable[[tuple[Any, ...]], None], on_main: bool, fn: Any = None,
     ) -> None:
         count = sys.getrefcount(result)  # first: before anything else holds it
-        consume = _disposable(result, count)
         try:
-            ref = self.store.put_serialized(serialize(result, "result"), for_owner=True,
-                                            consume=consume)
+            ref: ObjectRef | None = None
+            if count == _HELD_ONCE and self.arena is not None:
+                ref = self.arena.seal(result)  # made in the store: sealed where it is
+            if ref is None:
+                ref = self.store.put_serialized(serialize(result, "result"), for_owner=True,
+                                                consume=_disposable(result, count))
         except BaseException as exc:
             where = f"Task {name or key} returned a value that could not be stored"
             function = callable_name(fn) if fn is not None else name or str(key)
