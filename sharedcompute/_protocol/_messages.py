@@ -4,7 +4,8 @@ A message is a tuple whose first item is a :class:`Msg`. Bulk data never rides
 in a message: values above the inline threshold travel as store descriptors.
 
 Driver -> worker
-    RUN       (key, fn_key, fn_bytes | None, args_ref, dep_refs, name, parent_key)
+    RUN       (key, fn_key, fn_bytes | None, args_ref, dep_refs, name, parent_key, stream,
+               granted)                    granted: the store holds its stored inputs for it
     RESOLVED  (key, ok, ref_or_error)      answer to a WAIT
     SHUTDOWN  ()
     CREATE    (actor_id, cls_key, cls_bytes, args_ref, dep_refs, max_concurrency, description)

@@ -90,6 +90,10 @@ from sharedcompute.errors import (
 )
 
 SCHEDULERS = ("sync", "threads", "processes")
+# A task's stored inputs up to this size are held for its worker while it runs (one round
+# trip each saved); larger ones cost a round trip worth little next to reading them, and
+# the worker takes its own hold once it reads them, not while the task waits in its queue.
+GRANT_MAX_BYTES = 32 * 1024 * 1024
 
 
 class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
@@ -171,6 +175,8 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         self._fn_bytes: dict[bytes, bytes] = {}
         self._fn_users: Counter[bytes] = Counter()
         self._task_fn: dict[int, bytes] = {}  # the function of each pending task
+        # Inputs the store holds for the worker running a task (see _grant_inputs).
+        self._grants: dict[int, tuple[int, list[StoredObject]]] = {}
         self._task_names: dict[int, str] = {}  # ... and its name (for the timeline)
         self.timeline = Timeline()  # the recent task executions (sc.timeline)
         self._batched: BatchedMap | None = None  # sc.map's batches (made on first use)
@@ -444,16 +450,45 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         if forget:
             outbox[instruction.worker].append((Msg.FORGET, tuple(forget)))
         fn_bytes = None if known else self._fn_bytes[spec.fn_key]
+        granted = False
+        if deps and self.cluster is None and worker.store_client is not None:
+            deps, granted = self._grant_inputs(instruction.key, worker.store_client, deps)
         outbox[instruction.worker].append((
             Msg.RUN, instruction.key, spec.fn_key, fn_bytes, ref_to_wire(spec.args_ref), deps,
-            spec.name, spec.parent, spec.stream,
+            spec.name, spec.parent, spec.stream, granted,
         ))
+
+    def _grant_inputs(
+        self, key: int, client: int, deps: tuple[tuple[int, Any], ...]
+    ) -> tuple[tuple[tuple[int, Any], ...], bool]:
+        """Have the store hold a task's stored inputs for its worker until the task is
+        over, so that the worker reads them without a round trip each: the inputs as they
+        are now, and whether it did (True: every stored input it names is held)."""
+        previous = self._grants.pop(key, None)
+        if previous is not None:  # sent before, and handed back or lost with its worker
+            self.store.end_grant(*previous)
+        refs = [StoredObject(*wire) for _, wire in deps if wire is not None and len(wire) == 4]
+        if not refs or any(ref.nbytes > GRANT_MAX_BYTES for ref in refs):
+            return deps, False
+        located = self.store.grant(client, refs)
+        if located is None:
+            return deps, False
+        self._grants[key] = (client, located)
+        where = {ref.object_id: ref_to_wire(ref) for ref in located}
+        return tuple(
+            (k, where[wire[0]] if wire is not None and len(wire) == 4 else wire)
+            for k, wire in deps
+        ), True
 
     def _conclude(
         self, instruction: Resolve | Reject, outbox: dict[int, list[tuple[Any, ...]]],
         freed: list[ObjectRef],
     ) -> None:
         key = instruction.key
+        if self._grants:
+            grant = self._grants.pop(key, None)
+            if grant is not None:
+                self.store.end_grant(*grant)
         if type(instruction) is Resolve and type(instruction.ref) is RemoteObject and (
             key in self._task_fn
         ):

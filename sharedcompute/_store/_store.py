@@ -167,6 +167,10 @@ class ObjectStore:
         # only while no other process holds them).
         self._where: dict[int, StoredObject] = {}
         self._pending: collections.deque[int] = collections.deque()
+        # Objects the owner holds for this process while tasks of it that read them run
+        # (``take_grants``): how many such tasks, and where each object is.
+        self._granted: collections.Counter[int] = collections.Counter()
+        self._granted_at: dict[int, StoredObject] = {}
         self._lock = DrainingLock(self._drain, lambda: self._pending)
         self._closed = False
 
@@ -334,6 +338,29 @@ class ObjectStore:
         if isinstance(ref, StoredObject):
             self._hold(ref.object_id)
 
+    def take_grants(self, refs: list[StoredObject]) -> None:
+        """The owner holds these objects for this process until ``end_grants``: views of
+        them need no reference of this process's own (no round trip)."""
+        with self._lock:
+            for ref in refs:
+                self._granted[ref.object_id] += 1
+                self._granted_at[ref.object_id] = ref
+
+    def end_grants(self, refs: list[StoredObject]) -> None:
+        """The task the owner held ``refs`` for is over; call it before saying so to the
+        owner's process. Views that outlive the task get a reference of their own here:
+        a round trip, before the owner can let go."""
+        with self._lock:
+            self._drain()  # views that died already
+            for ref in refs:
+                object_id = ref.object_id
+                self._granted[object_id] -= 1
+                if self._granted[object_id] <= 0:
+                    del self._granted[object_id]
+                    del self._granted_at[object_id]
+                    if self._local[object_id] > 0:
+                        self._incref(object_id)
+
     def held(self) -> dict[int, int]:
         """Objects this process holds, with how many local holders each has."""
         with self._lock:
@@ -345,7 +372,9 @@ class ObjectStore:
         """Take a hold; where the object is (None: where this process made it)."""
         with self._lock:
             if not self._local[object_id]:
-                self._where[object_id] = self._incref(object_id)
+                granted = self._granted_at.get(object_id)
+                self._where[object_id] = granted if granted is not None else self._incref(
+                    object_id)
             self._local[object_id] += 1
             return self._where.get(object_id)
 
@@ -365,7 +394,8 @@ class ObjectStore:
             if self._local[object_id] <= 0:
                 del self._local[object_id]
                 self._where.pop(object_id, None)
-                released[object_id] += 1
+                if object_id not in self._granted:  # a granted hold is the owner's to drop
+                    released[object_id] += 1
         if released and not self._closed:
             self._decref(released)
 
@@ -535,6 +565,30 @@ class OwnerStore(ObjectStore):
             return None
         self._table.lease(object_id, client, OWNER)
         return object_id, offset
+
+    def grant(self, client: int, refs: list[StoredObject]) -> list[StoredObject] | None:
+        """Hold ``refs`` for ``client`` while a task of it reads them (it calls
+        ``take_grants``): where each is now. None: no grant (past the spill threshold,
+        where a queued task must not pin its inputs, or an object is gone already)."""
+        with self._lock:
+            if self._table.allocator.used_bytes > self._spiller.limit:
+                return None
+            located = []
+            try:
+                for ref in refs:
+                    located.append(self._table.incref(client, ref.object_id))
+            except ObjectLostError:
+                for taken in located:
+                    self._table.decref(client, taken.object_id)
+                return None
+            return located
+
+    def end_grant(self, client: int, refs: list[StoredObject]) -> None:
+        """The task ``grant`` held ``refs`` for is over (ignored for a client gone)."""
+        with self._lock:
+            for ref in refs:
+                self._table.decref(client, ref.object_id)
+            self.after_free()
 
     def _reserve_all(self, object_id: int, offset: int, fresh: int, nbytes: int) -> None:
         """Reserve a new block's pages now, for a writer that does not reserve them as it

@@ -49,7 +49,13 @@ from sharedcompute._runtime._future import Future, ValueRef
 from sharedcompute._runtime._stream import StreamClient, StreamState
 from sharedcompute._serialization import deserialize, serialize
 from sharedcompute._serialization._format import SLICED_BYTES
-from sharedcompute._store import ClientStore, ObjectRef, ref_from_wire, ref_to_wire
+from sharedcompute._store import (
+    ClientStore,
+    ObjectRef,
+    StoredObject,
+    ref_from_wire,
+    ref_to_wire,
+)
 from sharedcompute._worker._arena import Arena
 from sharedcompute._worker._heap import IDLE_TRIM_SECONDS, Heap
 from sharedcompute._worker._running import RunningSlot
@@ -440,7 +446,10 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
     # -- running a task --------------------------------------------------------------
 
     def _run(self, message: tuple[Any, ...], *, on_main: bool = True) -> None:
-        _, key, fn_key, fn_bytes, args_wire, dep_refs, name, _parent, stream = message
+        _, key, fn_key, fn_bytes, args_wire, dep_refs, name, _parent, stream, granted = message
+        # The driver's store holds these inputs for this task: read without a round trip.
+        grants = [StoredObject(*w) for _, w in dep_refs if w is not None and len(w) == 4] if (
+            granted) else None
         if dep_refs and any(wire is None for _, wire in dep_refs):
             local = tuple((k, self._recent.get(k) if w is None else w) for k, w in dep_refs)
             if any(wire is None for _, wire in local):
@@ -448,15 +457,19 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
                 (self._send if on_main else self.conn.send)((Msg.RETURN, key))
                 return
             dep_refs = local
+        if grants:
+            self.store.take_grants(grants)
         self._execute(key, lambda: self._function(fn_key, fn_bytes), args_wire, dep_refs, name,
-                      fn_key, on_main=on_main, stream=stream)
+                      fn_key, on_main=on_main, stream=stream, grants=grants)
 
     def _execute(
         self, key: int, target: Callable[[], Callable[..., Any]], args_wire: tuple[Any, ...],
         dep_refs: tuple[tuple[int, Any], ...], name: str, batch_key: bytes | str,
         *, on_main: bool = True, stream: int | None = None,
+        grants: list[StoredObject] | None = None,
     ) -> None:
-        """Run one task or actor call and report it (``on_main``: this is the main thread)."""
+        """Run one task or actor call and report it (``on_main``: this is the main thread);
+        ``grants``: inputs the store holds for it, until just before its answer goes."""
         send = self._send if on_main else self.conn.send
         self.heap.dirty = True
         if on_main:
@@ -473,15 +486,25 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
                     self._arena_wanted = False
                     self.arena = Arena.install(self.store)
                 result = fn(*args, **kwargs)
+                del args, kwargs  # views of inputs the result does not hold go now
             except BaseException as exc:
                 where = f"Task {name or key} failed in worker {self.worker_id} (pid {os.getpid()})"
-                send((Msg.FAILED, key, pack_error(self._named_missing_module(exc), where)))
+                error = pack_error(self._named_missing_module(exc), where)
+                del exc
+                if grants:
+                    self.store.end_grants(grants)
+                send((Msg.FAILED, key, error))
                 return
+            if grants:  # before the answer: the driver lets go once it reads that
+                self.store.end_grants(grants)
             if stream is not None and inspect.isgenerator(result):
                 result = stream_out(self, key, result, stream, name, send)
                 if result is None:
                     return  # it failed, and said so
             self._report(key, result, name, started, batch_key, send, on_main, fn)
+            # A frame can outlive its call (an exception some library keeps holds the
+            # frames it passed through, and theirs hold their callers'): let go of the result.
+            del result
         finally:
             if on_main:
                 self._stack.pop()
