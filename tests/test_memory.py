@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from _cluster import TIMEOUT, TOKEN, Cluster
+from _helpers import wait_until
 
 import sharedcompute as sc
 from sharedcompute._cluster import ClusterClient
@@ -22,11 +23,13 @@ def _block(n: int) -> np.ndarray:
 
 
 def test_the_report_names_each_object_where_it_is_and_who_holds_it(tmp_path: Path) -> None:
-    with sc.Runtime(num_workers=1, store_capacity=64 * MiB, spill_dir=str(tmp_path)):
+    with sc.Runtime(num_workers=1, store_capacity=64 * MiB, spill_dir=str(tmp_path)) as rt:
         put = sc.put(np.zeros(8 * MiB, dtype=np.uint8))
         made = sc.submit(_block, 4 * MiB)
         made.result(timeout=TIMEOUT)
         olds = [sc.put(np.zeros(12 * MiB, dtype=np.uint8)) for _ in range(5)]  # some spill
+        # The block the worker leased ahead for a next result goes back once it is idle.
+        wait_until(lambda: rt.store.stats()["unsealed_objects"] == 0)
         report = sc.memory_summary()
         lines = report.splitlines()
         assert lines[0] == "sharedcompute memory"

@@ -507,6 +507,7 @@ def test_a_handed_over_object_is_sealed_by_whichever_comes_first(store):
         store.adopt(early)
         assert store.get(early)[-1] == MiB - 1
         client._deliver(object_id, offset, value.nbytes, value.header)
+        client.release_spares()  # the block it leased ahead for a next result
         assert client.stats()["num_objects"] == 1  # the same connection: after the deliver
         # deliver first, then the client reads it at once, then the owner adopts it
         late = client.put_serialized(serialize(np.ones(MiB)), for_owner=True)
@@ -515,7 +516,37 @@ def test_a_handed_over_object_is_sealed_by_whichever_comes_first(store):
         assert float(store.get(late).sum()) == MiB
         store.delete(early)
         store.delete(late)
+        client.release_spares()
         assert client.stats()["num_objects"] == 0
+    finally:
+        client.close()
+
+
+def test_a_client_leases_its_next_results_block_ahead(store):
+    """After a result for the owner, the client has the next block of that size leased ahead:
+    the next result of about that size takes it without a round trip; idle, it goes back."""
+    from sharedcompute._serialization import serialize
+
+    client = ClientStore(store.address)
+    try:
+        first = client.put_serialized(serialize(np.ones(MiB)), for_owner=True)
+        store.adopt(first)
+        stats = client.stats()
+        assert (stats["num_objects"], stats["unsealed_objects"]) == (1, 1)  # and one ahead
+        ahead = client._spares[0][:2]
+        second = client.put_serialized(serialize(np.full(MiB, 2.0)), for_owner=True)
+        assert (second.object_id, second.offset) == ahead
+        store.adopt(second)
+        assert float(store.get(second).sum()) == 2.0 * MiB
+        # A value of another size gives the kept block back and takes one of its own.
+        third = client.put_serialized(serialize(np.ones(MiB // 4)), for_owner=True)
+        store.adopt(third)
+        client.release_spares()
+        stats = client.stats()
+        assert (stats["num_objects"], stats["unsealed_objects"]) == (3, 0)
+        for ref in (first, second, third):
+            store.delete(ref)
+        assert client.stats()["num_objects"] == 0 and store.stats()["used_bytes"] == 0
     finally:
         client.close()
 

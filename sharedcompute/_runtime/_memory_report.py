@@ -44,8 +44,9 @@ def memory_report(runtime: Runtime, address: str | None = None,
         stores.append(StoreRow(0, stats["capacity"], stats["used_bytes"], stats["num_objects"],
                                stats["spilled_bytes"], stats["spilled_objects"],
                                store.spill_path, address or ""))
-        for object_id, nbytes, spilled, processes in store.objects():
-            what, held = described.pop((0, object_id), ("an object", []))
+        for object_id, nbytes, spilled, processes, sealed in store.objects():
+            what, held = described.pop((0, object_id), (
+                "an object" if sealed else "being written (or leased to a worker ahead)", []))
             objects.append(ObjectRow(0, object_id, nbytes, spilled, what, held + processes))
     for node in other_nodes or []:
         if not node["alive"]:

@@ -103,11 +103,15 @@ class StoreServer:
         except Exception as exc:
             if op in _ONE_WAY:  # the client waits for no reply: one would desync it
                 traceback.print_exc()
+            elif op == "lease_ahead":
+                self._reply(conn, ("spare", None))
             else:
                 self._reply(conn, ("err", exc))
             return
         if op not in _ONE_WAY:
-            self._reply(conn, ("ok", result))
+            # A lease asked for ahead is answered as a "spare": the client takes it when it
+            # next reads, before the reply to whatever it asks next.
+            self._reply(conn, ("spare" if op == "lease_ahead" else "ok", result))
 
     def _dispatch(self, client: int, op: str, args: list[Any]) -> Any:
         table = self._owner._table
@@ -115,7 +119,7 @@ class StoreServer:
             if args[1]:  # for the owner: in transit from this client until adopted
                 return self._owner._create_for(OWNER, args[0], courier=client, wait=False)
             return self._owner._create_for(client, args[0], wait=False)
-        if op == "lease":  # None: past the spill threshold, or no room now
+        if op == "lease" or op == "lease_ahead":  # None: past the spill threshold, no room
             return self._owner.lease_for(client, args[0])
         if op == "abort":
             self._owner._abort(args[0])
@@ -123,7 +127,7 @@ class StoreServer:
         if op == "seal":
             return self._owner._sealed(args[0], args[1])
         if op == "deliver":  # sealed here, or by adopt if that came first
-            self._owner.seal_delivered(args[0], args[1])
+            self._owner.seal_delivered(args[0], args[1], args[2])
             return None
         if op == "incref":
             self._owner.move_out_before_read(args[0])

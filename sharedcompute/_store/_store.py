@@ -45,6 +45,7 @@ import mmap
 import os
 import pickle
 import secrets
+import select
 import socket
 import struct
 import sys
@@ -73,6 +74,8 @@ from sharedcompute.errors import ObjectLostError, ObjectStoreFullError, SharedCo
 
 # Values whose serialized form is smaller than this travel inline in messages.
 INLINE_THRESHOLD = 64 * 1024
+# A client leases its next result's block ahead of need up to this size (ClientStore).
+AHEAD_MAX_BYTES = 32 * 1024 * 1024
 _DECREFS_PER_MESSAGE = 4096  # about 40 KiB pickled: far below any datagram limit
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
 
@@ -201,7 +204,12 @@ class ObjectStore:
         if nbytes < INLINE_THRESHOLD:
             return InlineObject(serialized.header, serialized.to_bytes())
         hand_over = for_owner and not isinstance(self, OwnerStore)
-        object_id, offset, fresh = self._create_waiting(nbytes, hand_over)
+        spare = self._leased_ahead(nbytes) if hand_over else None
+        if spare is not None:  # a block the owner leased this process ahead, pages reserved
+            object_id, offset = spare
+            fresh = offset + nbytes
+        else:
+            object_id, offset, fresh = self._create_waiting(nbytes, hand_over)
         try:
             dest = self.segment.writable(offset, nbytes)
             if fresh < offset + nbytes:
@@ -214,10 +222,13 @@ class ObjectStore:
                 serialized.write_into(dest)
             with self._lock:
                 if hand_over:
-                    return self._deliver(object_id, offset, nbytes, serialized.header)
+                    ref = self._deliver(object_id, offset, nbytes, serialized.header)
+                    if spare is not None:
+                        self._pending.append(object_id)  # the lease's hold, after the deliver
+                    return ref
                 return self._seal(object_id, serialized.header)
         except BaseException:
-            if hand_over:
+            if hand_over and spare is None:
                 with self._lock:
                     self._abort(object_id)
             else:
@@ -410,6 +421,13 @@ class ObjectStore:
     def _lease(self, nbytes: int) -> tuple[int, int] | None:
         return None  # the owner fills its own objects by put
 
+    def _leased_ahead(self, nbytes: int) -> tuple[int, int] | None:
+        """A block leased ahead for a value of ``nbytes`` handed to the owner, held here."""
+        return None
+
+    def release_spares(self) -> None:
+        """Give back the blocks leased ahead (this process has gone idle)."""
+
     def _seal(self, object_id: int, header: bytes) -> StoredObject:
         raise NotImplementedError
 
@@ -495,15 +513,15 @@ class OwnerStore(ObjectStore):
         """Take the reference a client handed over with ``put_serialized(for_owner=True)``."""
         if isinstance(ref, StoredObject):
             with self._lock:
-                self.seal_delivered(ref.object_id, ref.header)
+                self.seal_delivered(ref.object_id, ref.header, ref.nbytes)
                 self._local[ref.object_id] += 1
                 self._table.delivered(ref.object_id)
 
-    def seal_delivered(self, object_id: int, header: bytes) -> None:
+    def seal_delivered(self, object_id: int, header: bytes, nbytes: int) -> None:
         """Seal an object a client made for this process, unless sealed already (lock held):
         its one-way ``deliver`` and ``adopt`` both do, whichever comes first."""
         if self._table.unsealed(object_id):
-            self._sealed(object_id, header)
+            self._sealed(object_id, header, nbytes)
 
     def drop_deliveries(self, client: int) -> int:
         """Free the objects ``client`` made for this process that it never handed over.
@@ -598,9 +616,9 @@ class OwnerStore(ObjectStore):
             self._writers.pop(object_id, None)
             self.segment.written(fresh, offset + nbytes)
 
-    def _sealed(self, object_id: int, header: bytes) -> StoredObject:
+    def _sealed(self, object_id: int, header: bytes, nbytes: int | None = None) -> StoredObject:
         """Seal (lock held); pages its writer reserved count as reserved from now on."""
-        ref = self._table.seal(object_id, header)
+        ref = self._table.seal(object_id, header, nbytes)
         reserved = self._writers.pop(object_id, None)
         if reserved is not None:
             self.segment.written(*reserved)
@@ -734,12 +752,14 @@ class OwnerStore(ObjectStore):
         stats["spill_written_bytes"] = self._spiller.written_bytes
         return stats
 
-    def objects(self) -> list[tuple[int, int, bool, list[str]]]:
-        """(id, nbytes, spilled, holders named) of every object, largest first."""
+    def objects(self) -> list[tuple[int, int, bool, list[str], bool]]:
+        """(id, nbytes, spilled, holders named, sealed) of every object, largest first
+        (unsealed: being written, or a block a worker keeps for its next result)."""
         with self._lock:
             listed = self._table.largest()
             return [(object_id, nbytes, spilled,
-                     [self._server.describe_client(c) for c in sorted(holders)])
+                     [self._server.describe_client(c) for c in sorted(holders)],
+                     not self._table.unsealed(object_id))
                     for object_id, nbytes, spilled, holders in listed]
 
     @property
@@ -783,28 +803,116 @@ class ClientStore(ObjectStore):
         self.segment = MappedSegment(fds[0], capacity)
         self.address = address
         self._spill_dir: str | None = None
+        # Blocks the owner leased this process ahead of need (see _lease_ahead): (id, offset,
+        # size); and the size of the one asked for and not received yet (0: none).
+        self._spares: list[tuple[int, int, int]] = []
+        self._ahead = 0
 
     def _request(self, *message: object) -> Any:
         try:
             self._sock.send(pickle.dumps(message, protocol=5))
-            size = self._sock.recv_into(self._reply_buffer)
+            while True:
+                size = self._sock.recv_into(self._reply_buffer)
+                if not size:
+                    raise SharedComputeError("the object store's owner has exited")
+                status, value = pickle.loads(memoryview(self._reply_buffer)[:size])
+                if status != "spare":
+                    break
+                self._got_spare(value)  # answers a lease_ahead sent before this request
         except OSError as exc:
             raise SharedComputeError(f"lost the connection to the object store: {exc}") from exc
-        if not size:
-            raise SharedComputeError("the object store's owner has exited")
-        status, value = pickle.loads(memoryview(self._reply_buffer)[:size])
         if status == "err":
             raise value
         return value
 
+    # -- blocks leased ahead ------------------------------------------------------------
+    #
+    # A worker's results tend to come one after another at like sizes. After each one that
+    # takes a block from the owner, this process asks (one way) for the next block ahead
+    # of need; the owner answers when it reads that, and the answer waits on the socket
+    # until this process next looks. The next result of about that size then takes it
+    # with no round trip. At most one is asked for or kept at a time, only for sizes up
+    # to AHEAD_MAX_BYTES, given back when it does not fit or when this process goes idle.
+
+    def _lease_ahead(self, nbytes: int) -> None:
+        """Ask for a block of ``nbytes`` ahead of need, unless one is kept or coming."""
+        if self._ahead or self._spares or nbytes > AHEAD_MAX_BYTES or self._closed:
+            return
+        try:
+            self._sock.send(pickle.dumps(("lease_ahead", nbytes), protocol=5))
+        except OSError:
+            return  # the next request says so
+        self._ahead = nbytes
+
+    def _got_spare(self, spare: tuple[int, int] | None) -> None:
+        if spare is not None:
+            self._spares.append((spare[0], spare[1], self._ahead))
+        self._ahead = 0
+
+    def _collect_spares(self, wait: float = 0.0) -> None:
+        """Take the answer to a lease_ahead if it has come (lock held), waiting ``wait``."""
+        if not self._ahead:
+            return
+        if wait and not select.select([self._sock], [], [], wait)[0]:
+            return
+        try:
+            size = self._sock.recv_into(self._reply_buffer, 0, socket.MSG_DONTWAIT)
+        except OSError:
+            return  # nothing yet (or the owner is gone: the next request says so)
+        if size:
+            status, value = pickle.loads(memoryview(self._reply_buffer)[:size])
+            assert status == "spare", status
+            self._got_spare(value)
+
+    def _spare(self, nbytes: int) -> tuple[int, int] | None:
+        """A block leased ahead that fits ``nbytes`` (lock held), or None; either way the
+        next one is asked for."""
+        found = None
+        if nbytes <= AHEAD_MAX_BYTES:
+            self._collect_spares()
+            for index, (object_id, offset, size) in enumerate(self._spares):
+                if nbytes <= size <= nbytes + (nbytes >> 2):
+                    found = (object_id, offset)
+                    del self._spares[index]
+                    break
+            if found is None:
+                self._drop_spares()  # they fit what this process made before, not now
+            self._lease_ahead(nbytes)
+        return found
+
+    def _drop_spares(self) -> None:
+        for object_id, _offset, _size in self._spares:
+            self._local[object_id] += 1
+            self._pending.append(object_id)  # an unsealed lease let go of: discarded
+        self._spares.clear()
+
+    def _leased_ahead(self, nbytes: int) -> tuple[int, int] | None:
+        with self._lock:
+            found = self._spare(nbytes)
+            if found is not None:
+                self._local[found[0]] += 1
+            return found
+
+    def release_spares(self) -> None:
+        if not self._ahead and not self._spares:
+            return
+        with self._lock:
+            self._collect_spares(wait=1.0)  # the owner answers in order: it is on its way
+            self._drop_spares()
+
     def _create(self, nbytes: int, *, for_owner: bool = False) -> tuple[int, int, int]:
         result: tuple[int, int, int] = self._request("create", nbytes, for_owner)
+        if for_owner:
+            self._lease_ahead(nbytes)  # the next result of about this size: no round trip
         return result
 
     def _abort(self, object_id: int) -> None:
         self._request("abort", object_id)
 
     def _lease(self, nbytes: int) -> tuple[int, int] | None:
+        spare = self._spare(nbytes)
+        if spare is not None:
+            return spare
         result: tuple[int, int] | None = self._request("lease", nbytes)
         return result
 
@@ -816,7 +924,7 @@ class ClientStore(ObjectStore):
         # No reply: this connection's later requests (a read of it) come after it in order,
         # and everyone else learns of the object from the owner, which seals it on adopt.
         try:
-            self._sock.send(pickle.dumps(("deliver", object_id, header), protocol=5))
+            self._sock.send(pickle.dumps(("deliver", object_id, header, nbytes), protocol=5))
         except OSError as exc:
             raise SharedComputeError(f"lost the connection to the object store: {exc}") from exc
         return StoredObject(object_id, offset, nbytes, header)

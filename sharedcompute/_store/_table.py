@@ -176,9 +176,13 @@ class ObjectTable:
             self.decref(owner, object_id)
         return len(lost)
 
-    def seal(self, object_id: int, header: bytes) -> StoredObject:
+    def seal(self, object_id: int, header: bytes, nbytes: int | None = None) -> StoredObject:
+        """Seal an object; ``nbytes``: its size, where its writer used less of the block
+        than it asked for (a block leased ahead of knowing the size)."""
         entry = self._entries[object_id]
         entry.header = header
+        if nbytes is not None:
+            entry.nbytes = nbytes
         self._leases.pop(object_id, None)
         return StoredObject(object_id, entry.offset, entry.nbytes, header)
 
@@ -292,10 +296,14 @@ class ObjectTable:
                 self.allocator.release(entry.offset)
 
     def stats(self) -> dict[str, int]:
+        unsealed = sum(entry.header is None for entry in self._entries.values())
         return {
             "capacity": self.capacity,
             "used_bytes": self.allocator.used_bytes,
-            "num_objects": len(self._entries),
+            # Sealed objects; those being written (a put under way, a block leased to a
+            # worker that fills it in place or keeps it for its next result) apart.
+            "num_objects": len(self._entries) - unsealed,
+            "unsealed_objects": unsealed,
             "high_water": self.allocator.high_water,
             "spilled_bytes": self.spilled_bytes,
             "spilled_objects": self.spilled_objects,

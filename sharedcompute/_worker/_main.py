@@ -232,6 +232,7 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
                 self._read(IDLE_TRIM_SECONDS)
                 if not self._queue:
                     self.heap.trim()
+                    self.store.release_spares()  # an idle worker pins no store memory
             else:
                 self._read(None)
         self._flush()
