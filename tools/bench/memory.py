@@ -34,7 +34,6 @@ write and read; a large result costs at most 1.1x its size in extra memory.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shutil
@@ -228,6 +227,10 @@ def _result_peak(result_mib: int, warm_turns: int = 5, *,
             "warm_seconds": statistics.median(times["warm"])}
 
 
+def _result_peak_in_store(result_mib: int) -> dict[str, float]:
+    return _result_peak(result_mib, in_store=True)
+
+
 def _spill_throughput(store_mib: int, total_mib: int) -> dict[str, float]:
     """Plain write/read and spill/restore of ``store_mib`` MiB in 64 MiB blocks, taking
     turns twice (who goes first alternates), each after ``sync`` (no dirty pages left to
@@ -342,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     results["spill"] = run_in_subprocess(bench._spill_throughput, args.store_mib,
                                          args.store_mib, timeout=1800)
     results["result"] = run_in_subprocess(bench._result_peak, args.result_mib, timeout=600)
-    results["result_in_store"] = run_in_subprocess(
-        functools.partial(bench._result_peak, in_store=True), args.result_mib, timeout=600)
+    results["result_in_store"] = run_in_subprocess(bench._result_peak_in_store,
+                                                   args.result_mib, timeout=600)
     systems = [("sharedcompute", bench._sharedcompute)]
     if not args.no_peers:
         systems += [("ray", bench._ray), ("dask", bench._dask)]
