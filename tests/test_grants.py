@@ -43,6 +43,18 @@ def _kept_sum() -> float:
     return float(_KEPT[0].sum())
 
 
+def _read(array: np.ndarray) -> float:
+    return float(array.sum())
+
+
+def _drop_kept() -> int:
+    import gc
+
+    _KEPT.clear()
+    gc.collect()
+    return len(_KEPT)
+
+
 def _sleep_on(array: np.ndarray, path: str) -> None:
     with open(path, "w") as out:
         out.write(str(float(array[0])))
@@ -71,6 +83,18 @@ def test_a_view_that_outlives_its_task_keeps_the_object() -> None:
             sc.submit(_make, N, 9.0).result(timeout=TIMEOUT)
         assert sc.submit(_kept_sum).result(timeout=TIMEOUT) == 3.0 * N
         assert _used(rt) > 0
+
+
+def test_a_kept_view_read_again_under_a_grant_is_released_once() -> None:
+    # The first task's kept view took a reference of the worker's own; a second task reads
+    # the object under a grant; when every view is gone that reference goes too, once.
+    with sc.Runtime(num_workers=1) as rt:
+        made = sc.submit(_make, N, 5.0)
+        assert sc.submit(_keep, made).result(timeout=TIMEOUT) == 5.0
+        assert sc.submit(_read, made).result(timeout=TIMEOUT) == 5.0 * N
+        assert sc.submit(_drop_kept).result(timeout=TIMEOUT) == 0
+        del made
+        wait_until(lambda: _used(rt) == 0, timeout=TIMEOUT)
 
 
 def test_a_worker_killed_under_a_grant_leaves_nothing(tmp_path: object) -> None:

@@ -174,6 +174,8 @@ class ObjectStore:
         # (``take_grants``): how many such tasks, and where each object is.
         self._granted: collections.Counter[int] = collections.Counter()
         self._granted_at: dict[int, StoredObject] = {}
+        # Objects held here under a grant only, with no reference of this process's own.
+        self._borrowed: set[int] = set()
         self._lock = DrainingLock(self._drain, lambda: self._pending)
         self._closed = False
 
@@ -369,7 +371,8 @@ class ObjectStore:
                 if self._granted[object_id] <= 0:
                     del self._granted[object_id]
                     del self._granted_at[object_id]
-                    if self._local[object_id] > 0:
+                    if object_id in self._borrowed:  # views alive: a reference of our own
+                        self._borrowed.discard(object_id)
                         self._incref(object_id)
 
     def held(self) -> dict[int, int]:
@@ -384,8 +387,11 @@ class ObjectStore:
         with self._lock:
             if not self._local[object_id]:
                 granted = self._granted_at.get(object_id)
-                self._where[object_id] = granted if granted is not None else self._incref(
-                    object_id)
+                if granted is not None:
+                    self._borrowed.add(object_id)
+                    self._where[object_id] = granted
+                else:
+                    self._where[object_id] = self._incref(object_id)
             self._local[object_id] += 1
             return self._where.get(object_id)
 
@@ -405,7 +411,9 @@ class ObjectStore:
             if self._local[object_id] <= 0:
                 del self._local[object_id]
                 self._where.pop(object_id, None)
-                if object_id not in self._granted:  # a granted hold is the owner's to drop
+                if object_id in self._borrowed:  # the owner's hold: it drops it
+                    self._borrowed.discard(object_id)
+                else:
                     released[object_id] += 1
         if released and not self._closed:
             self._decref(released)
