@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -241,3 +242,14 @@ def test_the_table_discards_a_lease_let_go_unsealed() -> None:
 def test_the_owner_leases_nothing_of_its_own() -> None:
     with OwnerStore(64 * MiB) as store:
         assert store.lease(8 * MiB) is None
+
+
+def test_without_the_extension_nothing_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No C compiler at install: the module is missing, and results are copied as before.
+    import sharedcompute._worker
+    from sharedcompute._worker._arena import Arena
+
+    monkeypatch.setitem(sys.modules, "sharedcompute._worker._arena_handler", None)
+    monkeypatch.delattr(sharedcompute._worker, "_arena_handler", raising=False)
+    with OwnerStore(64 * MiB) as store:
+        assert Arena.install(store) is None

@@ -126,6 +126,9 @@ static void *handler_realloc(void *ctx, void *ptr, size_t new_size) {
         return realloc(ptr, new_size);
     }
     size_t old_size = on_size != NULL ? call(on_size, (size_t)(uintptr_t)ptr) : 0;
+    if (old_size == 0) {
+        return NULL; /* its size is unknown: fail (numpy raises MemoryError), lose nothing */
+    }
     void *moved = handler_malloc(ctx, new_size);
     if (moved == NULL) {
         return NULL; /* the old block stays, as realloc promises */
