@@ -30,6 +30,7 @@ from _helpers import wait_until
 
 import sharedcompute as sc
 from sharedcompute.errors import DependencyFailedError, SerializationError
+from tools.bench.memory import anonymous_memory
 
 TIMEOUT = 60
 MB = 1_000_000
@@ -522,15 +523,6 @@ def allocate_and_free(nbytes: int) -> tuple[int, bool]:
     block = bytearray(nbytes)  # from the heap (large numpy arrays are made in the store)
     del block
     return os.getpid(), _context.current().heap.tuned  # type: ignore[union-attr]
-
-
-def anonymous_memory(pid: int) -> int:
-    """Private anonymous memory of a process (its heap), not the store's pages it maps."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no RssAnon in /proc/{pid}/status")
 
 
 def test_idle_worker_gives_back_its_freed_heap(rt: sc.Runtime) -> None:

@@ -148,8 +148,10 @@ class MappedSegment:
         """Bytes of the file known to be reserved."""
         return self._spans.total()
 
-    def reserve_block(self, offset: int, end: int, *, requested: int) -> int:
-        """Reserve a new block ``[offset, end)``, or leave a large fresh part to its writer.
+    def reserve_block(self, offset: int, end: int, *, requested: int,
+                      writer_share: bool = True) -> int:
+        """Reserve a new block ``[offset, end)``, or leave a large fresh part to its writer
+        (``writer_share``: it reserves as it writes).
 
         Returns where the writer must reserve from (``end`` when nothing is left to it);
         when it has, ``written`` records that those pages are reserved now.
@@ -157,7 +159,7 @@ class MappedSegment:
         missing = self._spans.missing(offset, end)
         if not missing:
             return end
-        if sum(stop - start for start, stop in missing) >= SLICED_BYTES:
+        if writer_share and sum(stop - start for start, stop in missing) >= SLICED_BYTES:
             return missing[0][0]
         for start, stop in missing:
             self._allocate(start, stop, requested)

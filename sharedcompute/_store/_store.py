@@ -500,13 +500,8 @@ class OwnerStore(ObjectStore):
         Seal it with ``seal_incoming`` once every byte is in, or give it back with
         ``delete_incoming`` if the transfer fails; this process holds it as a ``put``.
         """
-        with self._lock:
-            object_id, offset, fresh = self._create(nbytes)
-            try:
-                self._reserve_all(object_id, offset, fresh, nbytes)
-            except BaseException:
-                self._abort(object_id)
-                raise
+        with self._lock:  # written as it arrives: its pages are reserved now
+            object_id, offset, _ = self._create_for(OWNER, nbytes, writer_reserves=False)
             self._local[object_id] += 1
         return object_id, self.segment.writable(offset, nbytes)
 
@@ -541,11 +536,13 @@ class OwnerStore(ObjectStore):
             return self._table.drop_deliveries(client, OWNER)
 
     def _create_for(
-        self, client: int, nbytes: int, *, courier: int | None = None, wait: bool = True
+        self, client: int, nbytes: int, *, courier: int | None = None, wait: bool = True,
+        writer_reserves: bool = True,
     ) -> tuple[int, int, int]:
         """Allocate (lock held): id, offset, and where its writer reserves pages from. No
         room: ``wait`` for the spiller or for releases (the lock let go meanwhile), else
-        raise ``NoRoom`` for the client to retry."""
+        raise ``NoRoom`` for the client to retry. Without ``writer_reserves`` every page is
+        reserved here (a writer that does not reserve as it writes: numpy, a transfer)."""
         try:
             object_id, offset = self._table.create(client, nbytes, courier=courier)
         except NoRoom:
@@ -560,7 +557,8 @@ class OwnerStore(ObjectStore):
         self._spiller.check(self._table.allocator.used_bytes)
         try:
             end = offset + self._table.allocator.block_size(offset)
-            fresh = self.segment.reserve_block(offset, end, requested=nbytes)
+            fresh = self.segment.reserve_block(offset, end, requested=nbytes,
+                                               writer_share=writer_reserves)
         except BaseException:
             self._table.abort(client, object_id)
             raise
@@ -580,14 +578,9 @@ class OwnerStore(ObjectStore):
         if spiller.disk_error or self._table.allocator.used_bytes + nbytes > spiller.limit:
             return None
         try:
-            object_id, offset, fresh = self._create_for(OWNER, nbytes, courier=client,
-                                                        wait=False)
-        except (NoRoom, ObjectLostError):
-            return None
-        try:
-            self._reserve_all(object_id, offset, fresh, nbytes)
-        except ObjectStoreFullError:
-            self._abort(object_id)
+            object_id, offset, _ = self._create_for(OWNER, nbytes, courier=client, wait=False,
+                                                    writer_reserves=False)
+        except (ObjectStoreFullError, ObjectLostError):  # NoRoom included
             return None
         self._table.lease(object_id, client, OWNER)
         return object_id, offset
@@ -615,14 +608,6 @@ class OwnerStore(ObjectStore):
             for ref in refs:
                 self._table.decref(client, ref.object_id)
             self.after_free()
-
-    def _reserve_all(self, object_id: int, offset: int, fresh: int, nbytes: int) -> None:
-        """Reserve a new block's pages now, for a writer that does not reserve them as it
-        writes (lock held): numpy, or a transfer from another node."""
-        if fresh < offset + nbytes:
-            self.segment.preparer(offset, fresh, nbytes)(0, nbytes)
-            self._writers.pop(object_id, None)
-            self.segment.written(fresh, offset + nbytes)
 
     def _sealed(self, object_id: int, header: bytes, nbytes: int | None = None) -> StoredObject:
         """Seal (lock held); pages its writer reserved count as reserved from now on."""
@@ -820,10 +805,7 @@ class ClientStore(ObjectStore):
         try:
             self._sock.send(pickle.dumps(message, protocol=5))
             while True:
-                size = self._sock.recv_into(self._reply_buffer)
-                if not size:
-                    raise SharedComputeError("the object store's owner has exited")
-                status, value = pickle.loads(memoryview(self._reply_buffer)[:size])
+                status, value = self._reply()
                 if status != "spare":
                     break
                 self._got_spare(value)  # answers a lease_ahead sent before this request
@@ -832,6 +814,13 @@ class ClientStore(ObjectStore):
         if status == "err":
             raise value
         return value
+
+    def _reply(self, flags: int = 0) -> tuple[str, Any]:
+        size = self._sock.recv_into(self._reply_buffer, 0, flags)
+        if not size:
+            raise SharedComputeError("the object store's owner has exited")
+        reply: tuple[str, Any] = pickle.loads(memoryview(self._reply_buffer)[:size])
+        return reply
 
     # -- blocks leased ahead ------------------------------------------------------------
     #
@@ -864,13 +853,11 @@ class ClientStore(ObjectStore):
         if wait and not select.select([self._sock], [], [], wait)[0]:
             return
         try:
-            size = self._sock.recv_into(self._reply_buffer, 0, socket.MSG_DONTWAIT)
-        except OSError:
+            status, value = self._reply(socket.MSG_DONTWAIT)
+        except (OSError, SharedComputeError):
             return  # nothing yet (or the owner is gone: the next request says so)
-        if size:
-            status, value = pickle.loads(memoryview(self._reply_buffer)[:size])
-            assert status == "spare", status
-            self._got_spare(value)
+        assert status == "spare", status
+        self._got_spare(value)
 
     def _spare(self, nbytes: int) -> tuple[int, int] | None:
         """A block leased ahead that fits ``nbytes`` (lock held), or None; either way the

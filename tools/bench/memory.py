@@ -149,18 +149,22 @@ def _dask(array_mib: int, store_mib: int) -> dict[str, Any]:
         shutil.rmtree(spill, ignore_errors=True)
 
 
+def anonymous_memory(pid: int) -> int:
+    """Resident private anonymous memory of a process (its heap; not the shared memory it
+    maps), in bytes; 0 for a process gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _memory_now(pids: list[int]) -> int:
     """Anonymous memory of ``pids`` plus all resident shared memory (``Shmem``), in bytes."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as status:
-                for line in status:
-                    if line.startswith("RssAnon:"):
-                        total += int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            pass
+    total = sum(anonymous_memory(pid) for pid in pids)
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
             if line.startswith("Shmem:"):
