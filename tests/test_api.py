@@ -220,6 +220,27 @@ def test_wait_first_exception(rt: sc.Runtime) -> None:
     assert bad in done and slow in not_done
 
 
+def test_wait_mixes_futures_of_other_executors(rt: sc.Runtime) -> None:
+    slow = sc.submit(sleepy, 30, "slow")
+    with concurrent.futures.ThreadPoolExecutor(1) as threads:
+        local = threads.submit(square, 4)
+        done, not_done = sc.wait([slow, local], timeout=TIMEOUT, return_when=sc.FIRST_COMPLETED)
+        assert done == {local} and not_done == {slow}
+        fast = sc.submit(square, 5)
+        done, _ = sc.wait([local, fast], timeout=TIMEOUT)
+        assert done == {local, fast} and fast.result(timeout=TIMEOUT) == 25
+
+
+@pytest.mark.parametrize("return_when", [sc.FIRST_COMPLETED, sc.ALL_COMPLETED])
+def test_wait_on_many_futures(rt: sc.Runtime, return_when: str) -> None:
+    futures = [sc.submit(square, i) for i in range(200)]
+    done, not_done = sc.wait(futures, timeout=TIMEOUT, return_when=return_when)
+    assert done and done | not_done == set(futures)
+    if return_when == sc.ALL_COMPLETED:
+        assert not not_done
+    assert sc.get(futures, timeout=TIMEOUT) == [i * i for i in range(200)]
+
+
 def test_wait_timeout(rt: sc.Runtime) -> None:
     slow = sc.submit(sleepy, 30, "slow")
     start = time.monotonic()

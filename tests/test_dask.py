@@ -146,6 +146,33 @@ def test_a_disk_shuffle_leaves_no_directory_behind(runtime: sc.Runtime, tmp_path
         assert list(tmp_path.glob("*.partd")) == []
 
 
+def _refuse_fsync() -> int:
+    def refused(fd: Any) -> None:
+        raise AssertionError("a disk shuffle's scratch file was fsynced")
+
+    os.fsync = refused
+    return os.getpid()
+
+
+def test_a_disk_shuffle_never_waits_for_its_files_to_reach_the_disk(tmp_path: Path) -> None:
+    """Dask asks partd to fsync every file it appends to; a worker's scratch files are
+    read back through the page cache and removed with the graph, so none is synced."""
+    left = dd.from_map(make_frame, range(4))
+    right = dd.from_map(make_frame, range(2, 6))[["id", "value"]].rename(
+        columns={"value": "other"})
+    merged = left.merge(right, on="id")
+    with dask.config.set({"temporary_directory": str(tmp_path),
+                          "dataframe.shuffle.method": "disk"}):
+        expected = sync(merged).sort_values("id").reset_index(drop=True)
+        for leftover in tmp_path.glob("*.partd"):
+            shutil.rmtree(leftover)
+        with sc.Runtime(num_workers=1):
+            assert sc.submit(_refuse_fsync).result(timeout=TIMEOUT) != os.getpid()
+            got = ours(merged).sort_values("id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected)
+    assert list(tmp_path.glob("*.partd")) == []
+
+
 def test_bag_json_frequencies(runtime: sc.Runtime, tmp_path: Path) -> None:
     names = ["Alice", "Bob", "Charlie", "Dan", "Edith"]
     for index in range(4):

@@ -80,10 +80,11 @@ def wait(
     """``concurrent.futures.wait`` for sharedcompute Futures, also inside tasks."""
     futures = list(futures)
     runtime = current()
-    if runtime is not None and (runtime.needs_pump or runtime.in_task_thread()):
-        # A task waiting gives its slot back meanwhile (and a worker pumps its messages).
-        runtime.wait_for(futures, timeout, return_when)
-        done: set[concurrent.futures.Future[Any]] = {f for f in futures if f.done()}
-        not_done: set[concurrent.futures.Future[Any]] = {f for f in futures if not f.done()}
-        return concurrent.futures._base.DoneAndNotDoneFutures(done, not_done)
-    return concurrent.futures.wait(futures, timeout, return_when)
+    if runtime is None:
+        return concurrent.futures.wait(futures, timeout, return_when)
+    # A task waiting gives its slot back meanwhile (and a worker pumps its messages); a
+    # driver's thread reads the workers itself while it waits (no hand-off per result).
+    runtime.wait_for(futures, timeout, return_when)
+    done: set[concurrent.futures.Future[Any]] = {f for f in futures if f.done()}
+    not_done: set[concurrent.futures.Future[Any]] = {f for f in futures if not f.done()}
+    return concurrent.futures._base.DoneAndNotDoneFutures(done, not_done)

@@ -94,6 +94,9 @@ SCHEDULERS = ("sync", "threads", "processes")
 # trip each saved); larger ones cost a round trip worth little next to reading them, and
 # the worker takes its own hold once it reads them, not while the task waits in its queue.
 GRANT_MAX_BYTES = 32 * 1024 * 1024
+# A thread waiting for the first of at most this many Futures reads the workers itself,
+# checking them all after each message; more, and the stdlib wait is cheaper.
+_LEAD_MAX_FUTURES = 64
 
 
 class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
@@ -697,10 +700,11 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         if (
             pool is None
             or (threads is not None and threads.in_pool())
-            or not all(f.key in self._futures or is_done(f) for f in futures)
+            or (len(futures) > _LEAD_MAX_FUTURES and return_when != "ALL_COMPLETED")
+            or not all(self._settled_here(f) for f in futures)
         ):
-            # Futures settled by other threads (or a pool thread lending its slot):
-            # the stdlib wait is right.
+            # Futures settled by other threads (or a pool thread lending its slot), or
+            # too many to look over after each message: the stdlib wait is right.
             super().wait_for(futures, timeout, return_when)
             return
         if len(futures) == 1:
@@ -715,7 +719,13 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
                 timeout,
             )
         else:
-            pool.lead(lambda: all(is_done(f) for f in futures), timeout)
+            pool.lead(_all_done(futures), timeout)
+
+    def _settled_here(self, future: concurrent.futures.Future[Any]) -> bool:
+        """Whether reading the workers is what settles ``future`` (or it is done)."""
+        return is_done(future) or (
+            isinstance(future, Future) and future._runtime is self and future.key in self._futures
+        )
 
     def defer_callbacks(self) -> bool:
         pool = self._pool
@@ -909,6 +919,19 @@ def _pool_blocking(threads: ThreadPool) -> Iterator[None]:
         yield
     finally:
         threads.unblocked()
+
+
+def _all_done(futures: list[Future[Any]]) -> Callable[[], bool]:
+    """``all(is_done(f) for f in futures)``, looking at each Future once it is done."""
+    first_pending = 0
+
+    def all_done() -> bool:
+        nonlocal first_pending
+        while first_pending < len(futures) and is_done(futures[first_pending]):
+            first_pending += 1
+        return first_pending == len(futures)
+
+    return all_done
 
 
 def concurrent_cancelled(key: int) -> BaseException:
