@@ -77,7 +77,6 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import partd  # a dependency of Dask itself
 from dask.utils import key_split
 
 import sharedcompute as sc
@@ -186,23 +185,43 @@ def _shuffle_scratch(node: Any) -> tuple[Any, str] | None:
     path = getattr(inner, "path", None)
     if not isinstance(path, str):
         return None
-    if outer is not None and type(inner) is partd.File:
-        outer.partd = _ScratchFile(path)
+    scratch_file = _scratch_file_class()
+    if outer is not None and type(inner) is scratch_file.__base__:
+        outer.partd = scratch_file(path)
     return made, path
 
 
-class _ScratchFile(partd.File):
-    """A disk shuffle's files, appended to without an fsync each time.
+def _scratch_file_class() -> type:
+    """``_ScratchFile``: a disk shuffle's files, appended to without an fsync each time.
 
     Dask's disk shuffle asks partd to fsync every file it appends to: one per output
     partition, for every input partition, each blocking a worker about half a
     millisecond on a virtual disk. These files are scratch: this machine's workers read
     them back through the page cache, and they are removed when the graph ends; nothing
     needs them on the disk itself. (Dask's threaded scheduler buffers them in memory.)
+    Made on first use, since partd imports pandas: a worker that never shuffles (or
+    unpickles one) never pays for that import.
     """
+    made: type | None = globals().get("_ScratchFile")
+    if made is not None:
+        return made
+    import partd
 
-    def append(self, data: Any, lock: bool = True, fsync: bool = False, **kwargs: Any) -> None:
-        super().append(data, lock=lock, fsync=False, **kwargs)
+    class _ScratchFile(partd.File):
+        def append(self, data: Any, lock: bool = True, fsync: bool = False,
+                   **kwargs: Any) -> None:
+            super().append(data, lock=lock, fsync=False, **kwargs)
+
+    _ScratchFile.__module__ = __name__
+    _ScratchFile.__qualname__ = "_ScratchFile"
+    globals()["_ScratchFile"] = _ScratchFile
+    return _ScratchFile
+
+
+def __getattr__(name: str) -> Any:
+    if name == "_ScratchFile":  # a worker unpickling a disk shuffle's partd
+        return _scratch_file_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, slots=True)
