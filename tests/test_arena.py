@@ -226,17 +226,30 @@ def test_the_table_discards_a_lease_let_go_unsealed() -> None:
     table.lease(temporary, worker, owner)
     result, _ = table.create(owner, 4096, courier=worker)
     table.lease(result, worker, owner)
+    assert _counts(table) == (0, 2)
     table.seal(result, b"header")
+    assert _counts(table) == (1, 1)
     table.decref(worker, temporary)  # numpy freed a temporary: gone
     table.decref(worker, result)  # freed after sealing: the owner's now
     assert temporary not in table and result in table
+    assert _counts(table) == (1, 0)
     table.delivered(result)
     assert table.drop_deliveries(worker, owner) == 0
     other = worker + 1
     dead, _ = table.create(owner, 4096, courier=other)
     table.lease(dead, other, owner)
+    assert _counts(table) == (1, 1)
     table.drop_client(other)  # that worker died holding it unsealed
     assert dead not in table and len(table) == 1
+    assert _counts(table) == (1, 0)
+    table.decref(owner, result)
+    assert _counts(table) == (0, 0) and len(table) == 0
+
+
+def _counts(table: ObjectTable) -> tuple[int, int]:
+    """(sealed, unsealed) objects as the table's stats count them."""
+    stats = table.stats()
+    return stats["num_objects"], stats["unsealed_objects"]
 
 
 def test_the_owner_leases_nothing_of_its_own() -> None:

@@ -440,13 +440,11 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
             return  # it just died; WorkerDied will send the task back to READY
         spec = instruction.payload
         # None: a dependency still running ahead of this task on that worker (a chain).
-        deps = tuple(
-            (k, None if ref is None else ref_to_wire(ref)) for k, ref in instruction.dependency_refs
-        )
+        refs = instruction.dependency_refs
         if type(spec) is ActorCallSpec:
             outbox[instruction.worker].append((
-                Msg.CALL, instruction.key, spec.method, ref_to_wire(spec.args_ref), deps, spec.name,
-                spec.stream,
+                Msg.CALL, instruction.key, spec.method, ref_to_wire(spec.args_ref),
+                _wires(refs), spec.name, spec.stream,
             ))
             return
         known, forget = worker.functions.use(spec.fn_key)
@@ -454,33 +452,32 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
             outbox[instruction.worker].append((Msg.FORGET, tuple(forget)))
         fn_bytes = None if known else self._fn_bytes[spec.fn_key]
         granted = False
-        if deps and self.cluster is None and worker.store_client is not None:
-            deps, granted = self._grant_inputs(instruction.key, worker.store_client, deps)
+        if refs and self.cluster is None and worker.store_client is not None:
+            refs, granted = self._grant_inputs(instruction.key, worker.store_client, refs)
         outbox[instruction.worker].append((
-            Msg.RUN, instruction.key, spec.fn_key, fn_bytes, ref_to_wire(spec.args_ref), deps,
-            spec.name, spec.parent, spec.stream, granted,
+            Msg.RUN, instruction.key, spec.fn_key, fn_bytes, ref_to_wire(spec.args_ref),
+            _wires(refs), spec.name, spec.parent, spec.stream, granted,
         ))
 
     def _grant_inputs(
-        self, key: int, client: int, deps: tuple[tuple[int, Any], ...]
-    ) -> tuple[tuple[tuple[int, Any], ...], bool]:
+        self, key: int, client: int, refs: tuple[tuple[int, ObjectRef | None], ...]
+    ) -> tuple[tuple[tuple[int, ObjectRef | None], ...], bool]:
         """Have the store hold a task's stored inputs for its worker until the task is
         over, so that the worker reads them without a round trip each: the inputs as they
         are now, and whether it did (True: every stored input it names is held)."""
         previous = self._grants.pop(key, None)
         if previous is not None:  # sent before, and handed back or lost with its worker
             self.store.end_grant(*previous)
-        refs = [StoredObject(*wire) for _, wire in deps if wire is not None and len(wire) == 4]
-        if not refs or any(ref.nbytes > GRANT_MAX_BYTES for ref in refs):
-            return deps, False
-        located = self.store.grant(client, refs)
+        stored = [ref for _, ref in refs if type(ref) is StoredObject]
+        if not stored or any(ref.nbytes > GRANT_MAX_BYTES for ref in stored):
+            return refs, False
+        located = self.store.grant(client, stored)
         if located is None:
-            return deps, False
+            return refs, False
         self._grants[key] = (client, located)
-        where = {ref.object_id: ref_to_wire(ref) for ref in located}
+        where = {ref.object_id: ref for ref in located}
         return tuple(
-            (k, where[wire[0]] if wire is not None and len(wire) == 4 else wire)
-            for k, wire in deps
+            (k, where[ref.object_id] if type(ref) is StoredObject else ref) for k, ref in refs
         ), True
 
     def _conclude(
@@ -919,6 +916,11 @@ def _pool_blocking(threads: ThreadPool) -> Iterator[None]:
         yield
     finally:
         threads.unblocked()
+
+
+def _wires(refs: tuple[tuple[int, ObjectRef | None], ...]) -> tuple[tuple[int, Any], ...]:
+    """A task's inputs as messages carry them (None: made ahead of it on its worker)."""
+    return tuple((k, None if ref is None else ref_to_wire(ref)) for k, ref in refs)
 
 
 def _all_done(futures: list[Future[Any]]) -> Callable[[], bool]:

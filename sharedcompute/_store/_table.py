@@ -90,6 +90,7 @@ class ObjectTable:
         self._clock = itertools.count(1)
         self.spilled_bytes = 0
         self.spilled_objects = 0
+        self._unsealed = 0  # entries without a header yet (stats: counted, not looked for)
         self.unlinks: list[int] = []  # spilled objects freed: their files go (owner drains)
 
     @property
@@ -130,6 +131,7 @@ class ObjectTable:
         object_id = self._next_id
         self._next_id += 1
         self._entries[object_id] = _Entry(offset, nbytes, None, 1, next(self._clock))
+        self._unsealed += 1
         self._holders.setdefault(client, Counter())[object_id] += 1
         if courier is not None:
             self._in_transit.setdefault(courier, set()).add(object_id)
@@ -180,6 +182,8 @@ class ObjectTable:
         """Seal an object; ``nbytes``: its size, where its writer used less of the block
         than it asked for (a block leased ahead of knowing the size)."""
         entry = self._entries[object_id]
+        if entry.header is None:
+            self._unsealed -= 1
         entry.header = header
         if nbytes is not None:
             entry.nbytes = nbytes
@@ -287,6 +291,8 @@ class ObjectTable:
         entry.refs -= count
         if entry.refs <= 0:
             del self._entries[object_id]
+            if entry.header is None:
+                self._unsealed -= 1
             self._leases.pop(object_id, None)
             if entry.offset == SPILLED:
                 self.spilled_bytes -= entry.nbytes
@@ -296,7 +302,7 @@ class ObjectTable:
                 self.allocator.release(entry.offset)
 
     def stats(self) -> dict[str, int]:
-        unsealed = sum(entry.header is None for entry in self._entries.values())
+        unsealed = self._unsealed
         return {
             "capacity": self.capacity,
             "used_bytes": self.allocator.used_bytes,

@@ -110,6 +110,12 @@ def _disposable(result: Any, count: int) -> bool:
             and result.nbytes >= SLICED_BYTES and bool(result.flags.owndata))
 
 
+def _stored(dep_refs: tuple[tuple[int, Any], ...]) -> list[StoredObject]:
+    """The inputs of a task that lie in this node's store (not inline, not elsewhere)."""
+    refs = (ref_from_wire(wire) for _, wire in dep_refs if wire is not None)
+    return [ref for ref in refs if type(ref) is StoredObject]
+
+
 def pack_error(exc: BaseException, where: str) -> bytes:
     """Pickle an exception with its formatted traceback; never fails.
 
@@ -449,8 +455,7 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
     def _run(self, message: tuple[Any, ...], *, on_main: bool = True) -> None:
         _, key, fn_key, fn_bytes, args_wire, dep_refs, name, _parent, stream, granted = message
         # The driver's store holds these inputs for this task: read without a round trip.
-        grants = [StoredObject(*w) for _, w in dep_refs if w is not None and len(w) == 4] if (
-            granted) else None
+        grants = _stored(dep_refs) if granted else None
         if dep_refs and any(wire is None for _, wire in dep_refs):
             local = tuple((k, self._recent.get(k) if w is None else w) for k, w in dep_refs)
             if any(wire is None for _, wire in local):
