@@ -49,9 +49,11 @@ flight and raises the *first* error, its original type with the remote traceback
 Values read from the store are read-only views: a Dask task that writes into an input
 array in place fails with numpy's "assignment destination is read-only", as on Ray (Dask
 asks tasks not to mutate their inputs). What ``get`` returns, though, is the caller's to
-change, as with every other Dask scheduler: read-only numpy arrays and pandas objects in a
-result are copied once, in the driver (``writeable_results=False`` hands back the zero-copy
-views instead).
+change, as with every other Dask scheduler: a result in the store is read through a private
+(copy-on-write) mapping, so its arrays are writeable yet nothing is copied up front: a page
+is copied for the driver only when first written, and the store's object is never changed
+(it stays held while the result lives). ``writeable_results=False`` hands back read-only
+views instead. A small result that travelled inline has its read-only parts copied.
 
 Passing an ``sc.Executor`` itself as ``scheduler=`` takes Dask's path for any
 ``concurrent.futures.Executor`` (``dask.local.get_async``): correct and parallel, but every
@@ -111,7 +113,8 @@ def get(
     tuples, as with Dask's own schedulers). Tasks run on ``executor``'s runtime if given,
     else on the default runtime (``sc.init``, ``with sc.Runtime()``, or one started now).
     ``max_in_flight`` caps the tasks submitted and unfinished (default ``2 * workers + 2``).
-    With ``writeable_results=False`` results may be read-only views of the store (no copy).
+    Results are writeable copy-on-write views of the store (a page copied only when
+    written); with ``writeable_results=False``, read-only views.
     Dask's local callbacks (``dask.diagnostics.ProgressBar``, ``Profiler``, or
     ``callbacks=``) see every task start and finish; ``posttask`` gets ``None`` for the
     result, which stays in the store. Other keywords Dask forwards are accepted and ignored,
@@ -392,8 +395,7 @@ class _GraphRun:
             else:
                 handle = self.handles[source]
                 assert not isinstance(handle, _Inline)
-                value = handle.result()
-                results[key] = _writeable(value) if self.writeable_results else value
+                results[key] = _owned(handle) if self.writeable_results else handle.result()
         return results
 
     def _abandon(self) -> None:
@@ -469,6 +471,14 @@ def _root_error(error: BaseException) -> BaseException:
         seen.add(id(error))
         error = error.__cause__
     return error
+
+
+def _owned(future: sc.Future[Any]) -> Any:
+    """A result the caller may change: views of the store whose pages are copied for the
+    driver only if it writes to them (so a large result costs no copy, and no memory twice,
+    unless it is written to); a value not in the store has its read-only parts copied."""
+    value, private = future._private_result()
+    return value if private else _writeable(value)
 
 
 def _writeable(value: Any) -> Any:

@@ -33,6 +33,7 @@ import sharedcompute as sc  # noqa: E402
 import sharedcompute.dask as scd  # noqa: E402
 from sharedcompute._dask_graph import make_plan  # noqa: E402
 from sharedcompute.errors import RemoteTraceback  # noqa: E402
+from tools.bench.memory import anonymous_memory  # noqa: E402
 
 try:  # the public module (Dask >= 2025.1); the private one before
     from dask.task_spec import Alias, DataNode, Task, TaskRef
@@ -488,6 +489,21 @@ def test_results_are_writeable_and_views_on_request(runtime: sc.Runtime) -> None
     stored_frame.loc[0, "value"] = 2.0
     view = scd.get(dsk, "ones", writeable_results=False)
     assert not view.flags.writeable  # the zero-copy view of the store, on request
+
+
+def test_a_large_result_is_writeable_without_a_copy(runtime: sc.Runtime) -> None:
+    """The result is the store's object mapped copy-on-write: the driver gets no copy of its
+    own (its pages are the store's until written), and a write changes only the driver's."""
+    x = da.ones((4096, 4096), chunks=(1024, 4096))  # 128 MiB, made by one last task
+    before = anonymous_memory(os.getpid())
+    result = ours(x)
+    assert anonymous_memory(os.getpid()) - before < 32 * 1024 * 1024
+    assert result.flags.writeable and result.shape == (4096, 4096)
+    result[0] = 7.0
+    assert result[0, 0] == 7.0 and result[1, 0] == 1.0
+    assert (ours(x[:2, :2]) == 1.0).all()
+    del result
+    assert wait_until_freed(runtime) == 0
 
 
 def test_small_window_still_finishes(runtime: sc.Runtime) -> None:

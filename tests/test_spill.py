@@ -22,6 +22,7 @@ from _helpers import wait_until
 import sharedcompute as sc
 from sharedcompute._store import OwnerStore
 from sharedcompute.errors import ObjectStoreFullError
+from tools.bench.memory import anonymous_memory
 
 MiB = 1024 * 1024
 TIMEOUT = 120
@@ -58,6 +59,34 @@ def test_objects_past_capacity_spill_and_come_back_mapped(tmp_path: Path) -> Non
         wait_until(lambda: not os.listdir(spill_dir), TIMEOUT, "the spill files to go")
         spill_path = store.spill_path
     assert not os.path.exists(spill_path)  # and the directory with the store
+
+
+def test_a_private_view_is_writeable_copies_only_what_is_written_and_holds_its_object(
+    tmp_path: Path,
+) -> None:
+    with OwnerStore(capacity=64 * MiB, spill_dir=str(tmp_path)) as store:
+        refs = [store.put(np.full(2 * MiB, i, dtype=np.int64)) for i in range(6)]  # 16 MiB each
+        assert store.stats()["spilled_objects"] >= 1
+        for i in (0, 5):  # the oldest, read from its spill file; the newest, in the arena
+            before = anonymous_memory(os.getpid())
+            mine = store.get(refs[i], private=True)
+            assert mine.flags.writeable and int(mine.sum()) == i * 2 * MiB
+            where = _mapped_files(mine.__array_interface__["data"][0])
+            assert where and (str(store.spill_path) in where[0]) == (i == 0), where
+            assert anonymous_memory(os.getpid()) - before < 4 * MiB  # read: nothing copied
+            mine[:] = -1
+            assert anonymous_memory(os.getpid()) - before >= 12 * MiB  # written: copied here
+            shared = store.get(refs[i])
+            assert shared[0] == i and shared[-1] == i  # the store's object as it was
+            del shared, mine
+        mine = store.get(refs[5], private=True)
+        store.delete(refs[5])  # the owner lets go; the view still holds the object
+        assert store.stats()["num_objects"] == 6
+        for ref in refs[:5]:
+            store.delete(ref)
+        assert store.stats()["num_objects"] == 1 and mine[-1] == 5
+        del mine
+        wait_until(lambda: store.stats()["num_objects"] == 0, TIMEOUT, "the view's object to go")
 
 
 def test_a_viewed_object_is_never_spilled(tmp_path: Path) -> None:

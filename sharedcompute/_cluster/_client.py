@@ -297,7 +297,7 @@ class ClusterClient(StreamClient, QueuedActorHolds, DefaultScope, RuntimeBase):
         self._send([(Msg.PUT, key, ref_to_wire(ref))])
         return future
 
-    def load(self, ref: ObjectRef) -> Any:
+    def load(self, ref: ObjectRef, *, private: bool = False) -> Any:
         if type(ref) is RemoteObject:
             if ref.node == self.node_id:
                 with self._lock:
@@ -307,7 +307,7 @@ class ClusterClient(StreamClient, QueuedActorHolds, DefaultScope, RuntimeBase):
                 ref = own
             else:
                 ref = self.puller.pull(ref)
-        return super().load(ref)
+        return super().load(ref, private=private)
 
     def _made_again(self, key: int, lost: ObjectRef) -> ObjectRef | None:
         """The head's answer for the task once it has run again (its node died)."""

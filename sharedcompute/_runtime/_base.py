@@ -151,22 +151,24 @@ class RuntimeBase:
     def store_value(self, value: Any) -> ObjectRef:
         return self.store.put_serialized(serialize(value))
 
-    def load(self, ref: ObjectRef) -> Any:
+    def load(self, ref: ObjectRef, *, private: bool = False) -> Any:
+        """The value ``ref`` names: read-only views of the store, or with ``private``
+        copy-on-write views this process may write to (``ObjectStore.private_view``)."""
         if type(ref) is InlineObject:
-            return deserialize(ref.header, ref.payload)
-        return self.store.get(ref)
+            return deserialize(ref.header, bytearray(ref.payload) if private else ref.payload)
+        return self.store.get(ref, private=private)
 
-    def load_result(self, key: int, ref: ObjectRef) -> Any:
+    def load_result(self, key: int, ref: ObjectRef, *, private: bool = False) -> Any:
         """The value of task ``key``; if it lived on a node that died, the value made again."""
         try:
-            return self.load(ref)
+            return self.load(ref, private=private)
         except ObjectLostError:
             if type(ref) is not RemoteObject:
                 raise
             again = self._made_again(key, ref)
             if again is None or again == ref:
                 raise
-            return self.load(again)
+            return self.load(again, private=private)
 
     def _made_again(self, key: int, lost: ObjectRef) -> ObjectRef | None:
         """The new result of task ``key``, whose result ``lost`` is gone (None: none comes)."""

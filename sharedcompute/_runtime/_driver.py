@@ -765,14 +765,15 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
 
     # -- values already in the store --------------------------------------------------
 
-    def load(self, ref: ObjectRef) -> Any:
+    def load(self, ref: ObjectRef, *, private: bool = False) -> Any:
         if type(ref) is RemoteObject:
             if self.cluster is None:
                 raise SharedComputeError(f"object {ref.object_id} lives on node {ref.node}, "
                                          "and this runtime has no other nodes")
             ref = self.cluster.pull(ref)
-        value = super().load(ref)
-        if type(ref) is StoredObject and type(value).__name__ == "ndarray":
+        value = super().load(ref, private=private)
+        # (A private view may be written to: passed on, it must go as its own value.)
+        if type(ref) is StoredObject and not private and type(value).__name__ == "ndarray":
             # Remember the view, so that passing it on again passes the object by reference.
             ident = id(value)
             self._views[ident] = (weakref.ref(value, lambda _: self._views.pop(ident, None)), ref)

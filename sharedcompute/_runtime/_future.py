@@ -84,6 +84,16 @@ class Future(concurrent.futures.Future, Generic[T]):
             timeout = 0
         return super().exception(timeout)
 
+    def _private_result(self) -> tuple[T, bool]:
+        """For a Future that is done: its value loaded afresh as copy-on-write views (its
+        arrays writeable, each page copied for this process when first written), and True;
+        or its ``result()`` and False where the value is not in a store (a value held in
+        memory). Raises as ``result()`` does."""
+        raw = super().result(0)
+        if type(raw) is not ValueRef:
+            return raw, False
+        return self._runtime.load_result(self.key, raw.ref, private=True), True
+
     def _materialize(self, raw: Any) -> Any:
         if type(raw) is not ValueRef:
             return raw

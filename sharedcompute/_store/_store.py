@@ -147,6 +147,21 @@ class _Pin:
             pass
 
 
+class _PrivateMapping(mmap.mmap):
+    """A copy-on-write mapping of one object, holding the object while it is mapped."""
+
+    pin: _Pin
+    skip: int  # where the object starts in it (a mapping starts on a page)
+
+    @classmethod
+    def of(cls, fd: int, start: int, nbytes: int) -> _PrivateMapping:
+        skip = start % mmap.ALLOCATIONGRANULARITY
+        mapped = cls(fd, skip + nbytes, flags=mmap.MAP_PRIVATE,
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start - skip)
+        mapped.skip = skip
+        return mapped
+
+
 class _ViewPin(_Pin):
     """An owner's view: while one lives, its object stays where the view points."""
 
@@ -264,25 +279,58 @@ class ObjectStore:
         with self._lock:
             return self._deliver(object_id, offset, nbytes, header)
 
-    def get(self, ref: ObjectRef) -> Any:
-        """Return the value; arrays and Arrow data are read-only views of the store."""
+    def get(self, ref: ObjectRef, *, private: bool = False) -> Any:
+        """Return the value; arrays and Arrow data are read-only views of the store, or with
+        ``private`` copy-on-write views that this process may write to (``private_view``)."""
         if isinstance(ref, InlineObject):
-            return deserialize(ref.header, ref.payload)
+            return deserialize(ref.header, bytearray(ref.payload) if private else ref.payload)
         if isinstance(ref, RemoteObject):
             raise ObjectLostError(
                 f"object {ref.object_id} lives on node {ref.node}: pull it to this node first"
             )
-        return deserialize(ref.header, self.buffer(ref))
+        return deserialize(ref.header, self.buffer(ref, private=private))
 
-    def buffer(self, ref: StoredObject) -> Any:
-        """A read-only ``pyarrow.Buffer`` over the object; it keeps the object alive."""
+    def buffer(self, ref: StoredObject, *, private: bool = False) -> Any:
+        """A read-only ``pyarrow.Buffer`` over the object (``private``: a writeable one, see
+        ``private_view``); it keeps the object alive."""
+        where = self._hold(ref.object_id) or ref
+        return self._view(where, _Pin(self, ref.object_id), private)
+
+    def _view(self, where: StoredObject, pin: _Pin, private: bool) -> Any:
         import pyarrow as pa
 
-        where = self._hold(ref.object_id) or ref
-        pin = _Pin(self, ref.object_id)
+        if private and where.nbytes:
+            return self.private_view(where, pin)
         if where.offset == SPILLED:
             return self._mapped(where, pin)
         return pa.foreign_buffer(self.segment.address + where.offset, where.nbytes, base=pin)
+
+    def private_view(self, where: StoredObject, pin: _Pin) -> Any:
+        """A writeable ``pyarrow.Buffer`` over a private (copy-on-write) mapping of the object.
+
+        Nothing is copied up front: a page is copied for this process when first written,
+        and writes never reach the store. A page not yet written shows the store's page,
+        so the mapping holds ``pin``: while it lives the object is neither freed nor moved
+        (spilled), and sealed, it never changes.
+        """
+        import pyarrow as pa
+
+        if where.offset != SPILLED:
+            mapped = _PrivateMapping.of(self.segment.fd, where.offset, where.nbytes)
+        else:
+            try:
+                fd = os.open(self._spill_file(where.object_id), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    mapped = _PrivateMapping.of(fd, 0, where.nbytes)
+                finally:
+                    os.close(fd)
+            except OSError as error:
+                raise ObjectLostError(
+                    f"object {where.object_id} was spilled, and its file cannot be read: {error}"
+                ) from error
+        skip = mapped.skip
+        mapped.pin = pin
+        return pa.py_buffer(memoryview(mapped)[skip : skip + where.nbytes])
 
     def _mapped(self, where: StoredObject, pin: _Pin) -> Any:
         """A spilled object's file, mapped: the view reads the page cache, no copy. Its
@@ -658,9 +706,7 @@ class OwnerStore(ObjectStore):
             "driver, or viewed, cannot be spilled: let go of some, or raise store_capacity"
         )
 
-    def buffer(self, ref: StoredObject) -> Any:
-        import pyarrow as pa
-
+    def buffer(self, ref: StoredObject, *, private: bool = False) -> Any:
         object_id = ref.object_id
         with self._lock:
             self.move_out_before_read(object_id)
@@ -669,10 +715,7 @@ class OwnerStore(ObjectStore):
                 self._table.incref(OWNER, object_id)
             self._local[object_id] += 1
             self._views[object_id] += 1
-        pin = _ViewPin(self, object_id)
-        if where.offset == SPILLED:
-            return self._mapped(where, pin)
-        return pa.foreign_buffer(self.segment.address + where.offset, where.nbytes, base=pin)
+        return self._view(where, _ViewPin(self, object_id), private)
 
     def move_out_before_read(self, object_id: int) -> None:
         """Past the spill threshold, write an object to its file before a reader takes it
