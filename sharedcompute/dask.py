@@ -17,16 +17,16 @@ Data flow::
                                                                  ▼
       DataNode ──> value inline, or sc.put once ──┐        GraphPlan: tasks, data, aliases,
       Alias    ──> the handle of its target ──────┤        producers / readers, priority
-      Task     ──> submit(_run_task, node, {dep: Future | value}) ──> worker: node(values)
+      Task     ──> submit(_run_task, (node, deps), *(Future | value)) ──> worker: node(values)
                                                   │                        │
                           Futures (by reference)  │   result sealed in the store
                                                   ▼                        ▼
                              next tasks' arguments       only requested keys: .result()
 
-Each Dask task runs as one sharedcompute task whose arguments are that node and a dict of
-its dependencies' Futures, never the whole graph: the runtime starts it when they are done
-and hands it their values as zero-copy, read-only views of the store. Nothing but the
-requested keys comes back to the driver.
+Each Dask task runs as one sharedcompute task whose arguments are that node with its
+dependencies' keys, then their Futures, never the whole graph: the runtime starts it when
+they are done and hands it their values as zero-copy, read-only views of the store.
+Nothing but the requested keys comes back to the driver.
 
 State of one ``get`` (a :class:`_GraphRun`):
 
@@ -134,34 +134,38 @@ def get(
     return nested(keys, values)
 
 
-def _run_task(node: Any, values: dict[Key, Any]) -> Any:
-    """Runs in a worker: one Dask node, given its dependencies' values (by key)."""
-    if type(node) is bytes:
-        node = pickle.loads(node)
+def _run_task(task: Any, *inputs: Any) -> Any:
+    """Runs in a worker: one Dask node, given its dependencies' values in the order of the
+    keys that ``task`` (the node and those keys, maybe pickled) names."""
+    node, keys = pickle.loads(task) if type(task) is bytes else task
+    values = dict(zip(keys, inputs, strict=True))
+    # Some Dask versions leave the call's frame in a reference cycle: holding neither the
+    # inputs nor (emptied, below) this dict, it cannot keep their store views alive.
+    del inputs
     try:
         return node(values)
     finally:
-        # Some Dask versions leave the call's frame in a reference cycle that holds this
-        # dict; emptied, it cannot keep the inputs' store views alive until the next GC.
         values.clear()
 
 
-def _pickled_node(node: Any) -> Any:
-    """The node as plain-pickle bytes where that is safe and small, else the node itself.
+def _pickled_node(node: Any, keys: tuple[Key, ...]) -> Any:
+    """The node and its dependencies' keys as plain-pickle bytes where that is safe and
+    small, else as they are.
 
     Most Dask nodes hold module-level functions, which the standard pickler writes by
-    reference about twice as fast as cloudpickle; that is a good share of the driver's cost
-    per task on graphs of small tasks. Anything that names ``__main__`` (a script's own
-    functions, which a worker cannot import) or does not pickle plainly (lambdas, closures)
-    and anything big (arrays inside a node travel better out of band) is left to the
-    runtime's serializer, which uses cloudpickle.
+    reference about twice as fast as cloudpickle; with the Futures as the other arguments,
+    the runtime then packs a task's arguments without walking or serializing anything
+    more. That is a good share of the driver's cost per task on graphs of small tasks.
+    Anything that names ``__main__`` (a script's own functions, which a worker cannot
+    import) or does not pickle plainly (lambdas, closures) and anything big (arrays inside
+    a node travel better out of band) is left to the runtime's serializer (cloudpickle).
     """
     try:
-        data = pickle.dumps(node, protocol=5)
+        data = pickle.dumps((node, keys), protocol=5)
     except Exception:
-        return node
+        return node, keys
     if len(data) > INLINE_LIMIT or b"__main__" in data:
-        return node
+        return node, keys
     return data
 
 
@@ -251,15 +255,17 @@ class _Backend:
         workers = getattr(runtime, "num_workers", None)
         return int(workers or sc.config.get("num_workers") or os.cpu_count() or 1)
 
-    def submit(self, key: Key, node: Any, values: dict[Key, Any]) -> sc.Future[Any]:
-        node = _pickled_node(node)
+    def submit(
+        self, key: Key, node: Any, deps: tuple[Key, ...], inputs: list[Any]
+    ) -> sc.Future[Any]:
+        task = _pickled_node(node, deps)
         if self.executor is not None:
-            return self.executor.submit(_run_task, node, values)
+            return self.executor.submit(_run_task, task, *inputs)
         name = _task_name(key)
         named = self._named.get(name)
         if named is None:
             named = self._named[name] = self._task.options(name=name)
-        return named.submit(node, values)
+        return named.submit(task, *inputs)
 
     def put(self, value: Any) -> sc.Future[Any]:
         if self.executor is not None:
@@ -356,10 +362,12 @@ class _GraphRun:
         while self.ready and len(self.in_flight) < self.window:
             key = heapq.heappop(self.ready)[2]
             node = self.plan.tasks[key]
-            values = {dep: self._argument(dep) for dep in node.dependencies}
+            deps = tuple(node.dependencies)
+            inputs = [self._argument(dep) for dep in deps]
             if self.hooks is not None:
                 self.hooks.running(key)
-            future = self.backend.submit(key, node, values)
+            future = self.backend.submit(key, node, deps, inputs)
+            del inputs
             self.unsubmitted -= 1
             self.handles[key] = future
             self.in_flight[future] = key
