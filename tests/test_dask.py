@@ -121,10 +121,8 @@ def test_dataframe_merge(runtime: sc.Runtime) -> None:
     pd.testing.assert_frame_equal(canonical(ours(merged)), canonical(sync(merged)))
 
 
-def test_a_disk_shuffle_leaves_no_directory_behind(runtime: sc.Runtime, tmp_path: Path) -> None:
-    """partd removes a disk shuffle's directory only at the exit of the process that made it,
-    and workers skip exit handlers: the directory is made by the driver and removed when
-    the graph ends, whether it succeeds or fails."""
+def _disk_merge(tmp_path: Path) -> tuple[Any, Any]:
+    """A merge that shuffles on disk under ``tmp_path``, and its result (by "sync")."""
     left = dd.from_map(make_frame, range(4))
     right = dd.from_map(make_frame, range(2, 6))[["id", "value"]].rename(
         columns={"value": "other"})
@@ -132,8 +130,18 @@ def test_a_disk_shuffle_leaves_no_directory_behind(runtime: sc.Runtime, tmp_path
     with dask.config.set({"temporary_directory": str(tmp_path),
                           "dataframe.shuffle.method": "disk"}):
         expected = sync(merged).sort_values("id").reset_index(drop=True)
-        for leftover in tmp_path.glob("*.partd"):  # sync's own: removed at exit
-            shutil.rmtree(leftover)
+    for leftover in tmp_path.glob("*.partd"):  # sync's own: removed at exit
+        shutil.rmtree(leftover)
+    return merged, expected
+
+
+def test_a_disk_shuffle_leaves_no_directory_behind(runtime: sc.Runtime, tmp_path: Path) -> None:
+    """partd removes a disk shuffle's directory only at the exit of the process that made it,
+    and workers skip exit handlers: the directory is made by the driver and removed when
+    the graph ends, whether it succeeds or fails."""
+    merged, expected = _disk_merge(tmp_path)
+    with dask.config.set({"temporary_directory": str(tmp_path),
+                          "dataframe.shuffle.method": "disk"}):
         got = ours(merged).sort_values("id").reset_index(drop=True)
         pd.testing.assert_frame_equal(got, expected)
         assert list(tmp_path.glob("*.partd")) == []
@@ -158,18 +166,11 @@ def _refuse_fsync() -> int:
 def test_a_disk_shuffle_never_waits_for_its_files_to_reach_the_disk(tmp_path: Path) -> None:
     """Dask asks partd to fsync every file it appends to; a worker's scratch files are
     read back through the page cache and removed with the graph, so none is synced."""
-    left = dd.from_map(make_frame, range(4))
-    right = dd.from_map(make_frame, range(2, 6))[["id", "value"]].rename(
-        columns={"value": "other"})
-    merged = left.merge(right, on="id")
-    with dask.config.set({"temporary_directory": str(tmp_path),
-                          "dataframe.shuffle.method": "disk"}):
-        expected = sync(merged).sort_values("id").reset_index(drop=True)
-        for leftover in tmp_path.glob("*.partd"):
-            shutil.rmtree(leftover)
-        with sc.Runtime(num_workers=1):
-            assert sc.submit(_refuse_fsync).result(timeout=TIMEOUT) != os.getpid()
-            got = ours(merged).sort_values("id").reset_index(drop=True)
+    merged, expected = _disk_merge(tmp_path)
+    disk = {"temporary_directory": str(tmp_path), "dataframe.shuffle.method": "disk"}
+    with dask.config.set(disk), sc.Runtime(num_workers=1):
+        assert sc.submit(_refuse_fsync).result(timeout=TIMEOUT) != os.getpid()
+        got = ours(merged).sort_values("id").reset_index(drop=True)
     pd.testing.assert_frame_equal(got, expected)
     assert list(tmp_path.glob("*.partd")) == []
 

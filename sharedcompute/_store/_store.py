@@ -50,8 +50,9 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sharedcompute._serialization import Serialized, deserialize, serialize
 from sharedcompute._store._segment import (
@@ -78,6 +79,7 @@ INLINE_THRESHOLD = 64 * 1024
 AHEAD_MAX_BYTES = 32 * 1024 * 1024
 _DECREFS_PER_MESSAGE = 4096  # about 40 KiB pickled: far below any datagram limit
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
+_M = TypeVar("_M", bound=mmap.mmap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,16 +320,7 @@ class ObjectStore:
         if where.offset != SPILLED:
             mapped = _PrivateMapping.of(self.segment.fd, where.offset, where.nbytes)
         else:
-            try:
-                fd = os.open(self._spill_file(where.object_id), os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    mapped = _PrivateMapping.of(fd, 0, where.nbytes)
-                finally:
-                    os.close(fd)
-            except OSError as error:
-                raise ObjectLostError(
-                    f"object {where.object_id} was spilled, and its file cannot be read: {error}"
-                ) from error
+            mapped = self._map_spilled(where, lambda fd: _PrivateMapping.of(fd, 0, where.nbytes))
         skip = mapped.skip
         mapped.pin = pin
         return pa.py_buffer(memoryview(mapped)[skip : skip + where.nbytes])
@@ -337,19 +330,24 @@ class ObjectStore:
         pages are mapped at once (MAP_POPULATE): one pass, twice as fast as a fault per page."""
         import pyarrow as pa
 
+        mapped = self._map_spilled(where, lambda fd: mmap.mmap(
+            fd, where.nbytes, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ))
+        data = pa.py_buffer(mapped)
+        return pa.foreign_buffer(data.address, data.size, base=(pin, data))
+
+    def _map_spilled(self, where: StoredObject, mapping: Callable[[int], _M]) -> _M:
+        """``mapping(fd)`` of a spilled object's file; a file that cannot be read is a lost
+        object."""
         try:
             fd = os.open(self._spill_file(where.object_id), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                mapped = mmap.mmap(fd, where.nbytes, flags=mmap.MAP_SHARED | _MAP_POPULATE,
-                                   prot=mmap.PROT_READ)
+                return mapping(fd)
             finally:
                 os.close(fd)
         except OSError as error:
             raise ObjectLostError(
                 f"object {where.object_id} was spilled, and its file cannot be read: {error}"
             ) from error
-        data = pa.py_buffer(mapped)
-        return pa.foreign_buffer(data.address, data.size, base=(pin, data))
 
     def _spill_file(self, object_id: int) -> str:
         raise NotImplementedError
