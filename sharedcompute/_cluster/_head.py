@@ -87,6 +87,7 @@ class _RemoteNode:
     data_address: str
     attached: bool = False
     workers: tuple[WorkerProcess, ...] = ()  # as its latest heartbeat read them
+    lost: bool = False  # declared dead (its info says so once the runtime knows)
 
 
 class Head(ThreadedServer):
@@ -216,13 +217,17 @@ class Head(ThreadedServer):
     def _node_lost(self, node_id: int, reason: str) -> None:
         with self._lock:
             remote = self._nodes.get(node_id)
-            if remote is None or not remote.info.alive:
+            if remote is None or remote.lost or not remote.info.alive:
                 return
-            remote.info = replace(remote.info, alive=False, available={}, workers=0)
-            remote.workers = ()
+            remote.lost = True
             sock = remote.connection.sock
         print(f"sharedcompute head: node {node_id} is dead: {reason}", file=sys.stderr)
         self.cluster.node_lost(node_id, f"node {node_id} ({remote.info.address}) died: {reason}")
+        # Shown dead only now: whoever sees that (``status()``) and asks for a value that
+        # lived there finds its task already running again, not the lost copy.
+        with self._lock:
+            remote.info = replace(remote.info, alive=False, available={}, workers=0)
+            remote.workers = ()
         try:
             sock.shutdown(socket.SHUT_RDWR)  # its serving thread ends too
         except OSError:
