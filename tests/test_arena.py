@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -139,6 +140,34 @@ def test_a_large_array_result_is_sealed_where_the_task_made_it(tmp_path: object)
         assert _driver_offset(rt, value) == offset  # the same bytes: no copy
         assert value[0] == 0 and value[-1] == N - 1 and not value.flags.writeable
         del value
+
+
+@needs_handler
+def test_a_sealed_result_takes_the_workers_hold_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each result made in the store reaches the owner in one message, the worker's hold on
+    its block with it: no release of it follows, and results still go when dropped."""
+    from sharedcompute._store import _server
+
+    told: list[tuple[str, Any]] = []
+    dispatch = _server.StoreServer._dispatch
+
+    def recording(self: Any, client: int, op: str, args: list[Any]) -> Any:
+        told.append((op, args[0]))
+        return dispatch(self, client, op, args)
+
+    monkeypatch.setattr(_server.StoreServer, "_dispatch", recording)
+    with sc.Runtime(num_workers=1, store_capacity=256 * MiB) as rt:
+        before = _used(rt)
+        assert sc.get([sc.submit(_where_made) for _ in range(4)], timeout=TIMEOUT)[-1]
+        made = [sc.submit(np.ones, N) for _ in range(4)]
+        ids = {f.ref.object_id for f in sc.wait(made, timeout=TIMEOUT).done}
+        assert len(ids) == 4
+        sc.submit(time.sleep, 0.3).result(timeout=TIMEOUT)  # the worker goes idle meanwhile
+        delivered = {args for op, args in told if op == "deliver"}
+        released = {object_id for op, counts in told if op == "decref" for object_id in counts}
+        assert ids <= delivered and not ids & released, (ids, delivered, released)
+        del made
+        wait_until(lambda: _used(rt) == before, timeout=TIMEOUT)
 
 
 @needs_handler

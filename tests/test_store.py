@@ -522,6 +522,40 @@ def test_a_handed_over_object_is_sealed_by_whichever_comes_first(store):
         client.close()
 
 
+def test_a_sealed_lease_hands_the_clients_hold_over_with_it(store):
+    """A worker that seals a result it made in a leased block, and lets go of it next, gives
+    its hold to the owner in the same one-way message; a block it also reads keeps it."""
+    from sharedcompute._serialization import serialize
+
+    client = ClientStore(store.address)
+    try:
+        refs = []
+        for hand_over in (True, False):
+            value = serialize(np.full(MiB, 3.0))
+            object_id, offset = client.lease(value.nbytes)
+            value.write_into(client.segment.writable(offset, value.nbytes))
+            view = None if hand_over else client.get(StoredObject(
+                object_id, offset, value.nbytes, value.header))  # read here as well
+            ref, handed = client.seal_leased(object_id, offset, value.header, value.nbytes,
+                                             hand_over=True)
+            assert handed is hand_over
+            assert (object_id in client._local) is not hand_over
+            store.adopt(ref)
+            refs.append(ref)
+            client.release_spares()
+            client.stats()  # the same connection: the owner has read the deliver
+            holders = {entry[0]: entry[3] for entry in store.objects()}[object_id]
+            assert len(holders) == (1 if hand_over else 2), holders
+            del view
+        client.delete(refs[1])  # the lease's hold (the view's went with the view)
+        assert float(store.get(refs[0]).sum()) == 3.0 * MiB
+        for ref in refs:
+            store.delete(ref)
+        assert client.stats()["num_objects"] == 0 and store.stats()["used_bytes"] == 0
+    finally:
+        client.close()
+
+
 def test_a_client_leases_its_next_results_block_ahead(store):
     """After a result for the owner, the client has the next block of that size leased ahead:
     the next result of about that size takes it without a round trip; idle, it goes back."""

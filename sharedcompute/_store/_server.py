@@ -128,6 +128,8 @@ class StoreServer:
             return self._owner._sealed(args[0], args[1])
         if op == "deliver":  # sealed here, or by adopt if that came first
             self._owner.seal_delivered(args[0], args[1], args[2])
+            if args[3]:  # and the client's hold with it: one message, not two
+                table.decref(client, args[0])
             return None
         if op == "incref":
             self._owner.move_out_before_read(args[0])

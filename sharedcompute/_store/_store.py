@@ -273,13 +273,19 @@ class ObjectStore:
         finally:
             self._lock.release()
 
-    def seal_leased(self, object_id: int, offset: int, header: bytes,
-                    nbytes: int) -> StoredObject:
+    def seal_leased(self, object_id: int, offset: int, header: bytes, nbytes: int, *,
+                    hand_over: bool = False) -> tuple[StoredObject, bool]:
         """Seal a leased block holding a value of ``nbytes`` (``header`` from its
-        ``Serialized``) for the owner, which takes it with ``adopt``; this process's
-        hold stays until it releases the block."""
+        ``Serialized``) for the owner, which takes it with ``adopt``; and whether this
+        process's hold went with it. It goes with ``hand_over`` where the lease is all this
+        process holds of it (the caller lets go of the block then, and must not release
+        it again); else it stays until this process releases the block."""
         with self._lock:
-            return self._deliver(object_id, offset, nbytes, header)
+            handed = hand_over and self._local[object_id] == 1
+            ref = self._deliver(object_id, offset, nbytes, header, handed)
+            if handed:
+                del self._local[object_id]
+            return ref, handed
 
     def get(self, ref: ObjectRef, *, private: bool = False) -> Any:
         """Return the value; arrays and Arrow data are read-only views of the store, or with
@@ -485,7 +491,8 @@ class ObjectStore:
     def _seal(self, object_id: int, header: bytes) -> StoredObject:
         raise NotImplementedError
 
-    def _deliver(self, object_id: int, offset: int, nbytes: int, header: bytes) -> StoredObject:
+    def _deliver(self, object_id: int, offset: int, nbytes: int, header: bytes,
+                 hand_over: bool = False) -> StoredObject:
         raise NotImplementedError
 
     def _incref(self, object_id: int) -> StoredObject:
@@ -956,11 +963,13 @@ class ClientStore(ObjectStore):
         result: StoredObject = self._request("seal", object_id, header)
         return result
 
-    def _deliver(self, object_id: int, offset: int, nbytes: int, header: bytes) -> StoredObject:
+    def _deliver(self, object_id: int, offset: int, nbytes: int, header: bytes,
+                 hand_over: bool = False) -> StoredObject:
         # No reply: this connection's later requests (a read of it) come after it in order,
         # and everyone else learns of the object from the owner, which seals it on adopt.
+        message = ("deliver", object_id, header, nbytes, hand_over)
         try:
-            self._sock.send(pickle.dumps(("deliver", object_id, header, nbytes), protocol=5))
+            self._sock.send(pickle.dumps(message, protocol=5))
         except OSError as exc:
             raise SharedComputeError(f"lost the connection to the object store: {exc}") from exc
         return StoredObject(object_id, offset, nbytes, header)

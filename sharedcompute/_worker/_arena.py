@@ -51,6 +51,8 @@ class Arena:
         self._handler = handler
         self._base = store.segment.address
         self._blocks: dict[int, tuple[int, int]] = {}  # address -> (object id, size)
+        # Sealed results whose hold went to the owner with them: freed here, nothing to tell.
+        self._handed: dict[int, tuple[int, int]] = {}
         self._leased = 0
         self._most = int(store.capacity * LEASED_SHARE)
         self._ndarray = sys.modules["numpy"].ndarray
@@ -90,6 +92,11 @@ class Arena:
             return 0
         object_id, offset = leased
         address = self._base + offset
+        if address in self._handed:
+            # A result handed over is not freed here yet, and the owner has freed and lent
+            # its block again: two arrays must never share it, nor one free the other's.
+            self._store._queue_release(object_id)
+            return 0
         self._blocks[address] = (object_id, size)
         self._leased += size
         return address
@@ -97,19 +104,25 @@ class Arena:
     def _free(self, address: int) -> None:
         if os.getpid() != self._pid:
             return  # a forked child's copy of an array: the parent holds the block
+        handed = self._handed.pop(address, None)
+        if handed is not None:
+            self._leased -= handed[1]
+            return  # its hold went with the result (seal)
         block = self._blocks.pop(address, None)
         if block is not None:
             self._leased -= block[1]
             self._store._queue_release(block[0])  # never blocks: numpy frees anywhere
 
     def _size(self, address: int) -> int:
-        return self._blocks[address][1]
+        block = self._blocks.get(address) or self._handed[address]
+        return block[1]
 
     # -- results ----------------------------------------------------------------------
 
     def seal(self, result: Any) -> StoredObject | None:
         """Seal ``result``'s block as the task's result, if it is an array made in one
-        (the caller knows nothing else holds it); None: it must be copied."""
+        (the caller knows nothing else holds it, and lets go of it next: so this process's
+        hold goes to the owner with it, in the same message); None: it must be copied."""
         if type(result) is not self._ndarray or result.nbytes < ARENA_BYTES:
             return None
         address = result.__array_interface__["data"][0]
@@ -123,4 +136,8 @@ class Arena:
         if not supports(result):
             return None
         header = serialize_ndarray(result).header
-        return self._store.seal_leased(block[0], address - self._base, header, block[1])
+        ref, handed = self._store.seal_leased(block[0], address - self._base, header, block[1],
+                                              hand_over=True)
+        if handed:
+            self._handed[address] = self._blocks.pop(address)
+        return ref
