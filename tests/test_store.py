@@ -536,8 +536,7 @@ def test_a_sealed_lease_hands_the_clients_hold_over_with_it(store):
             value.write_into(client.segment.writable(offset, value.nbytes))
             view = None if hand_over else client.get(StoredObject(
                 object_id, offset, value.nbytes, value.header))  # read here as well
-            ref, handed = client.seal_leased(object_id, offset, value.header, value.nbytes,
-                                             hand_over=True)
+            ref, handed = client.seal_leased(object_id, offset, value.header, value.nbytes)
             assert handed is hand_over
             assert (object_id in client._local) is not hand_over
             store.adopt(ref)

@@ -240,11 +240,14 @@ class ObjectStore:
             else:  # warm pages: giving the value's back early would save nothing
                 serialized.write_into(dest)
             with self._lock:
-                if hand_over:
-                    ref = self._deliver(object_id, offset, nbytes, serialized.header)
-                    if spare is not None:
+                if spare is not None:
+                    ref, handed = self._deliver_lease(object_id, offset, nbytes,
+                                                      serialized.header)
+                    if not handed:
                         self._pending.append(object_id)  # the lease's hold, after the deliver
                     return ref
+                if hand_over:
+                    return self._deliver(object_id, offset, nbytes, serialized.header)
                 return self._seal(object_id, serialized.header)
         except BaseException:
             if hand_over and spare is None:
@@ -273,19 +276,25 @@ class ObjectStore:
         finally:
             self._lock.release()
 
-    def seal_leased(self, object_id: int, offset: int, header: bytes, nbytes: int, *,
-                    hand_over: bool = False) -> tuple[StoredObject, bool]:
+    def seal_leased(self, object_id: int, offset: int, header: bytes,
+                    nbytes: int) -> tuple[StoredObject, bool]:
         """Seal a leased block holding a value of ``nbytes`` (``header`` from its
         ``Serialized``) for the owner, which takes it with ``adopt``; and whether this
-        process's hold went with it. It goes with ``hand_over`` where the lease is all this
-        process holds of it (the caller lets go of the block then, and must not release
-        it again); else it stays until this process releases the block."""
+        process's hold went with it (see ``_deliver_lease``: the caller, who lets go of
+        the block next, must then not release it again)."""
         with self._lock:
-            handed = hand_over and self._local[object_id] == 1
-            ref = self._deliver(object_id, offset, nbytes, header, handed)
-            if handed:
-                del self._local[object_id]
-            return ref, handed
+            return self._deliver_lease(object_id, offset, nbytes, header)
+
+    def _deliver_lease(self, object_id: int, offset: int, nbytes: int,
+                       header: bytes) -> tuple[StoredObject, bool]:
+        """Deliver a leased block to the owner (lock held), this process's hold with it in
+        the same message where the lease is all this process holds of it; whether it went
+        (else the hold stays until this process releases the block)."""
+        handed = self._local[object_id] == 1
+        ref = self._deliver(object_id, offset, nbytes, header, handed)
+        if handed:
+            del self._local[object_id]
+        return ref, handed
 
     def get(self, ref: ObjectRef, *, private: bool = False) -> Any:
         """Return the value; arrays and Arrow data are read-only views of the store, or with

@@ -136,8 +136,7 @@ class Arena:
         if not supports(result):
             return None
         header = serialize_ndarray(result).header
-        ref, handed = self._store.seal_leased(block[0], address - self._base, header, block[1],
-                                              hand_over=True)
+        ref, handed = self._store.seal_leased(block[0], address - self._base, header, block[1])
         if handed:
             self._handed[address] = self._blocks.pop(address)
         return ref

@@ -35,6 +35,19 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 
+def proc_kib(path: str, field: str) -> int | None:
+    """A ``Field:   N kB`` line of a /proc file (``status``, ``smaps_rollup``, ``meminfo``),
+    in bytes; None where the file (a process gone) or the field is missing."""
+    try:
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def ensure_repo_on_path() -> None:
     """Make ``import sharedcompute`` work however the benchmark was started."""
     root = str(REPO_ROOT)

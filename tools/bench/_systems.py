@@ -350,14 +350,8 @@ def _idle(plan: Plan) -> dict[str, Any]:
 
 
 def _own_memory(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            for line in rollup:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    found: int | None = _common().proc_kib(f"/proc/{pid}/smaps_rollup", "Pss")
+    return found
 
 
 def _common() -> Any:

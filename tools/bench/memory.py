@@ -45,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from tools.bench._common import MiB, run_in_subprocess
+from tools.bench._common import MiB, proc_kib, run_in_subprocess
 
 GiB = 1024 * MiB
 
@@ -152,25 +152,12 @@ def _dask(array_mib: int, store_mib: int) -> dict[str, Any]:
 def anonymous_memory(pid: int) -> int:
     """Resident private anonymous memory of a process (its heap; not the shared memory it
     maps), in bytes; 0 for a process gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_kib(f"/proc/{pid}/status", "RssAnon") or 0
 
 
 def _memory_now(pids: list[int]) -> int:
     """Anonymous memory of ``pids`` plus all resident shared memory (``Shmem``), in bytes."""
-    total = sum(anonymous_memory(pid) for pid in pids)
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("Shmem:"):
-                total += int(line.split()[1]) * 1024
-                break
-    return total
+    return sum(anonymous_memory(pid) for pid in pids) + (proc_kib("/proc/meminfo", "Shmem") or 0)
 
 
 def _peak_during(pids: list[int], work: Any) -> tuple[int, float, Any]:
