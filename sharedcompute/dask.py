@@ -91,6 +91,9 @@ SCHEDULER_NAME = "sharedcompute"
 # Below this estimated size a DataNode's value rides inside its readers' arguments; above
 # it the value is put in the store once and every reader gets it by reference.
 INLINE_LIMIT = 64 * 1024
+# How long a failed graph waits for its tasks already on workers before it removes its
+# disk shuffles' directories (which they may still write to).
+_SCRATCH_GRACE_SECONDS = 30.0
 
 Key = Hashable
 
@@ -312,9 +315,12 @@ class _GraphRun:
             failed = False
             return results
         finally:
-            self._abandon()
-            for path in self.scratch:
-                shutil.rmtree(path, ignore_errors=True)
+            started = self._abandon()
+            if self.scratch:
+                if started:  # they may still write there (bounded: a hung task must not
+                    sc.wait(started, timeout=_SCRATCH_GRACE_SECONDS)  # hang the error)
+                for path in self.scratch:
+                    shutil.rmtree(path, ignore_errors=True)
             if self.hooks is not None:
                 self.hooks.finished(failed)
 
@@ -406,13 +412,15 @@ class _GraphRun:
                 results[key] = _owned(handle) if self.writeable_results else handle.result()
         return results
 
-    def _abandon(self) -> None:
-        """Let go of everything: cancel what has not started, drop every Future."""
-        for future in self.in_flight:
-            future.cancel()
+    def _abandon(self) -> list[sc.Future[Any]]:
+        """Let go of everything: cancel what has not started, drop every Future; those
+        that could not be cancelled (sent to a worker: running, or queued behind a running
+        task) are returned."""
+        started = [future for future in self.in_flight if not future.cancel()]
         self.in_flight.clear()
         self.handles.clear()
         self.ready.clear()
+        return started
 
 
 class _Hooks:

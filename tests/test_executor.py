@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -146,6 +147,59 @@ def test_tasks_queued_behind_large_ones_are_still_withdrawn() -> None:
     assert head.result(timeout=0) == 0
     ran = [f for f in queued if not f.cancelled()]
     assert len(ran) <= 2, f"{len(ran)} of 15 queued tasks ran after their withdrawal"
+
+
+def nap(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def hold(path: str, pause: float = 0.0) -> int:
+    time.sleep(pause)
+    while not os.path.exists(path):
+        time.sleep(0.005)
+    return os.getpid()
+
+
+def test_brief_tasks_queue_behind_busy_workers_and_idle_ones_take_them_back(
+    tmp_path: Path,
+) -> None:
+    # Pipelining: with every worker busy, a task whose function ran for under 100 ms is
+    # sent at once, queued behind a worker's one running task; a worker left idle with
+    # nothing ready takes it back. One lands behind a long `hold` and must run elsewhere.
+    # (10 ms each at first: brief, not short; short tasks are prefetched deeper.)
+    release = tmp_path / "release"
+    release.touch()
+    with sc.Executor(2) as executor:
+        try:
+            for _ in range(2):  # (the first call of each loads it, and may take longer)
+                executor.submit(hold, str(release), 0.01).result(timeout=TIMEOUT)
+                executor.submit(nap, 0.01).result(timeout=TIMEOUT)
+            release.unlink()
+            long_one = executor.submit(hold, str(release))
+            wait_until(long_one.running, what="the long task to run")
+            other = executor.submit(nap, 0.3)
+            wait_until(other.running, what="the second task to run")
+            queued = [executor.submit(nap, 0.01) for _ in range(2)]
+            assert all(f.running() for f in queued), "sent to the busy workers at once"
+            last = executor.submit(nap, 0.01)
+            assert not last.running(), "one deep behind each worker, no more"
+            pids = {f.result(timeout=TIMEOUT) for f in [*queued, last]}
+            assert pids == {other.result(timeout=0)}  # none waited behind the long one
+            assert not long_one.done()
+        finally:
+            release.touch()
+        assert long_one.result(timeout=TIMEOUT) != other.result(timeout=0)
+
+
+def test_a_task_not_known_to_be_brief_waits_for_an_idle_worker() -> None:
+    with sc.Executor(1) as executor:
+        head = executor.submit(nap, 0.5)  # never ran: not known to be brief
+        wait_until(head.running, what="the first task to run")
+        waiting = executor.submit(nap, 0)
+        assert not waiting.running()
+        assert waiting.cancel() is True  # still the driver's: cancelled at once
+        assert head.result(timeout=TIMEOUT) > 0
 
 
 def inc(x: int) -> int:

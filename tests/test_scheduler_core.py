@@ -81,16 +81,22 @@ def short(key: int, *deps: int, **fields: Any) -> TaskSubmitted:
     return submit(key, *deps, short=True, **fields)
 
 
+def brief(key: int, *deps: int, **fields: Any) -> TaskSubmitted:
+    """A task whose function is known to run for under 100 ms: queued one deep (pipeline)."""
+    return submit(key, *deps, brief=True, **fields)
+
+
 def child(key: int, parent: int, *deps: int, **fields: Any) -> TaskSubmitted:
     """A task submitted from inside task ``parent``."""
     return submit(key, *deps, parent=parent, **fields)
 
 
 def make_core(
-    cpus: float = 2, workers: int = 2, max_prefetch: int | None = None, **custom: float
+    cpus: float = 2, workers: int = 2, max_prefetch: int | None = None,
+    pipeline: bool = False, **custom: float
 ) -> SchedulerCore:
     options = {} if max_prefetch is None else {"max_prefetch": max_prefetch}
-    core = SchedulerCore({"CPU": float(cpus), **custom}, **options)
+    core = SchedulerCore({"CPU": float(cpus), **custom}, pipeline=pipeline, **options)
     assert core.handle([WorkerJoined(w) for w in range(workers)]) == []
     return core
 
@@ -735,6 +741,97 @@ SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[Any, list[tuple[Any, ...]]]]
     "unknown dependency: rejected": (
         {"cpus": 1, "workers": 1},
         [(submit(2, 77), [reject(2, KeyError)])],
+    ),
+    # -- pipelining (the runtime's policy): one task queued behind each busy worker ----
+    "pipeline: every worker busy, a task queues one deep behind a running one": (
+        {"cpus": 2, "workers": 2, "pipeline": True},
+        [
+            ([brief(k) for k in (1, 2, 3, 4, 5)],
+             [dispatch(0, 1), dispatch(1, 2), dispatch(0, 3), dispatch(1, 4)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 5)]),
+            (TaskFinished(3, 0, "r3"), [resolve(3, "r3")]),
+        ],
+    ),
+    "pipeline: not a task unknown to be brief, nor behind one": (
+        {"cpus": 2, "workers": 2, "pipeline": True},
+        [
+            ([brief(1), submit(2)], [dispatch(0, 1), dispatch(1, 2)]),
+            (brief(3), [dispatch(0, 3)]),  # behind 1, never behind 2
+            (brief(4), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1"), dispatch(0, 4)]),
+            (submit(5), []),  # not known to be brief: waits for an idle worker
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), dispatch(1, 5)]),
+        ],
+    ),
+    "pipeline: not a task needing 2 CPUs, and nothing behind one": (
+        {"cpus": 2, "workers": 1, "pipeline": True},
+        [
+            (brief(1, resources=TWO_CPUS), [dispatch(0, 1)]),
+            (brief(2), [dispatch(0, 2)]),
+            (brief(3, resources=TWO_CPUS), []),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+            (TaskFinished(2, 0, "r2"), [resolve(2, "r2"), dispatch(0, 3)]),
+        ],
+    ),
+    "pipeline: a short task still prefetches deeper behind short ones": (
+        {"cpus": 1, "workers": 1, "max_prefetch": 2, "pipeline": True},
+        [
+            ([short(1), short(2), short(3), short(4)],
+             [dispatch(0, 1), dispatch(0, 2), dispatch(0, 3)]),
+        ],
+    ),
+    "pipeline: a short task queues one deep behind a long one": (
+        {"cpus": 1, "workers": 1, "pipeline": True},
+        [
+            ([brief(1), short(2), short(3)], [dispatch(0, 1), dispatch(0, 2)]),
+        ],
+    ),
+    "pipeline: a worker left idle takes back a task queued behind a busy one": (
+        {"cpus": 2, "workers": 2, "pipeline": True},
+        [
+            ([brief(1), brief(2), brief(3)], [dispatch(0, 1), dispatch(1, 2), dispatch(0, 3)]),
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), ("withdraw", 0, 3)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),  # taken back: not asked twice
+            (TaskReturned(0, 3), [dispatch(0, 3)]),  # both idle now: the first takes it
+            (TaskFinished(3, 0, "r3"), [resolve(3, "r3")]),
+        ],
+    ),
+    "pipeline: a task asked back that had started answers as usual": (
+        {"cpus": 2, "workers": 2, "pipeline": True},
+        [
+            ([brief(1), brief(2), brief(3)], [dispatch(0, 1), dispatch(1, 2), dispatch(0, 3)]),
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), ("withdraw", 0, 3)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+            (TaskFinished(3, 0, "r3"), [resolve(3, "r3")]),
+            (brief(4), [dispatch(0, 4)]),
+        ],
+    ),
+    "pipeline: a task cancelled while asked back is cancelled when handed back": (
+        {"cpus": 2, "workers": 2, "pipeline": True},
+        [
+            ([brief(1), brief(2), brief(3)], [dispatch(0, 1), dispatch(1, 2), dispatch(0, 3)]),
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), ("withdraw", 0, 3)]),
+            (WithdrawRequested(3), []),  # its DROP is on its way already
+            (TaskReturned(0, 3), [cancelled(3)]),
+        ],
+    ),
+    "pipeline: a worker that joins takes back a queued task": (
+        {"cpus": 2, "workers": 1, "pipeline": True},
+        [
+            ([brief(1), brief(2)], [dispatch(0, 1), dispatch(0, 2)]),
+            (WorkerJoined(1), [("withdraw", 0, 2)]),
+            (TaskReturned(0, 2), [dispatch(1, 2)]),
+        ],
+    ),
+    "pipeline: a task queued behind one that dies runs again elsewhere": (
+        {"cpus": 2, "workers": 2, "pipeline": True},
+        [
+            ([brief(1), brief(2), brief(3)], [dispatch(0, 1), dispatch(1, 2), dispatch(0, 3)]),
+            # 1 crashed (it has retries) and 3 never ran: both go back, to the one worker left
+            (WorkerDied(0, "pid 11 was killed by SIGKILL", executing=1, replace=False),
+             [dispatch(1, 1)]),
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), dispatch(1, 3)]),
+        ],
     ),
 }
 

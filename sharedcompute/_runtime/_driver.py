@@ -170,7 +170,9 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         self._lock = self._release_lock
         self._next_key = self._key_counter(1)
         self._next_worker_id = self._key_counter(0)
-        self.core = SchedulerCore(self._resources, max_tasks_per_worker=max_tasks_per_child)
+        self.core = SchedulerCore(
+            self._resources, max_tasks_per_worker=max_tasks_per_child, pipeline=True
+        )
         self._futures: dict[int, Future[Any]] = {}
         self._args_refs: dict[int, ObjectRef] = {}
         # Pickled functions of pending tasks (to send to a worker that lacks one), and how
@@ -189,7 +191,8 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         self.dashboard_url: str | None = None  # set when a dashboard serves this runtime
         # Functions whose last run took under _SHORT_TASK_SECONDS (they may be queued
         # behind one another on a worker); insertion-ordered, bounded.
-        self._short_functions: dict[bytes, None] = {}
+        # Functions last seen to run under _BRIEF_TASK_SECONDS, with that time (LRU-bounded).
+        self._quick_functions: dict[bytes, float] = {}
         self._waiters: defaultdict[int, set[int]] = defaultdict(set)
         self._registered_local: set[int] = set()
         self._settle: deque[tuple[Future[Any], Instruction]] = deque()
@@ -613,7 +616,7 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
             key, tuple(deps), resources, options.max_retries, options.retry_exceptions,
             TaskSpec(fn_key, args_ref, name,
                      stream=None if stream is None else stream.backpressure),
-            short=fn_key in self._short_functions, env=env, pass_errors=options.pass_errors,
+            env=env, pass_errors=options.pass_errors, **self._speed(fn_key),
         )
         self._lock.acquire()
         try:

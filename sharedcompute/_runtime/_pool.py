@@ -406,6 +406,7 @@ class ProcessPool:
             child_sock.close()
             os.close(watch_r)
             os.close(running_fd)
+        running.attach_bell(watch_w)
         conn = Connection(parent_sock, on_backlog=self._on_backlog)
         worker = WorkerHandle(
             id=worker_id, conn=conn, running=running, proc=proc, watch_fd=watch_w,
@@ -764,6 +765,7 @@ class ProcessPool:
     @staticmethod
     def _close_watch(worker: WorkerHandle) -> None:
         if worker.watch_fd >= 0:
+            worker.running.detach_bell()
             os.close(worker.watch_fd)
             worker.watch_fd = -1
 

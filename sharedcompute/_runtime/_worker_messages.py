@@ -73,8 +73,10 @@ if TYPE_CHECKING:
     from sharedcompute._store import ObjectRef, OwnerStore
     from sharedcompute._sync import DrainingLock
 
-_SHORT_TASK_SECONDS = 0.001
-_SHORT_FUNCTIONS_KEPT = 4096
+_SHORT_TASK_SECONDS = 0.001  # prefetched deep, and chained (the core's ``short``)
+_BRIEF_TASK_SECONDS = 0.1  # queued one deep behind a busy worker (the core's ``brief``)
+_QUICK_FUNCTIONS_KEPT = 4096
+_UNKNOWN_SPEED = {"short": False, "brief": False}
 _MAX_FAILED_STARTS = 3  # pool workers exiting before ready, in a row, before giving up
 _START_BACKOFF = 0.1  # seconds before the first restart of a worker that could not start
 _START_BACKOFF_MAX = 5.0
@@ -116,7 +118,7 @@ class WorkerMessages:
         _closed: bool
         _pool: ProcessPool | None
         _failed_starts: int
-        _short_functions: dict[bytes, None]
+        _quick_functions: dict[bytes, float]
         _fn_bytes: dict[bytes, bytes]
         _fn_users: Counter[bytes]
         _task_fn: dict[int, bytes]
@@ -205,12 +207,19 @@ class WorkerMessages:
     def _learn_duration(self, key: int, duration: float) -> None:
         fn_key = self._task_fn.get(key)
         if fn_key is not None:
-            if duration < _SHORT_TASK_SECONDS:
-                self._short_functions[fn_key] = None
-                if len(self._short_functions) > _SHORT_FUNCTIONS_KEPT:
-                    del self._short_functions[next(iter(self._short_functions))]
+            if duration < _BRIEF_TASK_SECONDS:
+                self._quick_functions[fn_key] = duration
+                if len(self._quick_functions) > _QUICK_FUNCTIONS_KEPT:
+                    del self._quick_functions[next(iter(self._quick_functions))]
             else:
-                self._short_functions.pop(fn_key, None)
+                self._quick_functions.pop(fn_key, None)
+
+    def _speed(self, fn_key: bytes) -> dict[str, bool]:
+        """``short`` and ``brief`` of a task of this function, from how long it last ran."""
+        seconds = self._quick_functions.get(fn_key)
+        if seconds is None:
+            return _UNKNOWN_SPEED
+        return {"short": seconds < _SHORT_TASK_SECONDS, "brief": True}
 
     def _on_request(
         self, worker: WorkerSlot, message: tuple[Any, ...], events: list[Event]
@@ -262,8 +271,8 @@ class WorkerMessages:
                 key, dep_keys, task_resources(options),
                 options.max_retries, options.retry_exceptions,
                 TaskSpec(fn_key, args_ref, options.name or str(key), parent, stream),
-                parent=parent, short=fn_key in self._short_functions, env=options.runtime_env,
-                pass_errors=options.pass_errors,
+                parent=parent, env=options.runtime_env, pass_errors=options.pass_errors,
+                **self._speed(fn_key),
             ))
         elif kind == Msg.SUBMIT_CALL:
             _, key, actor_id, class_name, method, args_wire, dep_keys, stream = message

@@ -43,6 +43,16 @@ needing one CPU may be queued, at most ``max_prefetch`` deep, on a worker
 whose tasks are all short, so workers never wait for a round trip between two
 short tasks and nothing ever waits behind a long one.
 
+Pipelining: when every worker is busy, a brief task (its function ran for under 100 ms
+before) needing one CPU may still be queued behind the one brief task a worker runs (one
+deep, as ``ProcessPoolExecutor`` queues calls beyond its workers), so a worker finishing a
+task of a few milliseconds starts the next at once instead of idling for a round trip to
+the driver (most of what such tasks lose to threads on a small machine). A worker left idle
+with nothing ready takes such a queued task back from the worker it waits on (``Withdraw``
+with ``task.stealing``; the worker reads it at once, even mid-task, and hands the task back
+unrun, ``TaskReturned``, or runs it if it had started), so a task never waits behind one
+that turned out long while a worker is free.
+
 Chains: a short task waiting for exactly one unfinished dependency that runs
 (or is queued) on a worker of short tasks is queued right behind it on that
 worker, still unresolved: its ``Dispatch`` carries ``None`` for that
@@ -131,13 +141,15 @@ class SchedulerCore(ActorScheduling):
 
     def __init__(
         self, resources: dict[str, float] | None = None, *, max_prefetch: int = 16,
-        max_tasks_per_worker: int | None = None,
+        max_tasks_per_worker: int | None = None, pipeline: bool = False,
     ) -> None:
         # Local mode is one node; a cluster's head starts with none (NodeJoined).
         self.nodes = NodeTable()
         if resources is not None:
             self.nodes.join(LOCAL_NODE, resources)
         self.max_prefetch = max_prefetch
+        self.pipeline = pipeline  # queue a task behind a busy worker's one task (Pipelining)
+        self._idle_seen = False  # a worker may have been left idle: see whether it can steal
         self.max_tasks_per_worker = max_tasks_per_worker
         self._tasks: dict[TaskKey, Task] = {}
         self._ready: deque[TaskKey] = deque()
@@ -214,6 +226,10 @@ class SchedulerCore(ActorScheduling):
             self._place_actors()
         if self._ready:
             self._schedule()
+        if self._idle_seen:
+            self._idle_seen = False
+            if self.pipeline:
+                self._steal()
         out, self._out = self._out, []
         return out
 
@@ -233,6 +249,7 @@ class SchedulerCore(ActorScheduling):
             actor=event.actor,
             parent=event.parent,
             short=event.short,
+            brief=event.brief or event.short,
             env=event.env,
             name=getattr(event.payload, "name", ""),
             pass_errors=event.pass_errors,
@@ -424,6 +441,7 @@ class SchedulerCore(ActorScheduling):
         if event.env is not None:
             self._envs_in_use = True
         self._workers_by_node[event.node] = self._workers_by_node.get(event.node, 0) + 1
+        self._idle_seen = True
 
     def _on_WorkerDied(self, event: WorkerDied) -> None:
         actor = self._actor_workers.pop(event.worker, None)
@@ -534,6 +552,9 @@ class SchedulerCore(ActorScheduling):
             or task.blocked or task.withdrawing or task.worker not in self._workers
         ):
             return
+        if task.stealing:  # its DROP is on its way: handed back, it is cancelled instead
+            task.withdrawing = True
+            return
         # The first task a worker has that is not blocked runs, or runs next: it stays (as
         # the work in ProcessPoolExecutor's call queue does). Those behind it are withdrawn.
         head = next(
@@ -593,6 +614,7 @@ class SchedulerCore(ActorScheduling):
                 task, TaskState.CANCELLED, CancelledError(f"task {task.key} was cancelled")
             )
             return
+        task.stealing = False
         task.waiting_on = {
             key for key in task.dependencies
             if (dependency := self._tasks.get(key)) is not None
@@ -728,8 +750,11 @@ class SchedulerCore(ActorScheduling):
                 worker.blocked_order.remove(task.key)
         task.blocked = False
         task.worker = None
+        task.stealing = False
         if worker is not None:
             self._rebalance(worker)
+            if not worker.active:
+                self._idle_seen = True
             if worker.tasks_left is not None and worker.tasks_left <= 0 and not worker.assigned:
                 self._retire(worker)
 
@@ -753,18 +778,30 @@ class SchedulerCore(ActorScheduling):
             return self._pick_worker_of_nodes(task)
         best: Worker | None = None
         best_load = 1 + self.max_prefetch
+        behind: Worker | None = None  # one task ahead of it (Pipelining)
+        idle_elsewhere = False
         for worker in self._workers.values():
             if worker.blocked_order:
                 continue  # it only takes children of its top task (_serve_blocked)
             if worker.tasks_left is not None and worker.tasks_left <= 0:
                 continue  # it retires once its tasks are done
             if worker.env != task.env:
+                idle_elsewhere = idle_elsewhere or not worker.active
                 continue
             if not worker.active:
                 return worker if fits(worker.pool, task.resources) else None
             if worker.active < best_load and not worker.active_long:
                 best, best_load = worker, worker.active
-        return best if task.short and task.resources.is_unit else None
+            if worker.active == 1 and not worker.active_slow and behind is None:
+                behind = worker
+        if not task.resources.is_unit:
+            return None
+        if task.short and best is not None:
+            return best
+        if not task.brief:
+            return None
+        # Every worker of its env busy (and none idle in another, which may restart in it).
+        return behind if self.pipeline and not idle_elsewhere else None
 
     def _pick_worker_of_nodes(self, task: Task) -> Worker | None:
         """Several nodes: an idle worker on the node holding most input bytes, then the one
@@ -774,9 +811,13 @@ class SchedulerCore(ActorScheduling):
         best_rank: tuple[float, float] | None = None
         queue_behind: Worker | None = None
         best_load = 1 + self.max_prefetch
+        behind: Worker | None = None  # one task ahead of it (Pipelining)
+        idle = False
         for worker in self._workers.values():
             if worker.blocked_order or (worker.tasks_left is not None and worker.tasks_left <= 0):
                 continue
+            if not worker.active:
+                idle = True
             if worker.env != task.env:
                 continue
             if not worker.active:
@@ -784,11 +825,20 @@ class SchedulerCore(ActorScheduling):
                     rank = (held.get(worker.node, 0), worker.pool.get("CPU", 0.0))
                     if best_rank is None or rank > best_rank:
                         best, best_rank = worker, rank
-            elif worker.active < best_load and not worker.active_long:
+                continue
+            if worker.active < best_load and not worker.active_long:
                 queue_behind, best_load = worker, worker.active
+            if worker.active == 1 and not worker.active_slow and behind is None:
+                behind = worker
         if best is not None:
             return best
-        return queue_behind if task.short and task.resources.is_unit else None
+        if not task.resources.is_unit:
+            return None
+        if task.short and queue_behind is not None:
+            return queue_behind
+        if not task.brief:
+            return None
+        return behind if self.pipeline and not idle else None
 
     def _input_bytes_by_node(self, task: Task) -> dict[NodeId, int]:
         held: dict[NodeId, int] = {}
@@ -858,6 +908,36 @@ class SchedulerCore(ActorScheduling):
                 self._retire(worker, task.env, new_env=True)
                 return True
         return other_idle
+
+    def _steal(self) -> None:
+        """Each worker left idle takes back one task queued behind another worker's running
+        one (see Pipelining): a ``Withdraw``, answered by ``TaskReturned`` (then READY at
+        the front, placed as usual) or by the task's own answer if it had started."""
+        idle = [
+            worker for worker in self._workers.values()
+            if not worker.active and not worker.blocked_order
+            and (worker.tasks_left is None or worker.tasks_left > 0)
+        ]
+        if not idle:
+            return
+        for victim in self._workers.values():
+            if victim.active < 2 or victim.blocked_order:
+                continue
+            for key in victim.assigned[1:]:  # the first one runs (nothing is blocked here)
+                task = self._tasks[key]
+                if (
+                    task.short or task.stealing or task.withdrawing or task.waiting_on
+                    or task.actor is not None or not task.resources.is_unit
+                ):
+                    continue
+                thief = next((w for w in idle if w.env == task.env), None)
+                if thief is None:
+                    continue
+                idle.remove(thief)
+                task.stealing = True
+                self._out.append(Withdraw(victim.id, key))
+                if not idle:
+                    return
 
     def _follow(self, first: Task) -> None:
         """Queue the short task waiting only for ``first`` right behind it (see Chains)."""

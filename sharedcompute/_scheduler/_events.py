@@ -104,6 +104,7 @@ class TaskSubmitted:
     actor: int | None = None  # an actor method call: runs on that actor's process, in order
     parent: TaskKey | None = None  # the task that submitted this one from inside a worker
     short: bool = False  # its function has run for under a millisecond before
+    brief: bool = False  # ... for under 100 ms (short ones too): it may queue (Pipelining)
     env: Any = None  # its runtime_env (hashable; None: none): runs only on a worker of that env
     # A failed dependency fails it with that dependency's own error, not a
     # DependencyFailedError (a num_returns part: Ray's refs all raise the task's error).

@@ -34,10 +34,12 @@ class Task:
     actor: int | None = None
     parent: TaskKey | None = None
     short: bool = False
+    brief: bool = False
     node: NodeId | None = None  # FINISHED: the node its result lives on
     nbytes: int = 0  # FINISHED: the result's size
     followed: bool = False  # a dependent was once queued behind it (see Chains)
     withdrawing: bool = False  # asked to be dropped unrun from its worker's queue
+    stealing: bool = False  # asked back from its worker's queue for an idle one (Pipelining)
     env: Any = None  # its runtime_env: it runs only on a worker started in the same one
     name: str | None = ""  # for reports (the payload goes once it ran); None: a value put
     pass_errors: bool = False  # a dependency's error fails it as it is (TaskSubmitted)
@@ -68,6 +70,7 @@ class Worker:
     active: int = 0
     active_non_unit: int = 0
     active_long: int = 0  # active tasks not known to be short
+    active_slow: int = 0  # active tasks not known to be brief
     # Tasks of this worker waiting on Futures, in the order they blocked: the last one
     # is on top of the worker's stack, and only its own children may run nested above it.
     blocked_order: list[TaskKey] = field(default_factory=list)
@@ -80,3 +83,5 @@ class Worker:
             self.active_non_unit += sign
         if not task.short:
             self.active_long += sign
+        if not task.brief:
+            self.active_slow += sign

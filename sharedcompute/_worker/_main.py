@@ -23,6 +23,7 @@ import inspect
 import json
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
@@ -197,6 +198,9 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
         self._received_functions: dict[bytes, bytes] = {}  # sent, not unpickled yet
         self._stack: list[int] = []
         self._reader = threading.Lock()
+        # Written by a thread that read the connection while the main thread ran a task,
+        # so that the main thread never sleeps on a socket whose messages were taken.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._progress = threading.Condition()
         self._main = threading.main_thread()
         self.shutting_down = False
@@ -320,6 +324,8 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
         """
         deadline = time.monotonic() + _DROP_WAIT_SECONDS
         while True:  # all that has arrived: a DROP comes after the RUNs sent before it
+            if self._running[1] == self._drops_read:
+                return  # read by the doorbell's thread meanwhile (read_rung)
             with self._reader:
                 messages = self._receive(block=False)
                 if not messages:
@@ -333,13 +339,38 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
                 return
 
     def _wait_readable(self, timeout: float) -> bool:
-        """Whether the connection has something to read within ``timeout`` (``_reader`` held)."""
-        import select
-
+        """Whether the connection has something to read within ``timeout``, or read_rung
+        woke this thread (``_reader`` held)."""
         if self.conn.pending():
             return True
-        ready, _, _ = select.select([self.conn.sock], [], [], timeout)
-        return bool(ready)
+        return self._select(timeout) is not None
+
+    def _select(self, timeout: float | None) -> bool | None:
+        """Wait for the connection (True), or for read_rung to wake this thread (False);
+        None at the timeout."""
+        sock = self.conn.sock.fileno()
+        ready, _, _ = select.select([sock, self._wake_r], [], [], timeout)
+        if self._wake_r in ready:
+            self._drain_wake()
+        return (sock in ready) if ready else None
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 256):
+                pass
+        except BlockingIOError:
+            pass
+
+    def read_rung(self) -> None:
+        """The driver rang (it sent DROPs; see ``RunningSlot``): read them now, even while
+        a task runs, so that a task it takes back from this worker's queue goes back at once
+        (an idle worker waits for it). Then wake the main thread, which may be about to
+        sleep on the connection these messages came from."""
+        self.read_arrived()
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass  # awake already
 
     def read_arrived(self) -> None:
         """Dispatch what the driver has sent, without waiting (a streaming task looks for
@@ -356,12 +387,8 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
     def _read(self, timeout: float | None) -> None:
         self._flush()
         with self._reader:
-            if timeout is not None and not self.conn.pending():
-                import select
-
-                ready, _, _ = select.select([self.conn.sock], [], [], timeout)
-                if not ready:
-                    return
+            if not self.conn.pending() and not self._select(timeout):
+                return  # the time is up, or read_rung took the messages: look again
             messages = self._receive(block=True)
         for message in messages:
             self._dispatch(message)
@@ -410,7 +437,8 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
             with self._progress:
                 self._progress.notify_all()
         elif kind == Msg.DROP:
-            self._drops_read += 1
+            with self._queue_lock:  # the doorbell's thread dispatches too
+                self._drops_read += 1
             self._drop(message[1])
         elif kind == Msg.FORGET:
             for fn_key in message[1]:
@@ -800,9 +828,20 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
         return child
 
 
+# What a byte on the watch pipe calls: the driver's doorbell (main() sets it).
+_RUNG: list[Callable[[], None]] = []
+
+
 def _watch_driver(fd: int) -> None:
+    """Exit once the driver is gone (its end of the pipe closes); a byte on the pipe is
+    its doorbell (``WorkerRuntime.read_rung``)."""
     try:
-        os.read(fd, 1)
+        while os.read(fd, 256):
+            for ring in _RUNG:
+                try:
+                    ring()
+                except Exception:
+                    traceback.print_exc()
     finally:
         os._exit(0)
 
@@ -824,6 +863,7 @@ def main() -> None:
     os.close(int(sys.argv[3]))
     store = ClientStore(config["store"])
     runtime = WorkerRuntime(config["id"], conn, store, running)
+    _RUNG.append(runtime.read_rung)
     runtime.node = config.get("node", 0)
     runtime.env_error = config.get("env_error")
     if config.get("env") is not None:
