@@ -794,14 +794,22 @@ class SchedulerCore(ActorScheduling):
                 best, best_load = worker, worker.active
             if worker.active == 1 and not worker.active_slow and behind is None:
                 behind = worker
+        # (An idle worker of another env may restart in this one: no queueing then.)
+        return self._queue_on(task, best, behind, idle_elsewhere)
+
+    def _queue_on(
+        self, task: Task, short_room: Worker | None, behind: Worker | None, idle: bool
+    ) -> Worker | None:
+        """No idle worker takes ``task``: the busy one it queues on, if any. A short task
+        goes behind short ones (``short_room``, the least loaded); a brief one behind a
+        worker's one brief task (``behind``), while no worker is idle (Pipelining)."""
         if not task.resources.is_unit:
             return None
-        if task.short and best is not None:
-            return best
-        if not task.brief:
+        if task.short and short_room is not None:
+            return short_room
+        if not task.brief or not self.pipeline or idle:
             return None
-        # Every worker of its env busy (and none idle in another, which may restart in it).
-        return behind if self.pipeline and not idle_elsewhere else None
+        return behind
 
     def _pick_worker_of_nodes(self, task: Task) -> Worker | None:
         """Several nodes: an idle worker on the node holding most input bytes, then the one
@@ -832,13 +840,7 @@ class SchedulerCore(ActorScheduling):
                 behind = worker
         if best is not None:
             return best
-        if not task.resources.is_unit:
-            return None
-        if task.short and queue_behind is not None:
-            return queue_behind
-        if not task.brief:
-            return None
-        return behind if self.pipeline and not idle else None
+        return self._queue_on(task, queue_behind, behind, idle)
 
     def _input_bytes_by_node(self, task: Task) -> dict[NodeId, int]:
         held: dict[NodeId, int] = {}

@@ -14,6 +14,11 @@ Tasks run in the order they were sent; the driver relies on that.
 
 A separate thread blocks on a pipe whose other end only the driver holds: when
 the driver dies, however it dies, the read returns and the worker exits at once.
+The driver also writes a byte there with each DROP (its doorbell): that thread then
+reads the connection itself (``read_rung``), even while the main thread runs a task,
+so that a task queued here behind the running one goes back to the driver at once
+for an idle worker; it then writes to ``_wake_w``, which the main thread's selects
+watch, so that the main thread never sleeps on a socket whose messages it took.
 """
 
 from __future__ import annotations
