@@ -33,6 +33,8 @@ from sharedcompute._scheduler import (
     Resources,
     SchedulerCore,
     StartWorker,
+    StealCheck,
+    StealLater,
     TaskFailed,
     TaskFinished,
     TaskReturned,
@@ -67,6 +69,8 @@ def show(instruction: Any) -> tuple[Any, ...]:
         return ("free", instruction.key, instruction.ref)
     if isinstance(instruction, StartWorker):
         return ("start", instruction.replaces)
+    if isinstance(instruction, StealLater):
+        return ("steal later",)
     if isinstance(instruction, Withdraw):
         return ("withdraw", instruction.worker, instruction.key)
     raise AssertionError(f"unknown instruction {instruction!r}")
@@ -790,17 +794,31 @@ SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[Any, list[tuple[Any, ...]]]]
         {"cpus": 2, "workers": 2, "pipeline": True},
         [
             ([brief(1), brief(2), brief(3)], [dispatch(0, 1), dispatch(1, 2), dispatch(0, 3)]),
-            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), ("withdraw", 0, 3)]),
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), ("steal later",)]),
+            (StealCheck(), [("withdraw", 0, 3)]),
             (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),  # taken back: not asked twice
             (TaskReturned(0, 3), [dispatch(0, 3)]),  # both idle now: the first takes it
             (TaskFinished(3, 0, "r3"), [resolve(3, "r3")]),
+        ],
+    ),
+    "pipeline: a worker busy again by the check takes nothing back": (
+        {"cpus": 2, "workers": 2, "pipeline": True},
+        [
+            ([brief(1), brief(2), brief(3)], [dispatch(0, 1), dispatch(1, 2), dispatch(0, 3)]),
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), ("steal later",)]),
+            (brief(4), [dispatch(1, 4)]),  # the next task came first
+            (StealCheck(), []),
+            (TaskFinished(4, 1, "r4"), [resolve(4, "r4"), ("steal later",)]),  # idle again
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),  # 3 runs now: nothing to take
+            (StealCheck(), []),
         ],
     ),
     "pipeline: a task asked back that had started answers as usual": (
         {"cpus": 2, "workers": 2, "pipeline": True},
         [
             ([brief(1), brief(2), brief(3)], [dispatch(0, 1), dispatch(1, 2), dispatch(0, 3)]),
-            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), ("withdraw", 0, 3)]),
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), ("steal later",)]),
+            (StealCheck(), [("withdraw", 0, 3)]),
             (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
             (TaskFinished(3, 0, "r3"), [resolve(3, "r3")]),
             (brief(4), [dispatch(0, 4)]),
@@ -810,7 +828,8 @@ SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[Any, list[tuple[Any, ...]]]]
         {"cpus": 2, "workers": 2, "pipeline": True},
         [
             ([brief(1), brief(2), brief(3)], [dispatch(0, 1), dispatch(1, 2), dispatch(0, 3)]),
-            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), ("withdraw", 0, 3)]),
+            (TaskFinished(2, 1, "r2"), [resolve(2, "r2"), ("steal later",)]),
+            (StealCheck(), [("withdraw", 0, 3)]),
             (WithdrawRequested(3), []),  # its DROP is on its way already
             (TaskReturned(0, 3), [cancelled(3)]),
         ],
@@ -819,7 +838,8 @@ SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[Any, list[tuple[Any, ...]]]]
         {"cpus": 2, "workers": 1, "pipeline": True},
         [
             ([brief(1), brief(2)], [dispatch(0, 1), dispatch(0, 2)]),
-            (WorkerJoined(1), [("withdraw", 0, 2)]),
+            (WorkerJoined(1), [("steal later",)]),
+            (StealCheck(), [("withdraw", 0, 2)]),
             (TaskReturned(0, 2), [dispatch(1, 2)]),
         ],
     ),

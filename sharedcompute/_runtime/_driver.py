@@ -68,6 +68,8 @@ from sharedcompute._scheduler import (
     Resolve,
     SchedulerCore,
     StartWorker,
+    StealCheck,
+    StealLater,
     StopWorker,
     TaskFailed,
     TaskState,
@@ -97,6 +99,9 @@ GRANT_MAX_BYTES = 32 * 1024 * 1024
 # A thread waiting for the first of at most this many Futures reads the workers itself,
 # checking them all after each message; more, and the stdlib wait is cheaper.
 _LEAD_MAX_FUTURES = 64
+# A worker idle this long while a task waits queued behind another's takes it back (the
+# core's Pipelining); most such gaps close sooner, when the driver sends the next task.
+_STEAL_AFTER_SECONDS = 0.005
 
 
 class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
@@ -398,6 +403,8 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
                     self._send_to(stopping, [(Msg.SHUTDOWN,)])
             elif type(instruction) is PlaceActor:
                 self.actors.place(instruction.actor, instruction.node)
+            elif type(instruction) is StealLater and self._pool is not None:
+                self._pool.call_later(_STEAL_AFTER_SECONDS, self._steal_check)
         if self.actors.ending:
             self.actors.check_ending()
         if freed:
@@ -411,6 +418,12 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
             worker = self._worker(worker_id) if self._pool is not None else None
             if worker is not None:
                 worker.running.urgent_sent()
+
+    def _steal_check(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._handle(StealCheck())
+        self._settle_futures()
 
     def _worker(self, worker_id: int) -> WorkerSlot | None:
         """The worker with this id, on this node or (on a head) another."""

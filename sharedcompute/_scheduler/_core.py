@@ -47,11 +47,12 @@ Pipelining: when every worker is busy, a brief task (its function ran for under 
 before) needing one CPU may still be queued behind the one brief task a worker runs (one
 deep, as ``ProcessPoolExecutor`` queues calls beyond its workers), so a worker finishing a
 task of a few milliseconds starts the next at once instead of idling for a round trip to
-the driver (most of what such tasks lose to threads on a small machine). A worker left idle
-with nothing ready takes such a queued task back from the worker it waits on (``Withdraw``
-with ``task.stealing``; the worker reads it at once, even mid-task, and hands the task back
-unrun, ``TaskReturned``, or runs it if it had started), so a task never waits behind one
-that turned out long while a worker is free.
+the driver (most of what such tasks lose to threads on a small machine). A worker still idle
+a moment later (``StealLater``, then the runtime's ``StealCheck``: the driver usually sends
+the next task sooner) takes such a queued task back from the worker it waits on
+(``Withdraw`` with ``task.stealing``; the worker reads it at once, even mid-task, and hands
+the task back unrun, ``TaskReturned``, or runs it if it had started), so a task never
+waits long behind one that turned out long while a worker is free.
 
 Chains: a short task waiting for exactly one unfinished dependency that runs
 (or is queued) on a worker of short tasks is queued right behind it on that
@@ -115,6 +116,8 @@ from sharedcompute._scheduler._events import (
     Resolve,
     Resources,
     StartWorker,
+    StealCheck,
+    StealLater,
     StopWorker,
     TaskFailed,
     TaskFinished,
@@ -150,6 +153,7 @@ class SchedulerCore(ActorScheduling):
         self.max_prefetch = max_prefetch
         self.pipeline = pipeline  # queue a task behind a busy worker's one task (Pipelining)
         self._idle_seen = False  # a worker may have been left idle: see whether it can steal
+        self._steal_asked = False  # a StealLater is out, its StealCheck not come yet
         self.max_tasks_per_worker = max_tasks_per_worker
         self._tasks: dict[TaskKey, Task] = {}
         self._ready: deque[TaskKey] = deque()
@@ -228,8 +232,9 @@ class SchedulerCore(ActorScheduling):
             self._schedule()
         if self._idle_seen:
             self._idle_seen = False
-            if self.pipeline:
-                self._steal()
+            if self.pipeline and not self._steal_asked and self._steals():
+                self._steal_asked = True
+                self._out.append(StealLater())
         out, self._out = self._out, []
         return out
 
@@ -911,17 +916,25 @@ class SchedulerCore(ActorScheduling):
                 return True
         return other_idle
 
-    def _steal(self) -> None:
-        """Each worker left idle takes back one task queued behind another worker's running
+    def _on_StealCheck(self, event: StealCheck) -> None:
+        """Each worker still idle takes back one task queued behind another worker's running
         one (see Pipelining): a ``Withdraw``, answered by ``TaskReturned`` (then READY at
         the front, placed as usual) or by the task's own answer if it had started."""
+        self._steal_asked = False
+        for victim, task in self._steals():
+            task.stealing = True
+            self._out.append(Withdraw(victim.id, task.key))
+
+    def _steals(self) -> list[tuple[Worker, Task]]:
+        """The queued tasks idle workers would take back now, with their workers."""
         idle = [
             worker for worker in self._workers.values()
             if not worker.active and not worker.blocked_order
             and (worker.tasks_left is None or worker.tasks_left > 0)
         ]
+        steals: list[tuple[Worker, Task]] = []
         if not idle:
-            return
+            return steals
         for victim in self._workers.values():
             if victim.active < 2 or victim.blocked_order:
                 continue
@@ -936,10 +949,10 @@ class SchedulerCore(ActorScheduling):
                 if thief is None:
                     continue
                 idle.remove(thief)
-                task.stealing = True
-                self._out.append(Withdraw(victim.id, key))
+                steals.append((victim, task))
                 if not idle:
-                    return
+                    return steals
+        return steals
 
     def _follow(self, first: Task) -> None:
         """Queue the short task waiting only for ``first`` right behind it (see Chains)."""
@@ -995,6 +1008,6 @@ SchedulerCore._handlers = {
         ActorStarted, ActorFailed, WorkerRetired, TaskReturned, TaskSubmitted, ExternalTask,
         ObjectPut, TaskFinished, TaskFailed, WorkerJoined, WorkerDied, WorkerBlocked,
         WorkerUnblocked, CancelRequested, KeyReleased, KeyRetained, PoolBroken,
-        WithdrawRequested, ActorRequested, NodeJoined, NodeLeft, LostInputRecheck,
+        WithdrawRequested, ActorRequested, NodeJoined, NodeLeft, LostInputRecheck, StealCheck,
     )
 }

@@ -38,6 +38,8 @@ __all__ = [
     "Resolve",
     "Resources",
     "StartWorker",
+    "StealCheck",
+    "StealLater",
     "StopWorker",
     "TaskFailed",
     "TaskFinished",
@@ -150,6 +152,11 @@ class LostInputRecheck:
     """A while after ``TaskFailed(lost_node=...)``: if its inputs are still there, retry it."""
 
     key: TaskKey
+
+
+@dataclass(slots=True)
+class StealCheck:
+    """A while after ``StealLater``: idle workers take back tasks queued behind others."""
 
 
 @dataclass(slots=True)
@@ -309,6 +316,7 @@ Event = (
     | NodeJoined
     | NodeLeft
     | LostInputRecheck
+    | StealCheck
 )
 
 
@@ -379,7 +387,14 @@ class PlaceActor:
     node: NodeId = 0
 
 
+@dataclass(slots=True)
+class StealLater:
+    """A worker is idle while a task waits queued behind another's: send ``StealCheck``
+    a moment from now (most such gaps close by themselves: the next task comes)."""
+
+
 Instruction = (
     Dispatch | Resolve | Reject | FreeObject | StartWorker | StopWorker | Withdraw | PlaceActor
+    | StealLater
 )
 
