@@ -868,7 +868,6 @@ def main() -> None:
     os.close(int(sys.argv[3]))
     store = ClientStore(config["store"])
     runtime = WorkerRuntime(config["id"], conn, store, running)
-    _RUNG.append(runtime.read_rung)
     runtime.node = config.get("node", 0)
     runtime.env_error = config.get("env_error")
     if config.get("env") is not None:
@@ -879,6 +878,9 @@ def main() -> None:
     if config["init"] and not runtime.run_initializer():
         conn.close()
         sys.exit(1)  # through atexit: what the initializer queued (logging) goes out
+    # Only now (run_initializer reads its message without the reader lock): a DROP rung
+    # before is read by serve() before the next queued task, as without a bell.
+    _RUNG.append(runtime.read_rung)
     runtime.serve()
     conn.close()
     os._exit(0)
