@@ -625,11 +625,12 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         key = self._next_key()
         future: Future[Any] = Future(self, key, name)
         resources = task_resources(options)
+        short, brief = self._speed(fn_key)
         event = TaskSubmitted(
             key, tuple(deps), resources, options.max_retries, options.retry_exceptions,
             TaskSpec(fn_key, args_ref, name,
                      stream=None if stream is None else stream.backpressure),
-            env=env, pass_errors=options.pass_errors, **self._speed(fn_key),
+            env=env, pass_errors=options.pass_errors, short=short, brief=brief,
         )
         self._lock.acquire()
         try:

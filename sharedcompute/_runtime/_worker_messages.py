@@ -76,7 +76,6 @@ if TYPE_CHECKING:
 _SHORT_TASK_SECONDS = 0.001  # prefetched deep, and chained (the core's ``short``)
 _BRIEF_TASK_SECONDS = 0.1  # queued one deep behind a busy worker (the core's ``brief``)
 _QUICK_FUNCTIONS_KEPT = 4096
-_UNKNOWN_SPEED = {"short": False, "brief": False}
 _MAX_FAILED_STARTS = 3  # pool workers exiting before ready, in a row, before giving up
 _START_BACKOFF = 0.1  # seconds before the first restart of a worker that could not start
 _START_BACKOFF_MAX = 5.0
@@ -214,12 +213,12 @@ class WorkerMessages:
             else:
                 self._quick_functions.pop(fn_key, None)
 
-    def _speed(self, fn_key: bytes) -> dict[str, bool]:
-        """``short`` and ``brief`` of a task of this function, from how long it last ran."""
+    def _speed(self, fn_key: bytes) -> tuple[bool, bool]:
+        """(short, brief) of a task of this function, from how long it last ran."""
         seconds = self._quick_functions.get(fn_key)
         if seconds is None:
-            return _UNKNOWN_SPEED
-        return {"short": seconds < _SHORT_TASK_SECONDS, "brief": True}
+            return False, False
+        return seconds < _SHORT_TASK_SECONDS, True
 
     def _on_request(
         self, worker: WorkerSlot, message: tuple[Any, ...], events: list[Event]
@@ -267,12 +266,13 @@ class WorkerMessages:
             worker.held_keys.add(key)
             if stream is not None:  # a generator task: its items go on to this client
                 self.streams.submitted_by(worker, key, stream)
+            short, brief = self._speed(fn_key)
             events.append(TaskSubmitted(
                 key, dep_keys, task_resources(options),
                 options.max_retries, options.retry_exceptions,
                 TaskSpec(fn_key, args_ref, options.name or str(key), parent, stream),
                 parent=parent, env=options.runtime_env, pass_errors=options.pass_errors,
-                **self._speed(fn_key),
+                short=short, brief=brief,
             ))
         elif kind == Msg.SUBMIT_CALL:
             _, key, actor_id, class_name, method, args_wire, dep_keys, stream = message

@@ -927,6 +927,9 @@ class SchedulerCore(ActorScheduling):
 
     def _steals(self) -> list[tuple[Worker, Task]]:
         """The queued tasks idle workers would take back now, with their workers."""
+        # Asked after most answers: first the cheap test that anything is queued at all.
+        if not any(w.active >= 2 and not w.blocked_order for w in self._workers.values()):
+            return []
         idle = [
             worker for worker in self._workers.values()
             if not worker.active and not worker.blocked_order
