@@ -13,7 +13,7 @@ Use::
 Data flow::
 
     dask.compute ── expression / task-spec / legacy graph ──> get(dsk, keys)
-                                                                 │ make_plan (_dask_graph)
+                                                                 │ make_plan, fuse (_dask_graph)
                                                                  ▼
       DataNode ──> value inline, or sc.put once ──┐        GraphPlan: tasks, data, aliases,
       Alias    ──> the handle of its target ──────┤        producers / readers, priority
@@ -26,7 +26,9 @@ Data flow::
 Each Dask task runs as one sharedcompute task whose arguments are that node with its
 dependencies' keys, then their Futures, never the whole graph: the runtime starts it when
 they are done and hands it their values as zero-copy, read-only views of the store.
-Nothing but the requested keys comes back to the driver.
+Nothing but the requested keys comes back to the driver. Chains, and reductions where the
+graph is wide enough for the workers, are first fused into one task each (``fuse=False``
+not): a task costs the driver a few hundred microseconds of CPU, see ``_dask_graph.fuse``.
 
 State of one ``get`` (a :class:`_GraphRun`):
 
@@ -83,6 +85,7 @@ from dask.utils import key_split
 
 import sharedcompute as sc
 from sharedcompute._dask_graph import GraphPlan, make_plan, nested
+from sharedcompute._dask_graph import fuse as fused_plan
 from sharedcompute.errors import DependencyFailedError
 
 __all__ = ["SCHEDULER_NAME", "get"]
@@ -91,6 +94,9 @@ SCHEDULER_NAME = "sharedcompute"
 # Below this estimated size a DataNode's value rides inside its readers' arguments; above
 # it the value is put in the store once and every reader gets it by reference.
 INLINE_LIMIT = 64 * 1024
+# A reduction's tasks are fused (see _dask_graph.fuse) only at heights of the graph with at
+# least this many tasks per worker, so that every worker still has groups to run.
+_FUSE_WIDTH_PER_WORKER = 4
 # How long a failed graph waits for its tasks already on workers before it removes its
 # disk shuffles' directories (which they may still write to).
 _SCRATCH_GRACE_SECONDS = 30.0
@@ -106,6 +112,7 @@ def get(
     max_in_flight: int | None = None,
     num_workers: int | None = None,
     writeable_results: bool = True,
+    fuse: bool = True,
     callbacks: Any = None,
     **kwargs: Any,
 ) -> Any:
@@ -117,7 +124,9 @@ def get(
     else on the default runtime (``sc.init``, ``with sc.Runtime()``, or one started now).
     ``max_in_flight`` caps the tasks submitted and unfinished (default ``2 * workers + 2``).
     Results are writeable copy-on-write views of the store (a page copied only when
-    written); with ``writeable_results=False``, read-only views.
+    written); with ``writeable_results=False``, read-only views. Chains of tasks, and
+    reductions where the graph is wide enough, run as one task each (see
+    ``sharedcompute._dask_graph.fuse``); ``fuse=False`` runs every Dask task on its own.
     Dask's local callbacks (``dask.diagnostics.ProgressBar``, ``Profiler``, or
     ``callbacks=``) see every task start and finish; ``posttask`` gets ``None`` for the
     result, which stays in the store. Other keywords Dask forwards are accepted and ignored,
@@ -131,9 +140,10 @@ def get(
     window = max_in_flight or 2 * workers + 2
     if window < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {window}")
+    run = fused_plan(plan, _FUSE_WIDTH_PER_WORKER * workers, _makes_scratch) if fuse else plan
     with local_callbacks(callbacks) as active:
-        hooks = _Hooks(plan, active) if active else None
-        values = _GraphRun(plan, backend, window, writeable_results, hooks).run()
+        hooks = _Hooks(plan, run.members, active) if active else None
+        values = _GraphRun(run, backend, window, writeable_results, hooks).run()
     return nested(keys, values)
 
 
@@ -181,12 +191,9 @@ def _shuffle_scratch(node: Any) -> tuple[Any, str] | None:
     run in a worker it would stay for good. Made here instead, unbuffered as a worker
     would make it, its directory goes when the graph ends (``_GraphRun.run``).
     """
-    shuffle = sys.modules.get("dask.dataframe.shuffle")
-    maker = getattr(shuffle, "maybe_buffered_partd", None)
-    func = getattr(node, "func", None)
-    if maker is None or type(func) is not maker or node.dependencies:
+    if not _makes_scratch(node):
         return None
-    reduced: Any = func.__reduce__()  # what a worker unpickles: not buffered in memory
+    reduced: Any = node.func.__reduce__()  # what a worker unpickles: not buffered in memory
     rebuild, args = reduced
     made = rebuild(*args)()
     outer, inner = None, made
@@ -199,6 +206,14 @@ def _shuffle_scratch(node: Any) -> tuple[Any, str] | None:
     if outer is not None and type(inner) is scratch_file.__base__:
         outer.partd = scratch_file(path)
     return made, path
+
+
+def _makes_scratch(node: Any) -> bool:
+    """Whether ``node`` starts a disk shuffle (see :func:`_shuffle_scratch`)."""
+    shuffle = sys.modules.get("dask.dataframe.shuffle")
+    maker = getattr(shuffle, "maybe_buffered_partd", None)
+    func = getattr(node, "func", None)
+    return maker is not None and type(func) is maker and not node.dependencies
 
 
 def _scratch_file_class() -> type:
@@ -431,7 +446,9 @@ class _Hooks:
     intermediate values never come to the driver.
     """
 
-    def __init__(self, plan: GraphPlan, callbacks: Any) -> None:
+    def __init__(
+        self, plan: GraphPlan, members: Mapping[Key, tuple[Key, ...]], callbacks: Any
+    ) -> None:
         from dask.callbacks import unpack_callbacks
 
         self.callbacks = list(callbacks)
@@ -449,6 +466,7 @@ class _Hooks:
             "waiting_data": {},
         }
         self._started: list[Any] = []
+        self._members = members  # a fused task's keys: each seen by the callbacks
 
     def started(self) -> None:
         for callback in self.callbacks:
@@ -459,18 +477,21 @@ class _Hooks:
             start_state(self.dsk, self.state)
 
     def move(self, key: Key, source: str, target: str) -> None:
-        self.state[source].discard(key)
-        self.state[target].add(key)
+        for member in self._members.get(key, (key,)):
+            self.state[source].discard(member)
+            self.state[target].add(member)
 
     def running(self, key: Key) -> None:
         self.move(key, "ready", "running")
-        for pretask in self._pretask:
-            pretask(key, self.dsk, self.state)
+        for member in self._members.get(key, (key,)):
+            for pretask in self._pretask:
+                pretask(member, self.dsk, self.state)
 
     def done(self, key: Key) -> None:
         self.move(key, "running", "finished")
-        for posttask in self._posttask:
-            posttask(key, None, self.dsk, self.state, None)
+        for member in self._members.get(key, (key,)):
+            for posttask in self._posttask:
+                posttask(member, None, self.dsk, self.state, None)
 
     def finished(self, failed: bool) -> None:
         for callback in self._started:

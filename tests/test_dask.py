@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ pd = pytest.importorskip("pandas")
 
 import sharedcompute as sc  # noqa: E402
 import sharedcompute.dask as scd  # noqa: E402
-from sharedcompute._dask_graph import make_plan  # noqa: E402
+from sharedcompute._dask_graph import fuse, make_plan  # noqa: E402
 from sharedcompute.errors import RemoteTraceback  # noqa: E402
 from tools.bench.memory import anonymous_memory  # noqa: E402
 
@@ -249,7 +250,8 @@ def test_exception_in_a_task_keeps_its_type_and_traceback(
 def test_failure_cancels_what_has_not_run(runtime: sc.Runtime, tmp_path: Path) -> None:
     # A chain of 30 x 0.2 s that can only run one task at a time, and a failing task that
     # the other worker runs at once: the failure must not wait for the chain, and the
-    # chain's waiting tasks must never start.
+    # chain's waiting tasks must never start. (Unfused: a fused chain is one task, which
+    # once started runs to its end; test_fused_graphs_run_fewer_tasks_alike.)
     dsk: dict[Any, Any] = {"link-0": (sleep_and_mark, str(tmp_path), 0, None)}
     for i in range(1, 30):
         dsk[f"link-{i}"] = (sleep_and_mark, str(tmp_path), i, f"link-{i - 1}")
@@ -257,7 +259,7 @@ def test_failure_cancels_what_has_not_run(runtime: sc.Runtime, tmp_path: Path) -
     assert ours(dask.delayed(inc)(1)) == 2  # workers have imported Dask: time the graph only
     start = time.monotonic()
     with pytest.raises(Boom):
-        scd.get(dsk, ["link-29", "boom"], max_in_flight=100)
+        scd.get(dsk, ["link-29", "boom"], max_in_flight=100, fuse=False)
     elapsed = time.monotonic() - start
     assert elapsed < 4.0  # the chain alone takes 6 s
     time.sleep(0.5)
@@ -374,6 +376,118 @@ def test_plan_culls_and_resolves_alias_chains() -> None:
     assert plan.priority["y"] < plan.priority["z"]
 
 
+# -- fusion ---------------------------------------------------------------------------------
+
+
+def tree_graph(leaves: int, leaf: Any = inc, join: Any = add) -> tuple[dict[Any, Any], str]:
+    """A legacy graph joining ``leaves`` leaves pairwise up to one root; and the root's key."""
+    dsk: dict[Any, Any] = {f"leaf-{i}": (leaf, i) for i in range(leaves)}
+    level = list(dsk)
+    while len(level) > 1:
+        joined = []
+        for a, b in zip(level[0::2], level[1::2], strict=True):
+            joined.append(f"join-{len(dsk)}")
+            dsk[joined[-1]] = (join, a, b)
+        level = joined
+    return dsk, level[0]
+
+
+class Marker:
+    pass
+
+
+_markers: list[weakref.ref[Marker]] = []
+
+
+def make_marker() -> Marker:
+    marker = Marker()
+    _markers.append(weakref.ref(marker))
+    return marker
+
+
+def one(_marker: Marker) -> int:
+    return 1
+
+
+def markers_alive(_previous: int) -> int:
+    return sum(ref() is not None for ref in _markers)
+
+
+def test_fuse_merges_chains_and_only_wide_reductions() -> None:
+    dsk, root = tree_graph(32)
+    dsk["top-0"] = (inc, root)
+    dsk["top-1"] = (inc, "top-0")
+    plan = make_plan(dsk, ["top-1"])
+    assert len(plan.tasks) == 65
+    # Heights 1 and 2 hold 16 and 8 joins, at least the width: 8 groups of 4 leaves and
+    # 3 joins. Heights 3 to 5 (4, 2, 1 joins) are too narrow: their joins stay tasks. The
+    # chain above the root fuses with it whatever the width.
+    fused = fuse(plan, width=8)
+    assert len(fused.tasks) == 8 + 4 + 2 + 1
+    assert sorted(len(group) for group in fused.members.values()) == [3] + [7] * 8
+    assert fused.members["top-1"] == (root, "top-0", "top-1")
+    for key, group in fused.members.items():
+        assert group[-1] == key
+        for at, member in enumerate(group):  # each member runs after what it reads
+            inside = set(plan.producers[member]) & set(group)
+            assert inside <= set(group[:at])
+    for key, sources in fused.producers.items():  # edges between the fused tasks only
+        assert sources <= set(fused.tasks)
+        assert all(fused.readers[source].count(key) == 1 for source in sources)
+    # With more workers nothing is wide enough: only the chain fuses.
+    assert len(fuse(plan, width=64).tasks) == 63
+
+
+def test_fuse_leaves_shared_requested_and_kept_tasks() -> None:
+    chain = {"x": (inc, 1), "y": (inc, "x"), "z": (inc, "y")}
+    whole = fuse(make_plan(chain, ["z"]), width=8)
+    assert whole.members == {"z": ("x", "y", "z")}
+    assert whole.tasks["z"]({}) == 4  # a fused node is called like any Dask node
+    # A requested key keeps its own task (its value is returned).
+    assert fuse(make_plan(chain, ["z", "y"]), width=8).members == {"y": ("x", "y")}
+    # A node `keep` names (a disk shuffle's start) is never merged into its reader.
+    kept = fuse(make_plan(chain, ["z"]), width=8, keep=lambda node: node.key == "x")
+    assert kept.members == {"z": ("y", "z")} and kept.producers["z"] == {"x"}
+    assert kept.tasks["z"]({"x": 2}) == 4
+    # A task read twice stays a task of its own; its readers may fuse (at any width here).
+    shared = {"x": (inc, 1), "y": (inc, "x"), "w": (inc, "x"), "z": (add, "y", "w")}
+    wide = fuse(make_plan(shared, ["z"]), width=1)
+    assert wide.members == {"z": ("y", "w", "z")} and wide.producers["z"] == {"x"}
+    assert wide.tasks["z"]({"x": 2}) == 6
+    assert fuse(make_plan(shared, ["z"]), width=2).members == {}  # one task at z's height
+    # Fused members let go of what they made once its reader has run.
+    dropped = {"m": (make_marker,), "one": (one, "m"), "alive": (markers_alive, "one")}
+    node = fuse(make_plan(dropped, ["alive"]), width=8).tasks["alive"]
+    assert node({}) == 0
+
+
+def make_block(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random(100_000)
+
+
+def add_blocks(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a + b
+
+
+def test_fused_graphs_run_fewer_tasks_alike(runtime: sc.Runtime) -> None:
+    from dask.callbacks import Callback
+
+    dsk, root = tree_graph(32, make_block, add_blocks)
+    expected = dask.get(dsk, root)
+    started: list[Any] = []
+    finished: list[Any] = []
+    with Callback(pretask=lambda key, *_: started.append(key),
+                  posttask=lambda key, *_: finished.append(key)):
+        np.testing.assert_array_equal(scd.get(dsk, root), expected)
+    # Two workers: fused at heights of 8 tasks or more; Dask's callbacks still see each key.
+    assert sorted(started) == sorted(finished) == sorted(dsk)
+    fused_tasks = len(runtime.timeline.since(0))
+    assert fused_tasks == 8 + 4 + 2 + 1
+    np.testing.assert_array_equal(scd.get(dsk, root, fuse=False), expected)
+    assert len(runtime.timeline.since(0)) - fused_tasks == len(dsk)
+    assert wait_until_freed(runtime) == 0
+
+
 # -- the contract: what moves, what stays, what is freed -----------------------------------
 
 
@@ -411,7 +525,8 @@ def ones_like_step(previous: np.ndarray | None, step: int) -> np.ndarray:
     return np.full(200_000, float(step))  # 1.6 MB: stored, never inline
 
 
-def test_memory_stays_flat_along_a_long_graph(runtime: sc.Runtime) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["one-task-a-key", "fused"])
+def test_memory_stays_flat_along_a_long_graph(runtime: sc.Runtime, fused: bool) -> None:
     dsk: dict[Any, Any] = {("step", 0): (ones_like_step, None, 0)}
     for step in range(1, 120):
         dsk[("step", step)] = (ones_like_step, ("step", step - 1), step)
@@ -427,7 +542,7 @@ def test_memory_stays_flat_along_a_long_graph(runtime: sc.Runtime) -> None:
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        result = scd.get(dsk, ("step", 119))
+        result = scd.get(dsk, ("step", 119), fuse=fused)
     finally:
         stop.set()
         watcher.join(timeout=TIMEOUT)

@@ -626,6 +626,8 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
         future: Future[Any] = Future(self, key, name)
         resources = task_resources(options)
         short, brief = self._speed(fn_key)
+        if brief and not short:  # it last ran for a millisecond or more
+            future._poll_first = False
         event = TaskSubmitted(
             key, tuple(deps), resources, options.max_retries, options.retry_exceptions,
             TaskSpec(fn_key, args_ref, name,
@@ -721,19 +723,21 @@ class Runtime(WorkerMessages, OtherNodes, DefaultScope, RuntimeBase):
             # too many to look over after each message: the stdlib wait is right.
             super().wait_for(futures, timeout, return_when)
             return
+        # Polling before sleeping pays only if some answer may come within microseconds.
+        poll = any(f._poll_first for f in futures if not is_done(f))
         if len(futures) == 1:
             only = futures[0]
-            pool.lead(lambda: is_done(only), timeout)
+            pool.lead(lambda: is_done(only), timeout, poll_first=poll)
         elif return_when == "FIRST_COMPLETED":
-            pool.lead(lambda: any(is_done(f) for f in futures), timeout)
+            pool.lead(lambda: any(is_done(f) for f in futures), timeout, poll_first=poll)
         elif return_when == "FIRST_EXCEPTION":
             pool.lead(
                 lambda: all(is_done(f) for f in futures)
                 or any(is_done(f) and not f.cancelled() and f.exception(0) for f in futures),
-                timeout,
+                timeout, poll_first=poll,
             )
         else:
-            pool.lead(_all_done(futures), timeout)
+            pool.lead(_all_done(futures), timeout, poll_first=poll)
 
     def _settled_here(self, future: concurrent.futures.Future[Any]) -> bool:
         """Whether reading the workers is what settles ``future`` (or it is done)."""

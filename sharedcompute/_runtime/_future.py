@@ -52,6 +52,9 @@ class Future(concurrent.futures.Future, Generic[T]):
     # A map's item (``pending_futures``): the scheduler knows its key only once it is
     # passed to a task (``_registered_local``), so only then is there a key to release.
     _unheld = False
+    # Whether a wait for it polls a moment before sleeping: false for a task whose function
+    # last ran for a millisecond or more (its answer cannot come sooner than a wake-up).
+    _poll_first = True
 
     def __init__(self, runtime: RuntimeBase, key: int, name: str = "") -> None:
         super().__init__()

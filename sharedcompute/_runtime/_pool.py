@@ -580,12 +580,15 @@ class ProcessPool:
             else:
                 self._read_output(key.fileobj, extra)
 
-    def lead(self, done: Callable[[], bool], timeout: float | None) -> None:
-        """Read the workers from this thread until ``done()`` or the timeout."""
+    def lead(
+        self, done: Callable[[], bool], timeout: float | None, *, poll_first: bool = True
+    ) -> None:
+        """Read the workers from this thread until ``done()`` or the timeout; without
+        ``poll_first``, sleep in select at once (no answer is expected within microseconds)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         me = threading.get_ident()
         if self._leader == me:  # a callback of ours waits on another Future
-            self._read_until(done, deadline)
+            self._read_until(done, deadline, poll_first)
             return
         with self._handoff_lock:
             self._leaders_wanted += 1
@@ -601,7 +604,7 @@ class ProcessPool:
                     return
                 try:
                     self._leader = me
-                    self._read_until(done, deadline)
+                    self._read_until(done, deadline, poll_first)
                 finally:
                     self._leader = None
                     self._token.release()
@@ -611,10 +614,12 @@ class ProcessPool:
                 if not self._leaders_wanted:
                     self._last_lead = time.monotonic()
 
-    def _read_until(self, done: Callable[[], bool], deadline: float | None) -> None:
+    def _read_until(
+        self, done: Callable[[], bool], deadline: float | None, poll_first: bool
+    ) -> None:
         # Poll without sleeping for a moment first: a short task's answer often comes
         # sooner than this thread could go to sleep and be woken again.
-        poll_until = time.monotonic() + _LEAD_POLL_SECONDS
+        poll_until = time.monotonic() + (_LEAD_POLL_SECONDS if poll_first else 0.0)
         while not done() and not self._stopping:
             now = time.monotonic()
             remaining = None if deadline is None else deadline - now
