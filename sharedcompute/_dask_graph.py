@@ -26,10 +26,10 @@ names):
 - a chain: a task whose only task input is a task read by nothing else runs right after
   it anyway, so the two become one (Dask's own ``fuse`` of linear chains);
 - a reduction: a task reading several tasks that nothing else reads absorbs them, but
-  only where the graph is wide at that height (at least ``width`` tasks there, say four
+  only where the graph is wide at that height (at least ``width`` tasks there, say two
   per worker), so every worker still has fused groups to run. Heights are counted from
   the graph's sources, and a whole height is merged or none of it, so groups come out
-  alike (a tree of 32 leaves on 2 workers: 8 groups of 4 leaves and 3 sums, then 7 sums).
+  alike (a tree of 32 leaves on 2 workers: 4 groups of 8 leaves and 7 sums, then 3 sums).
 
 A fused task runs its members in order in one worker, each given the values of what it
 reads, and drops each intermediate once its reader has run; its result is the last

@@ -96,7 +96,7 @@ SCHEDULER_NAME = "sharedcompute"
 INLINE_LIMIT = 64 * 1024
 # A reduction's tasks are fused (see _dask_graph.fuse) only at heights of the graph with at
 # least this many tasks per worker, so that every worker still has groups to run.
-_FUSE_WIDTH_PER_WORKER = 4
+_FUSE_WIDTH_PER_WORKER = 2
 # How long a failed graph waits for its tasks already on workers before it removes its
 # disk shuffles' directories (which they may still write to).
 _SCRATCH_GRACE_SECONDS = 30.0
