@@ -85,6 +85,14 @@ def _zeros_after_ones() -> tuple[bool, bool]:
     return bool((zeros == 0).all()), _offset_in_store(zeros) is not None
 
 
+def _temporaries_in_a_loop(rounds: int) -> float:
+    total = 0.0
+    for step in range(rounds):
+        scratch = np.full(N, float(step))  # freed at the next round: its block serves again
+        total += float((scratch * 2)[0])
+    return total
+
+
 def _resized() -> tuple[float, float, int]:
     values = np.arange(N, dtype=np.float64)
     values.resize(2 * N, refcheck=False)  # numpy reallocates its data
@@ -176,6 +184,32 @@ def test_temporaries_go_back_to_the_store() -> None:
         before = _used(rt)
         total, leased = sc.submit(_temporaries).result(timeout=TIMEOUT)
         assert leased and total == 3.0 * N
+        wait_until(lambda: _used(rt) == before, timeout=TIMEOUT)
+
+
+@needs_handler
+def test_freed_blocks_serve_the_next_arrays_without_a_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A task making and dropping arrays of one size asks the owner for blocks a few times,
+    not once an array; the blocks it kept go back once the worker is idle."""
+    from sharedcompute._store import _server
+
+    ops: list[str] = []
+    dispatch = _server.StoreServer._dispatch
+
+    def recording(self: Any, client: int, op: str, args: list[Any]) -> Any:
+        ops.append(op)
+        return dispatch(self, client, op, args)
+
+    monkeypatch.setattr(_server.StoreServer, "_dispatch", recording)
+    with sc.Runtime(num_workers=1, store_capacity=256 * MiB) as rt:
+        before = _used(rt)
+        rounds = 20  # 40 arrays of 8 MiB
+        total = sc.submit(_temporaries_in_a_loop, rounds).result(timeout=TIMEOUT)
+        assert total == 2.0 * sum(range(rounds))
+        asked = ops.count("lease") + ops.count("lease_ahead")
+        assert 2 <= asked <= 4, ops
         wait_until(lambda: _used(rt) == before, timeout=TIMEOUT)
 
 

@@ -77,6 +77,7 @@ from sharedcompute.errors import ObjectLostError, ObjectStoreFullError, SharedCo
 INLINE_THRESHOLD = 64 * 1024
 # A client leases its next result's block ahead of need up to this size (ClientStore).
 AHEAD_MAX_BYTES = 32 * 1024 * 1024
+_FREED_LEASES_KEPT = 2  # blocks a process keeps after freeing them (keep_freed_lease)
 _DECREFS_PER_MESSAGE = 4096  # about 40 KiB pickled: far below any datagram limit
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
 _M = TypeVar("_M", bound=mmap.mmap)
@@ -494,8 +495,13 @@ class ObjectStore:
         """A block leased ahead for a value of ``nbytes`` handed to the owner, held here."""
         return None
 
+    def keep_freed_lease(self, object_id: int, offset: int, nbytes: int) -> bool:
+        """Keep a leased block this process let go of unsealed for its next lease of about
+        that size (no round trip), rather than release it; False: release it (never blocks)."""
+        return False
+
     def release_spares(self) -> None:
-        """Give back the blocks leased ahead (this process has gone idle)."""
+        """Give back the blocks leased ahead or kept (this process has gone idle)."""
 
     def _seal(self, object_id: int, header: bytes) -> StoredObject:
         raise NotImplementedError
@@ -944,6 +950,24 @@ class ClientStore(ObjectStore):
             if found is not None:
                 self._local[found[0]] += 1
             return found
+
+    def keep_freed_lease(self, object_id: int, offset: int, nbytes: int) -> bool:
+        # A task's temporaries (and a fused Dask task's intermediates) come and go at like
+        # sizes: the next one takes the last one's block. Kept as a spare: given back by
+        # release_spares when this process goes idle, or when a lease of another size comes.
+        if nbytes > AHEAD_MAX_BYTES or len(self._spares) >= _FREED_LEASES_KEPT:
+            return False
+        if not self._lock.acquire(blocking=False):
+            return False  # numpy frees anywhere, even inside this store's own calls
+        try:
+            if (self._closed or len(self._spares) >= _FREED_LEASES_KEPT
+                    or self._local.get(object_id) != 1):
+                return False
+            del self._local[object_id]  # a spare's hold is its place in _spares
+            self._spares.append((object_id, offset, nbytes))
+            return True
+        finally:
+            self._lock.release()
 
     def release_spares(self) -> None:
         if not self._ahead and not self._spares:

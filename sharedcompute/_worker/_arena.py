@@ -13,7 +13,10 @@ extension ``_arena_handler``):
   by nothing but the task (``seal``): a one-way message, no copy; the worker's hold goes
   when numpy frees the array, right after;
 - any other array gives its block back when numpy frees it: the owner discards an
-  unsealed lease whose worker let go of it, or that died.
+  unsealed lease whose worker let go of it, or that died. The last two such blocks (up to
+  ``AHEAD_MAX_BYTES`` each) are kept instead for the next arrays of about their size (a
+  task's temporaries, a fused Dask task's intermediates), with no round trip, until the
+  worker goes idle (``keep_freed_lease``).
 
 Only below the store's spill threshold (a lease never waits and never spills), only while
 this worker has less than ``capacity * LEASED_SHARE`` leased, and only when the store's
@@ -111,7 +114,8 @@ class Arena:
         block = self._blocks.pop(address, None)
         if block is not None:
             self._leased -= block[1]
-            self._store._queue_release(block[0])  # never blocks: numpy frees anywhere
+            if not self._store.keep_freed_lease(block[0], address - self._base, block[1]):
+                self._store._queue_release(block[0])  # never blocks: numpy frees anywhere
 
     def _size(self, address: int) -> int:
         block = self._blocks.get(address) or self._handed[address]
