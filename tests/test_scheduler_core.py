@@ -756,6 +756,15 @@ SCRIPTS: dict[str, tuple[dict[str, Any], list[tuple[Any, list[tuple[Any, ...]]]]
             (TaskFinished(3, 0, "r3"), [resolve(3, "r3")]),
         ],
     ),
+    "pipeline: a task queues behind the worker whose task was sent first": (
+        {"cpus": 2, "workers": 2, "pipeline": True},
+        [
+            ([brief(1), brief(2)], [dispatch(0, 1), dispatch(1, 2)]),
+            (TaskFinished(1, 0, "r1"), [resolve(1, "r1")]),
+            (brief(3), [dispatch(0, 3)]),
+            (brief(4), [dispatch(1, 4)]),  # 2 was sent before 3: it likely ends first
+        ],
+    ),
     "pipeline: not a task unknown to be brief, nor behind one": (
         {"cpus": 2, "workers": 2, "pipeline": True},
         [

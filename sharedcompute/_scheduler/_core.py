@@ -47,12 +47,13 @@ Pipelining: when every worker is busy, a brief task (its function ran for under 
 before) needing one CPU may still be queued behind the one brief task a worker runs (one
 deep, as ``ProcessPoolExecutor`` queues calls beyond its workers), so a worker finishing a
 task of a few milliseconds starts the next at once instead of idling for a round trip to
-the driver (most of what such tasks lose to threads on a small machine). A worker still idle
-a moment later (``StealLater``, then the runtime's ``StealCheck``: the driver usually sends
-the next task sooner) takes such a queued task back from the worker it waits on
-(``Withdraw`` with ``task.stealing``; the worker reads it at once, even mid-task, and hands
-the task back unrun, ``TaskReturned``, or runs it if it had started), so a task never
-waits long behind one that turned out long while a worker is free.
+the driver (most of what such tasks lose to threads on a small machine). Of several such
+workers, the one whose task was sent first (``Worker.sent``), likely the first to finish.
+A worker still idle a moment later (``StealLater``, then the runtime's ``StealCheck``: the
+driver usually sends the next task sooner) takes such a queued task back from the worker
+it waits on (``Withdraw`` with ``task.stealing``; the worker reads it at once, even
+mid-task, and hands the task back unrun, ``TaskReturned``, or runs it if it had started),
+so a task never waits long behind one that turned out long while a worker is free.
 
 Chains: a short task waiting for exactly one unfinished dependency that runs
 (or is queued) on a worker of short tasks is queued right behind it on that
@@ -152,6 +153,7 @@ class SchedulerCore(ActorScheduling):
             self.nodes.join(LOCAL_NODE, resources)
         self.max_prefetch = max_prefetch
         self.pipeline = pipeline  # queue a task behind a busy worker's one task (Pipelining)
+        self._sends = 0  # tasks sent to workers so far (Worker.sent)
         self._idle_seen = False  # a worker may have been left idle: see whether it can steal
         self._steal_asked = False  # a StealLater is out, its StealCheck not come yet
         self.max_tasks_per_worker = max_tasks_per_worker
@@ -797,7 +799,9 @@ class SchedulerCore(ActorScheduling):
                 return worker if fits(worker.pool, task.resources) else None
             if worker.active < best_load and not worker.active_long:
                 best, best_load = worker, worker.active
-            if worker.active == 1 and not worker.active_slow and behind is None:
+            if worker.active == 1 and not worker.active_slow and (
+                behind is None or worker.sent < behind.sent
+            ):
                 behind = worker
         # (An idle worker of another env may restart in this one: no queueing then.)
         return self._queue_on(task, best, behind, idle_elsewhere)
@@ -841,7 +845,9 @@ class SchedulerCore(ActorScheduling):
                 continue
             if worker.active < best_load and not worker.active_long:
                 queue_behind, best_load = worker, worker.active
-            if worker.active == 1 and not worker.active_slow and behind is None:
+            if worker.active == 1 and not worker.active_slow and (
+                behind is None or worker.sent < behind.sent
+            ):
                 behind = worker
         if best is not None:
             return best
@@ -991,6 +997,8 @@ class SchedulerCore(ActorScheduling):
             worker.tasks_left -= 1  # nested children too (never refused: they must run)
         worker.assigned.append(task.key)
         worker.count(task, +1)
+        worker.sent = self._sends
+        self._sends += 1
         self._send(task, worker.id)
         self._rebalance(worker)
 

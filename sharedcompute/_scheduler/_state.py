@@ -75,6 +75,7 @@ class Worker:
     # is on top of the worker's stack, and only its own children may run nested above it.
     blocked_order: list[TaskKey] = field(default_factory=list)
     tasks_left: int | None = None  # more tasks it may be given (max_tasks_per_worker)
+    sent: int = 0  # when its last task was sent, in the core's count of tasks sent
     env: Any = None  # the runtime_env it was started in (None: none)
 
     def count(self, task: Task, sign: int) -> None:
