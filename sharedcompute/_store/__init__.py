@@ -6,10 +6,10 @@ share the ``ObjectStore`` API: ``put``, ``get``, ``buffer``, ``locate``,
 ``delete``, ``stats``, ``close``.
 """
 
+from sharedcompute._store._client import ClientStore
 from sharedcompute._store._segment import default_capacity, free_shm_bytes
 from sharedcompute._store._store import (
     INLINE_THRESHOLD,
-    ClientStore,
     InlineObject,
     ObjectRef,
     ObjectStore,
