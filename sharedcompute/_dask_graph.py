@@ -26,10 +26,11 @@ names):
 - a chain: a task whose only task input is a task read by nothing else runs right after
   it anyway, so the two become one (Dask's own ``fuse`` of linear chains);
 - a reduction: a task reading several tasks that nothing else reads absorbs them, but
-  only where the graph is wide at that height (at least ``width`` tasks there, say two
-  per worker), so every worker still has fused groups to run. Heights are counted from
-  the graph's sources, and a whole height is merged or none of it, so groups come out
-  alike (a tree of 32 leaves on 2 workers: 4 groups of 8 leaves and 7 sums, then 3 sums).
+  only where at least ``width`` such reductions (say two per worker) of like size (none
+  over twice the median) stand at one height, counted from the graph's sources: then all
+  of those fuse, so every worker still has groups to run and they come out alike (a tree
+  of 32 leaves on 2 workers: 4 groups of 8 leaves and 7 sums, then 3 sums), and a sum of
+  200 leaves stays 201 tasks.
 
 A fused task runs its members in order in one worker, each given the values of what it
 reads, and drops each intermediate once its reader has run; its result is the last
@@ -46,7 +47,6 @@ target as a ``TaskRef``; later versions as the key itself: both are read.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +76,8 @@ class GraphPlan:
     """A culled graph, split into what runs as tasks and what the driver resolves itself.
 
     Invariants: every key in ``tasks``, ``data`` and ``aliases`` is needed by ``outputs``;
-    ``aliases`` map straight to a key of ``tasks`` or ``data`` (chains resolved);
+    ``aliases`` map straight to a key of ``tasks`` or ``data`` (chains resolved; after
+    :func:`fuse`, maybe to a fused task's member, which only its group reads);
     ``producers[t]`` is the set of ``tasks`` / ``data`` keys task ``t`` reads (aliases
     resolved), and ``readers[p]`` the tasks that read ``p`` (the same edges, reversed);
     ``priority`` orders tasks as Dask's own schedulers would run them (lower first).
@@ -167,40 +168,64 @@ class Fused:
 
     def __call__(self, values: Mapping[Key, Any]) -> Any:
         results = dict(values)
-        value = None
-        for key, node, reads, done in self.steps:
-            value = node({name: results[source] for name, source in reads})
-            for member in done:  # its only reader has run
-                del results[member]
-            results[key] = value
-        results.clear()
-        return value
+        inputs: dict[Key, Any] = {}
+        try:
+            value = None
+            for key, node, reads, done in self.steps:
+                inputs = {name: results[source] for name, source in reads}
+                value = node(inputs)
+                inputs.clear()
+                for member in done:  # its only reader has run
+                    del results[member]
+                results[key] = value
+            return value
+        finally:  # a frame kept in a cycle (some Dask versions) must hold no values
+            inputs.clear()
+            results.clear()
 
 
 def fuse(
     plan: GraphPlan, width: int, keep: Callable[[Any], bool] = lambda node: False
 ) -> GraphPlan:
-    """``plan`` with chains, and reductions at heights of ``width`` tasks or more, fused
-    (see the module docstring); ``plan`` itself if nothing fuses."""
+    """``plan`` with chains, and reductions where ``width`` alike stand at one height,
+    fused (see the module docstring); ``plan`` itself if nothing fuses."""
     tasks = plan.tasks
     outputs = {plan.resolve(key) for key in plan.outputs}
     height = _heights(plan)
-    at_height = Counter(height.values())
+    by_height: dict[int, list[Key]] = {}
+    for key in tasks:
+        by_height.setdefault(height[key], []).append(key)
     groups: dict[Key, list[Key]] = {}
-    for reader in sorted(tasks, key=height.__getitem__):
-        sources = [key for key in plan.producers[reader] if key in tasks]
-        if not sources or (len(sources) > 1 and at_height[height[reader]] < width):
-            continue
-        if any(
-            key in outputs or len(plan.readers[key]) != 1 or keep(tasks[key])
-            for key in sources
-        ):
-            continue
+
+    def merge(reader: Key, sources: list[Key]) -> None:
         group: list[Key] = []
         for key in sorted(sources, key=plan.priority.__getitem__):
             group += groups.pop(key, [key])
         group.append(reader)
         groups[reader] = group
+
+    for level in sorted(by_height):
+        reductions: list[tuple[Key, list[Key], int]] = []
+        for reader in by_height[level]:
+            sources = [key for key in plan.producers[reader] if key in tasks]
+            if not sources or any(
+                key in outputs or len(plan.readers[key]) != 1 or keep(tasks[key])
+                for key in sources
+            ):
+                continue
+            if len(sources) == 1:
+                merge(reader, sources)  # a chain
+            else:
+                size = 1 + sum(len(groups.get(key, [key])) for key in sources)
+                reductions.append((reader, sources, size))
+        # Reductions fuse only alike and at least `width` of them: never one big group
+        # (a sum of 200 leaves) beside small ones, nor fewer groups than workers to run them.
+        if len(reductions) >= width:
+            typical = sorted(size for _, _, size in reductions)[len(reductions) // 2]
+            alike = [(r, sources) for r, sources, size in reductions if size <= 2 * typical]
+            if len(alike) >= width:
+                for reader, sources in alike:
+                    merge(reader, sources)
     if not groups:
         return plan
     top = {member: key for key, members in groups.items() for member in members}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -91,6 +92,16 @@ def _temporaries_in_a_loop(rounds: int) -> float:
         scratch = np.full(N, float(step))  # freed at the next round: its block serves again
         total += float((scratch * 2)[0])
     return total
+
+
+_DROPPED_LATER: list[np.ndarray] = []
+
+
+def _dropped_after(seconds: float) -> bool:
+    kept = np.ones(N)  # leased; let go of by a timer thread once the worker is idle
+    _DROPPED_LATER.append(kept)
+    threading.Timer(seconds, _DROPPED_LATER.clear).start()
+    return _offset_in_store(kept) is not None
 
 
 def _resized() -> tuple[float, float, int]:
@@ -211,6 +222,14 @@ def test_freed_blocks_serve_the_next_arrays_without_a_lease(
         asked = ops.count("lease") + ops.count("lease_ahead")
         assert 2 <= asked <= 4, ops
         wait_until(lambda: _used(rt) == before, timeout=TIMEOUT)
+
+
+@needs_handler
+def test_a_block_freed_while_the_worker_is_idle_goes_back() -> None:
+    with sc.Runtime(num_workers=1, store_capacity=256 * MiB) as rt:
+        before = _used(rt)
+        assert sc.submit(_dropped_after, 0.5).result(timeout=TIMEOUT)
+        wait_until(lambda: _used(rt) == before, timeout=TIMEOUT)  # not kept for a next task
 
 
 @needs_handler

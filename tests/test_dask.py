@@ -462,6 +462,21 @@ def test_fuse_leaves_shared_requested_and_kept_tasks() -> None:
     assert node({}) == 0
 
 
+def test_fuse_merges_only_reductions_of_like_size() -> None:
+    # At height 1: a sum of 40 leaves beside 8 sums of 2 leaves. The 8 fuse (at least the
+    # width of 4, and alike); the big one stays 41 tasks rather than one serial task.
+    dsk: dict[Any, Any] = {f"big-{i}": (inc, i) for i in range(40)}
+    dsk["big"] = (sum, [f"big-{i}" for i in range(40)])
+    for pair in range(8):
+        dsk[f"a-{pair}"], dsk[f"b-{pair}"] = (inc, pair), (inc, -pair)
+        dsk[f"pair-{pair}"] = (add, f"a-{pair}", f"b-{pair}")
+    outputs = ["big", *(f"pair-{pair}" for pair in range(8))]
+    fused = fuse(make_plan(dsk, outputs), width=4)
+    assert sorted(fused.members) == [f"pair-{pair}" for pair in range(8)]
+    assert len(fused.tasks) == 41 + 8
+    assert fuse(make_plan(dsk, outputs), width=9).members == {}  # 8 alike: too few
+
+
 def make_block(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(100_000)
 

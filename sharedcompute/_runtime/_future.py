@@ -53,7 +53,8 @@ class Future(concurrent.futures.Future, Generic[T]):
     # passed to a task (``_registered_local``), so only then is there a key to release.
     _unheld = False
     # Whether a wait for it polls a moment before sleeping: false for a task whose function
-    # last ran for a millisecond or more (its answer cannot come sooner than a wake-up).
+    # last ran for 1 to 100 ms (its answer cannot come sooner than a wake-up; a slower one's
+    # duration is not kept, and a poll of 100 us is nothing beside it).
     _poll_first = True
 
     def __init__(self, runtime: RuntimeBase, key: int, name: str = "") -> None:

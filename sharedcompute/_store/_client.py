@@ -59,6 +59,9 @@ class ClientStore(ObjectStore):
         # size); and the size of the one asked for and not received yet (0: none).
         self._spares: list[tuple[int, int, int]] = []
         self._ahead = 0
+        # Whether freed leased blocks are kept (keep_freed_lease): from this process's next
+        # lease (a task making arrays) until it goes idle (release_spares).
+        self._keep_freed = True
 
     def _request(self, *message: object) -> Any:
         try:
@@ -87,8 +90,9 @@ class ClientStore(ObjectStore):
     # takes a block from the owner, this process asks (one way) for the next block ahead
     # of need; the owner answers when it reads that, and the answer waits on the socket
     # until this process next looks. The next result of about that size then takes it
-    # with no round trip. At most one is asked for or kept at a time, only for sizes up
-    # to AHEAD_MAX_BYTES, given back when it does not fit or when this process goes idle.
+    # with no round trip. At most one is asked for at a time, only for sizes up to
+    # AHEAD_MAX_BYTES, given back when it does not fit or when this process goes idle.
+    # Blocks this process freed unsealed join the spares too (keep_freed_lease).
 
     def _lease_ahead(self, nbytes: int) -> None:
         """Ask for a block of ``nbytes`` ahead of need, unless one is kept or coming."""
@@ -151,7 +155,8 @@ class ClientStore(ObjectStore):
         # A task's temporaries (and a fused Dask task's intermediates) come and go at like
         # sizes: the next one takes the last one's block. Kept as a spare: given back by
         # release_spares when this process goes idle, or when a lease of another size comes.
-        if nbytes > AHEAD_MAX_BYTES or len(self._spares) >= _FREED_LEASES_KEPT:
+        if (not self._keep_freed or nbytes > AHEAD_MAX_BYTES
+                or len(self._spares) >= _FREED_LEASES_KEPT):
             return False
         if not self._lock.acquire(blocking=False):
             return False  # numpy frees anywhere, even inside this store's own calls
@@ -166,6 +171,7 @@ class ClientStore(ObjectStore):
             self._lock.release()
 
     def release_spares(self) -> None:
+        self._keep_freed = False  # an array freed later (by a thread, a cycle) goes back
         if not self._ahead and not self._spares:
             return
         with self._lock:
@@ -182,6 +188,7 @@ class ClientStore(ObjectStore):
         self._request("abort", object_id)
 
     def _lease(self, nbytes: int) -> tuple[int, int] | None:
+        self._keep_freed = True  # a task is making arrays again
         spare = self._spare(nbytes)
         if spare is not None:
             return spare

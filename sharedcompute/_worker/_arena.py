@@ -13,10 +13,11 @@ extension ``_arena_handler``):
   by nothing but the task (``seal``): a one-way message, no copy; the worker's hold goes
   when numpy frees the array, right after;
 - any other array gives its block back when numpy frees it: the owner discards an
-  unsealed lease whose worker let go of it, or that died. The last two such blocks (up to
-  ``AHEAD_MAX_BYTES`` each) are kept instead for the next arrays of about their size (a
-  task's temporaries, a fused Dask task's intermediates), with no round trip, until the
-  worker goes idle (``keep_freed_lease``).
+  unsealed lease whose worker let go of it, or that died. While tasks run, the last two
+  such blocks (up to ``AHEAD_MAX_BYTES`` each) are kept instead for the next arrays of
+  about their size (a task's temporaries, a fused Dask task's intermediates), with no round
+  trip, until the worker goes idle (``keep_freed_lease``); like the block leased ahead,
+  they are not counted in ``LEASED_SHARE``.
 
 Only below the store's spill threshold (a lease never waits and never spills), only while
 this worker has less than ``capacity * LEASED_SHARE`` leased, and only when the store's
@@ -56,6 +57,8 @@ class Arena:
         self._blocks: dict[int, tuple[int, int]] = {}  # address -> (object id, size)
         # Sealed results whose hold went to the owner with them: freed here, nothing to tell.
         self._handed: dict[int, tuple[int, int]] = {}
+        # Sealed results whose hold stayed here (seal): released when freed, never reused.
+        self._sealed: dict[int, tuple[int, int]] = {}
         self._leased = 0
         self._most = int(store.capacity * LEASED_SHARE)
         self._ndarray = sys.modules["numpy"].ndarray
@@ -111,6 +114,11 @@ class Arena:
         if handed is not None:
             self._leased -= handed[1]
             return  # its hold went with the result (seal)
+        sealed = self._sealed.pop(address, None)
+        if sealed is not None:
+            self._leased -= sealed[1]
+            self._store._queue_release(sealed[0])
+            return
         block = self._blocks.pop(address, None)
         if block is not None:
             self._leased -= block[1]
@@ -118,7 +126,7 @@ class Arena:
                 self._store._queue_release(block[0])  # never blocks: numpy frees anywhere
 
     def _size(self, address: int) -> int:
-        block = self._blocks.get(address) or self._handed[address]
+        block = self._blocks.get(address) or self._handed.get(address) or self._sealed[address]
         return block[1]
 
     # -- results ----------------------------------------------------------------------
@@ -143,4 +151,6 @@ class Arena:
         ref, handed = self._store.seal_leased(block[0], address - self._base, header, block[1])
         if handed:
             self._handed[address] = self._blocks.pop(address)
+        else:  # sealed, and still held here: released when freed, never kept for reuse
+            self._sealed[address] = self._blocks.pop(address)
         return ref
