@@ -1,4 +1,5 @@
-"""A lock for state that finalizers also change.
+"""Synchronization shared by the layers: a lock for state that finalizers also change, and
+emptying a thread's wake-up pipe (``drain_pipe``).
 
 Finalizers (a Future or a store view being collected) may run in any thread at
 any bytecode, even in a thread that already holds the lock, so they must never
@@ -10,8 +11,18 @@ work queued by another thread in that instant is not stranded.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
+
+
+def drain_pipe(fd: int) -> None:
+    """Read a non-blocking wake-up pipe until it is empty (its bytes only say "look")."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 class DrainingLock:

@@ -94,8 +94,8 @@ SCHEDULER_NAME = "sharedcompute"
 # Below this estimated size a DataNode's value rides inside its readers' arguments; above
 # it the value is put in the store once and every reader gets it by reference.
 INLINE_LIMIT = 64 * 1024
-# A reduction's tasks are fused (see _dask_graph.fuse) only at heights of the graph with at
-# least this many tasks per worker, so that every worker still has groups to run.
+# Reductions are fused (see _dask_graph.fuse) only where at least this many per worker,
+# alike in size, stand at one height of the graph: every worker still has groups to run.
 _FUSE_WIDTH_PER_WORKER = 2
 # How long a failed graph waits for its tasks already on workers before it removes its
 # disk shuffles' directories (which they may still write to).
@@ -476,20 +476,21 @@ class _Hooks:
         for start_state in self._start_state:
             start_state(self.dsk, self.state)
 
-    def move(self, key: Key, source: str, target: str) -> None:
-        for member in self._members.get(key, (key,)):
+    def move(self, key: Key, source: str, target: str) -> tuple[Key, ...]:
+        """Move ``key`` (a fused task: each of its keys); those keys."""
+        keys = self._members.get(key, (key,))
+        for member in keys:
             self.state[source].discard(member)
             self.state[target].add(member)
+        return keys
 
     def running(self, key: Key) -> None:
-        self.move(key, "ready", "running")
-        for member in self._members.get(key, (key,)):
+        for member in self.move(key, "ready", "running"):
             for pretask in self._pretask:
                 pretask(member, self.dsk, self.state)
 
     def done(self, key: Key) -> None:
-        self.move(key, "running", "finished")
-        for member in self._members.get(key, (key,)):
+        for member in self.move(key, "running", "finished"):
             for posttask in self._posttask:
                 posttask(member, None, self.dsk, self.state, None)
 

@@ -144,6 +144,21 @@ class Holder:
         return _offset_in_store(self.state) is not None
 
 
+def _store_requests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """(op, first argument) of each request the store's owner serves from now on."""
+    from sharedcompute._store import _server
+
+    told: list[tuple[str, Any]] = []
+    dispatch = _server.StoreServer._dispatch
+
+    def recording(self: Any, client: int, op: str, args: list[Any]) -> Any:
+        told.append((op, args[0] if args else None))
+        return dispatch(self, client, op, args)
+
+    monkeypatch.setattr(_server.StoreServer, "_dispatch", recording)
+    return told
+
+
 def _used(rt: sc.Runtime) -> int:
     return int(rt.store.stats()["used_bytes"])  # type: ignore[attr-defined]
 
@@ -165,16 +180,7 @@ def test_a_large_array_result_is_sealed_where_the_task_made_it(tmp_path: object)
 def test_a_sealed_result_takes_the_workers_hold_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each result made in the store reaches the owner in one message, the worker's hold on
     its block with it: no release of it follows, and results still go when dropped."""
-    from sharedcompute._store import _server
-
-    told: list[tuple[str, Any]] = []
-    dispatch = _server.StoreServer._dispatch
-
-    def recording(self: Any, client: int, op: str, args: list[Any]) -> Any:
-        told.append((op, args[0]))
-        return dispatch(self, client, op, args)
-
-    monkeypatch.setattr(_server.StoreServer, "_dispatch", recording)
+    told = _store_requests(monkeypatch)
     with sc.Runtime(num_workers=1, store_capacity=256 * MiB) as rt:
         before = _used(rt)
         assert sc.get([sc.submit(_where_made) for _ in range(4)], timeout=TIMEOUT)[-1]
@@ -204,21 +210,13 @@ def test_freed_blocks_serve_the_next_arrays_without_a_lease(
 ) -> None:
     """A task making and dropping arrays of one size asks the owner for blocks a few times,
     not once an array; the blocks it kept go back once the worker is idle."""
-    from sharedcompute._store import _server
-
-    ops: list[str] = []
-    dispatch = _server.StoreServer._dispatch
-
-    def recording(self: Any, client: int, op: str, args: list[Any]) -> Any:
-        ops.append(op)
-        return dispatch(self, client, op, args)
-
-    monkeypatch.setattr(_server.StoreServer, "_dispatch", recording)
+    told = _store_requests(monkeypatch)
     with sc.Runtime(num_workers=1, store_capacity=256 * MiB) as rt:
         before = _used(rt)
         rounds = 20  # 40 arrays of 8 MiB
         total = sc.submit(_temporaries_in_a_loop, rounds).result(timeout=TIMEOUT)
         assert total == 2.0 * sum(range(rounds))
+        ops = [op for op, _ in told]
         asked = ops.count("lease") + ops.count("lease_ahead")
         assert 2 <= asked <= 4, ops
         wait_until(lambda: _used(rt) == before, timeout=TIMEOUT)

@@ -60,6 +60,7 @@ import cloudpickle
 
 from sharedcompute._env import Env, PackageCache, WorkerEnv
 from sharedcompute._protocol import Connection, ConnectionClosed, Msg
+from sharedcompute._sync import drain_pipe
 from sharedcompute._worker._main import ENV_VAR
 from sharedcompute._worker._running import RunningSlot
 from sharedcompute.errors import RuntimeEnvError
@@ -630,11 +631,7 @@ class ProcessPool:
             self._poll(0 if now < poll_until else remaining)
 
     def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        drain_pipe(self._wake_r)
         # Only now (cleared before the read, a byte written in between would be eaten
         # with the flag still set, and every later wake-up skipped); the queues are
         # read after this, so work queued by a writer that saw the flag set is seen.

@@ -20,14 +20,14 @@ from typing import Any
 
 from sharedcompute._store._segment import MappedSegment
 from sharedcompute._store._server import MAX_MESSAGE
-from sharedcompute._store._store import (
-    _DECREFS_PER_MESSAGE,
-    _FREED_LEASES_KEPT,
-    AHEAD_MAX_BYTES,
-    ObjectStore,
-)
+from sharedcompute._store._store import ObjectStore
 from sharedcompute._store._table import StoredObject
 from sharedcompute.errors import SharedComputeError
+
+# A client leases its next result's block ahead of need up to this size.
+AHEAD_MAX_BYTES = 32 * 1024 * 1024
+_FREED_LEASES_KEPT = 2  # blocks a process keeps after freeing them (keep_freed_lease)
+_DECREFS_PER_MESSAGE = 4096  # about 40 KiB pickled: far below any datagram limit
 
 
 class ClientStore(ObjectStore):

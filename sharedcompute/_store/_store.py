@@ -71,10 +71,6 @@ from sharedcompute.errors import ObjectLostError, ObjectStoreFullError
 
 # Values whose serialized form is smaller than this travel inline in messages.
 INLINE_THRESHOLD = 64 * 1024
-# A client leases its next result's block ahead of need up to this size (ClientStore).
-AHEAD_MAX_BYTES = 32 * 1024 * 1024
-_FREED_LEASES_KEPT = 2  # blocks a process keeps after freeing them (keep_freed_lease)
-_DECREFS_PER_MESSAGE = 4096  # about 40 KiB pickled: far below any datagram limit
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
 _M = TypeVar("_M", bound=mmap.mmap)
 

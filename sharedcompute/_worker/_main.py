@@ -62,6 +62,7 @@ from sharedcompute._store import (
     ref_from_wire,
     ref_to_wire,
 )
+from sharedcompute._sync import drain_pipe
 from sharedcompute._worker._arena import Arena
 from sharedcompute._worker._heap import IDLE_TRIM_SECONDS, Heap
 from sharedcompute._worker._running import RunningSlot
@@ -356,15 +357,8 @@ class WorkerRuntime(StreamClient, QueuedActorHolds, RuntimeBase):
         sock = self.conn.sock.fileno()
         ready, _, _ = select.select([sock, self._wake_r], [], [], timeout)
         if self._wake_r in ready:
-            self._drain_wake()
+            drain_pipe(self._wake_r)
         return (sock in ready) if ready else None
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 256):
-                pass
-        except BlockingIOError:
-            pass
 
     def read_rung(self) -> None:
         """The driver rang (it sent DROPs; see ``RunningSlot``): read them now, even while
